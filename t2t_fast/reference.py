@@ -1,0 +1,398 @@
+"""The oracle: T2T-ViT written plainly from SPEC.md, with the published code's layer names and arithmetic.
+
+Every test and benchmark compares against this file. Nothing here is optimized: soft splits materialize
+the unfolded tensor (``nn.Unfold``), the token performer materializes its (B, T, m) features and the token
+transformer its (B, T, T) attention map, exactly as the published code does. The only departure is that
+the T2T module carries (H, W) through its re-structurizations, so non-square images work too.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IntPair = Union[int, Sequence[int]]
+
+
+def to_pair(v: IntPair, name: str = "value") -> tuple[int, int]:
+    """``3 -> (3, 3)``; ``(3, 4) -> (3, 4)``; anything else is a TypeError naming ``name``."""
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, (tuple, list, torch.Size)) and len(v) == 2 and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in v
+    ):
+        return (int(v[0]), int(v[1]))
+    raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Functional oracles of the two fused ops
+# ----------------------------------------------------------------------------------------------------------
+def soft_split(
+    x: torch.Tensor,
+    kernel_size: IntPair,
+    stride: IntPair,
+    padding: IntPair,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    norm_weight: Optional[torch.Tensor] = None,
+    norm_bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Unfold, optional LayerNorm over each patch vector, linear map.
+
+    x: (B, C, H, W); weight: (out, C*kh*kw); bias: (out,); norm_weight, norm_bias: (C*kh*kw,).
+    Returns (B, L, out), L = number of patch positions. The LayerNorm runs when ``norm_weight`` is given.
+    """
+    cols = F.unfold(x, kernel_size, padding=padding, stride=stride).transpose(1, 2)  # (B, L, C*kh*kw)
+    if norm_weight is not None:
+        cols = F.layer_norm(cols, (cols.shape[-1],), norm_weight, norm_bias, eps)
+    return F.linear(cols, weight, bias)
+
+
+def performer_features(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """FAVOR+ positive random features in float32: exp(x @ w^T - |x|^2/2) / sqrt(m).
+
+    x: (..., T, d), w: (m, d) -> (..., T, m).
+    """
+    x = x.float()
+    m = w.shape[0]
+    wtx = torch.matmul(x, w.float().t())
+    xd = (x * x).sum(dim=-1, keepdim=True) / 2
+    return torch.exp(wtx - xd) / math.sqrt(m)
+
+
+def performer_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, eps: float = 1e-8
+) -> torch.Tensor:
+    """The token performer's attention core in float32, output in the input dtype.
+
+    q, k, v: (B, T, d) or (B, H, T, d); w: (m, d).
+    y = phi(q) @ (phi(k)^T v) / (phi(q) . sum_t phi(k)_t + eps).
+    """
+    kp, qp = performer_features(k, w), performer_features(q, w)  # (..., T, m)
+    denom = (qp * kp.sum(dim=-2, keepdim=True)).sum(dim=-1, keepdim=True)  # (..., T, 1)
+    kptv = torch.matmul(kp.transpose(-2, -1), v.float())  # (..., m, d)
+    y = torch.matmul(qp, kptv) / (denom + eps)
+    return y.to(v.dtype)
+
+
+def sinusoid_table(n_position: int, d_hid: int) -> torch.Tensor:
+    """(1, n_position, d_hid) float32: angle(p, j) = p / 10000^(2*(j//2)/d_hid), sin on even j, cos on odd.
+
+    Computed in float64 and rounded once, as the published numpy code does.
+    """
+    pos = torch.arange(n_position, dtype=torch.float64)[:, None]
+    j = torch.arange(d_hid, dtype=torch.float64)
+    angle = pos / torch.pow(torch.tensor(10000.0, dtype=torch.float64), 2 * torch.div(j, 2, rounding_mode="floor") / d_hid)
+    table = torch.empty_like(angle)
+    table[:, 0::2] = torch.sin(angle[:, 0::2])
+    table[:, 1::2] = torch.cos(angle[:, 1::2])
+    return table.float().unsqueeze(0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backbone pieces (timm-style ViT block, as the published transformer_block.py)
+# ----------------------------------------------------------------------------------------------------------
+class DropPath(nn.Module):
+    """Stochastic depth per sample: zero a whole residual branch with probability ``drop_prob``."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout. (..., in) -> (..., out)."""
+
+    def __init__(self, in_features: int, hidden_features: Optional[int] = None, out_features: Optional[int] = None,
+                 drop: float = 0.0):
+        super().__init__()
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class SELayer(nn.Module):
+    """Squeeze-excitation over tokens (the t2t_vit_14_se ablation): (B, N, C) -> (B, N, C)."""
+
+    def __init__(self, channel: int, reduction: int = 16):
+        super().__init__()
+        self.fc = nn.Sequential(
+            nn.Linear(channel, channel // reduction, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Linear(channel // reduction, channel, bias=False),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.fc(x.mean(dim=1)).unsqueeze(1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with an explicit (B, heads, N, N) map. (B, N, C) -> (B, N, C)."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: Optional[float] = None,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, se: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if se:
+            self.se_layer = SELayer(dim)
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        return self.attn_drop(attn) @ v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        x = self.core(*self.qkv_heads(x)).transpose(1, 2).reshape(B, N, C)
+        x = self.proj(x)
+        if hasattr(self, "se_layer"):
+            x = self.se_layer(x)
+        return self.proj_drop(x)
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block: x + attn(norm1(x)), then x + mlp(norm2(x)). (B, N, C) -> (B, N, C)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
+                 qk_scale: Optional[float] = None, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 se: bool = False, attn_layer: type = Attention):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = attn_layer(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
+                               proj_drop=drop, se=se)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token layers of the T2T module
+# ----------------------------------------------------------------------------------------------------------
+class TokenPerformer(nn.Module):
+    """The published Token_performer: (B, T, dim) -> (B, T, in_dim).
+
+    norm1 -> kqv (split k, q, v) -> FAVOR+ attention -> v + dropout(proj(y)) -> y + mlp(norm2(y)).
+    """
+
+    def __init__(self, dim: int, in_dim: int, head_cnt: int = 1, kernel_ratio: float = 0.5, dp1: float = 0.1,
+                 dp2: float = 0.1):
+        super().__init__()
+        self.emb = in_dim * head_cnt
+        self.kqv = nn.Linear(dim, 3 * self.emb)
+        self.dp = nn.Dropout(dp1)
+        self.proj = nn.Linear(self.emb, self.emb)
+        self.head_cnt = head_cnt
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(self.emb)
+        self.epsilon = 1e-8
+        self.mlp = nn.Sequential(
+            nn.Linear(self.emb, self.emb), nn.GELU(), nn.Linear(self.emb, self.emb), nn.Dropout(dp2)
+        )
+        self.m = int(self.emb * kernel_ratio)
+        w = nn.init.orthogonal_(torch.randn(self.m, self.emb)) * math.sqrt(self.m)
+        self.w = nn.Parameter(w, requires_grad=False)
+
+    def attend(self, kqv: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3*emb) packed projection -> (B, T, emb), skip path through v."""
+        k, q, v = torch.split(kqv, self.emb, dim=-1)
+        y = performer_attention(q, k, v, self.w, self.epsilon)
+        return v + self.dp(self.proj(y))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.attend(self.kqv(self.norm1(x)))
+        return x + self.mlp(self.norm2(x))
+
+
+class TokenAttention(nn.Module):
+    """The published token transformer's single-head attention, scale dim ** -0.5 (dim = input width).
+
+    (B, T, dim) -> (B, T, in_dim), skip path through v.
+    """
+
+    def __init__(self, dim: int, in_dim: int, num_heads: int = 1, qkv_bias: bool = False,
+                 qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.in_dim = in_dim
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, in_dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(in_dim, in_dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3*in_dim) packed projection -> (B, T, in_dim)."""
+        B, N, _ = qkv.shape
+        qkv = qkv.reshape(B, N, 3, self.num_heads, self.in_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
+        x = (attn @ v).transpose(1, 2).reshape(B, N, self.in_dim)
+        return v.squeeze(1) + self.proj_drop(self.proj(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attend(self.qkv(x))
+
+
+class TokenTransformer(nn.Module):
+    """The published Token_transformer: (B, T, dim) -> (B, T, in_dim)."""
+
+    def __init__(self, dim: int, in_dim: int, num_heads: int = 1, mlp_ratio: float = 1.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = TokenAttention(dim, in_dim=in_dim, num_heads=num_heads)
+        self.drop_path = nn.Identity()
+        self.norm2 = nn.LayerNorm(in_dim)
+        self.mlp = Mlp(in_dim, int(in_dim * mlp_ratio), out_features=in_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.attn(self.norm1(x))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokens-to-Token module and the whole model
+# ----------------------------------------------------------------------------------------------------------
+def tokens_to_image(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Re-structurize (B, L, C) tokens into a (B, C, H, W) image view (no copy); L must equal H*W."""
+    B, L, C = x.shape
+    if L != hw[0] * hw[1]:
+        raise ValueError(f"tokens: expected H*W = {hw[0]}*{hw[1]} = {hw[0] * hw[1]} tokens, got {L}")
+    return x.transpose(1, 2).reshape(B, C, hw[0], hw[1])
+
+
+class T2TModule(nn.Module):
+    """Tokens-to-Token module, stride 16 in total: (B, in_chans, H, W) -> (B, H*W/256, embed_dim).
+
+    tokens_type: 'performer', 'transformer' or 'convolution' (the paper's ablation: three Conv2d).
+    """
+
+    def __init__(self, img_size: IntPair = 224, tokens_type: str = "performer", in_chans: int = 3,
+                 embed_dim: int = 768, token_dim: int = 64):
+        super().__init__()
+        self.img_size = to_pair(img_size, "img_size")
+        self.tokens_type = tokens_type
+        if tokens_type == "convolution":
+            self.soft_split0 = nn.Conv2d(in_chans, token_dim, kernel_size=7, stride=4, padding=2)
+            self.soft_split1 = nn.Conv2d(token_dim, token_dim, kernel_size=3, stride=2, padding=1)
+            self.project = nn.Conv2d(token_dim, embed_dim, kernel_size=3, stride=2, padding=1)
+        elif tokens_type in ("performer", "transformer"):
+            self.soft_split0 = nn.Unfold(kernel_size=(7, 7), stride=(4, 4), padding=(2, 2))
+            self.soft_split1 = nn.Unfold(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1))
+            self.soft_split2 = nn.Unfold(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1))
+            if tokens_type == "performer":
+                self.attention1 = TokenPerformer(dim=in_chans * 7 * 7, in_dim=token_dim, kernel_ratio=0.5)
+                self.attention2 = TokenPerformer(dim=token_dim * 3 * 3, in_dim=token_dim, kernel_ratio=0.5)
+            else:
+                self.attention1 = TokenTransformer(dim=in_chans * 7 * 7, in_dim=token_dim, num_heads=1)
+                self.attention2 = TokenTransformer(dim=token_dim * 3 * 3, in_dim=token_dim, num_heads=1)
+            self.project = nn.Linear(token_dim * 3 * 3, embed_dim)
+        else:
+            raise ValueError(f"tokens_type must be 'performer', 'transformer' or 'convolution', got {tokens_type!r}")
+        self.num_patches = (self.img_size[0] // 16) * (self.img_size[1] // 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        if self.tokens_type == "convolution":
+            return self.project(self.soft_split1(self.soft_split0(x))).flatten(2).transpose(1, 2)
+        x = self.attention1(self.soft_split0(x).transpose(1, 2))
+        x = tokens_to_image(x, (H // 4, W // 4))
+        x = self.attention2(self.soft_split1(x).transpose(1, 2))
+        x = tokens_to_image(x, (H // 8, W // 8))
+        return self.project(self.soft_split2(x).transpose(1, 2))
+
+
+class T2TViT(nn.Module):
+    """The published T2T_ViT: T2T module, class token, frozen sinusoid position table, ViT blocks, head.
+
+    (B, in_chans, H, W) -> (B, num_classes).
+    """
+
+    def __init__(self, img_size: IntPair = 224, tokens_type: str = "performer", in_chans: int = 3,
+                 num_classes: int = 1000, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = False, qk_scale: Optional[float] = None,
+                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 token_dim: int = 64, se: bool = False, attn_layer: type = Attention):
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_features = self.embed_dim = embed_dim
+        self.tokens_to_token = T2TModule(img_size, tokens_type, in_chans, embed_dim, token_dim)
+        num_patches = self.tokens_to_token.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(sinusoid_table(num_patches + 1, embed_dim), requires_grad=False)
+        self.pos_drop = nn.Dropout(p=drop_rate)
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate, dpr[i], se=se,
+                  attn_layer=attn_layer)
+            for i in range(depth)
+        ])
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.zeros_(m.bias)
+            nn.init.ones_(m.weight)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token"}
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N+1, D): T2T tokens, class token, position table."""
+        x = self.tokens_to_token(x)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, D), the normalized class token."""
+        x = self.embed(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)[:, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
