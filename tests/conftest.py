@@ -25,3 +25,12 @@ def _seed():
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill with NaN (or the dtype's max for integers) so an unwritten output element fails a comparison."""
     return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(torch.iinfo(t.dtype).max)
+
+
+@pytest.fixture
+def poisoned():
+    """Run the body with every kernel output NaN-filled before the kernel writes it."""
+    from t2t_fast.ops._library import poisoned_outputs
+
+    with poisoned_outputs():
+        yield

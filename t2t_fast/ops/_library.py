@@ -8,9 +8,10 @@ functions and the same autograd formula, so ``torch.compile``, ``opcheck`` and a
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -48,3 +49,29 @@ def forward_op(op: str, backend: str):
     """The forward operator of ``op`` for a concrete backend ('triton', 'cpu' or 'cuda')."""
     ns = torch.ops.t2t_fast_triton if backend == "triton" else torch.ops.t2t_fast
     return getattr(ns, f"{op}_forward").default
+
+
+_poison = False
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocate a kernel output. Under ``poisoned_outputs()`` it is NaN-filled, so an element a kernel
+    forgets to write fails the tests' comparisons instead of passing by luck."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    return t.fill_(float("nan")) if _poison else t
+
+
+@contextlib.contextmanager
+def poisoned_outputs() -> Iterator[None]:
+    """Testing aid: every kernel output (Triton and C++) is NaN-filled before the kernel writes it."""
+    global _poison
+    set_cpp = getattr(importlib.import_module("t2t_fast._C"), "_set_poison", None) if extension_loaded() else None
+    _poison = True
+    if set_cpp:
+        set_cpp(True)
+    try:
+        yield
+    finally:
+        _poison = False
+        if set_cpp:
+            set_cpp(False)
