@@ -48,7 +48,7 @@ def triton_interpret() -> bool:
 def _extension_error() -> str:
     """Empty when ``t2t_fast._C`` loads (registering the ``torch.ops.t2t_fast`` operators), else why not."""
     try:
-        from t2t_fast import _C  # noqa: F401
+        importlib.import_module("t2t_fast._C")
     except ImportError as e:
         return f"the C++ extension t2t_fast._C is not built ({e}); reinstall without T2T_FAST_SKIP_EXT=1"
     return ""

@@ -56,13 +56,14 @@ def soft_split(
 
 
 def performer_features(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """FAVOR+ positive random features in float32: exp(x @ w^T - |x|^2/2) / sqrt(m).
+    """FAVOR+ positive random features in float32 (float64 for float64 x): exp(x @ w^T - |x|^2/2) / sqrt(m).
 
     x: (..., T, d), w: (m, d) -> (..., T, m).
     """
-    x = x.float()
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x = x.to(dtype)
     m = w.shape[0]
-    wtx = torch.matmul(x, w.float().t())
+    wtx = torch.matmul(x, w.to(dtype).t())
     xd = (x * x).sum(dim=-1, keepdim=True) / 2
     return torch.exp(wtx - xd) / math.sqrt(m)
 
@@ -70,14 +71,14 @@ def performer_features(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def performer_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, eps: float = 1e-8
 ) -> torch.Tensor:
-    """The token performer's attention core in float32, output in the input dtype.
+    """The token performer's attention core in float32 (float64 for float64 inputs), output in the input dtype.
 
     q, k, v: (B, T, d) or (B, H, T, d); w: (m, d).
     y = phi(q) @ (phi(k)^T v) / (phi(q) . sum_t phi(k)_t + eps).
     """
     kp, qp = performer_features(k, w), performer_features(q, w)  # (..., T, m)
     denom = (qp * kp.sum(dim=-2, keepdim=True)).sum(dim=-1, keepdim=True)  # (..., T, 1)
-    kptv = torch.matmul(kp.transpose(-2, -1), v.float())  # (..., m, d)
+    kptv = torch.matmul(kp.transpose(-2, -1), v.to(kp.dtype))  # (..., m, d)
     y = torch.matmul(qp, kptv) / (denom + eps)
     return y.to(v.dtype)
 
@@ -393,6 +394,184 @@ class T2TViT(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)[:, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+# ==========================================================================================================
+# TNT (Transformer iN Transformer, Han et al. 2021), written plainly with timm's TNT layer names
+# ==========================================================================================================
+# Each 16x16 patch is a "sentence" of 4x4 "words" (pixel embeddings of width inner_dim); an inner transformer
+# runs over the 16 words of every patch, and the flattened words are projected onto the patch's outer token
+# in every block. The layout is timm's current (non-legacy) one, the official TNT code's arithmetic: the
+# 7x7 stride-4 convolution runs on each patch by itself (its zero padding is per patch), and the
+# words-to-patch projection is norm2_proj(proj(norm1_proj(flattened words))) with a bias-free proj in blocks.
+class TNTAttention(nn.Module):
+    """TNT's multi-head attention: separate ``qk`` (dim -> 2*dim) and ``v`` (dim -> dim) projections, scale
+    head_dim ** -0.5, explicit (B, heads, N, N) map. (B, N, dim) -> (B, N, dim)."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qk = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N, dim) -> q, k, v, each (B, heads, N, head_dim); ``qk`` holds q then k."""
+        B, N, _ = x.shape
+        qk = self.qk(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        v = self.v(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        return qk[0], qk[1], v
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        return self.attn_drop(attn) @ v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        x = self.core(*self.qkv_heads(x)).transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+def tnt_words_to_patch(module: nn.Module, words: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """``module.norm2_proj(module.proj(module.norm1_proj(flattened words)))``: (B*N, W, c) -> (B, N, D).
+
+    The words of a patch are flattened word-major (column w*c + channel), as ``reshape`` lays them out.
+    """
+    flat = words.reshape(-1, num_patches, words.shape[1] * words.shape[2])
+    return module.norm2_proj(module.proj(module.norm1_proj(flat)))
+
+
+class TNTBlock(nn.Module):
+    """TNT block: inner pre-norm transformer over each patch's words, words-to-patch projection added to the
+    patch tokens (not the class token), then an outer pre-norm ViT block.
+
+    (words (B*N, W, inner_dim), tokens (B, N+1, dim)) -> the same two shapes.
+    """
+
+    def __init__(self, dim: int, inner_dim: int, num_words: int, num_heads: int, inner_num_heads: int = 4,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = False, drop: float = 0.0, attn_drop: float = 0.0,
+                 drop_path: float = 0.0, attn_layer: type = TNTAttention):
+        super().__init__()
+        self.norm_in = nn.LayerNorm(inner_dim)
+        self.attn_in = attn_layer(inner_dim, inner_num_heads, qkv_bias, attn_drop, drop)
+        self.norm_mlp_in = nn.LayerNorm(inner_dim)
+        self.mlp_in = Mlp(inner_dim, inner_dim * 4, drop=drop)
+        self.norm1_proj = nn.LayerNorm(num_words * inner_dim)
+        self.proj = nn.Linear(num_words * inner_dim, dim, bias=False)
+        self.norm2_proj = nn.LayerNorm(dim)
+        self.norm_out = nn.LayerNorm(dim)
+        self.attn_out = attn_layer(dim, num_heads, qkv_bias, attn_drop, drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+
+    def words_to_patch(self, words: torch.Tensor, num_patches: int) -> torch.Tensor:
+        """(B*N, W, inner_dim) -> (B, N, dim)."""
+        return tnt_words_to_patch(self, words, num_patches)
+
+    def forward(self, words: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        words = words + self.drop_path(self.attn_in(self.norm_in(words)))
+        words = words + self.drop_path(self.mlp_in(self.norm_mlp_in(words)))
+        patches = tokens[:, 1:] + self.words_to_patch(words, tokens.shape[1] - 1)
+        tokens = torch.cat((tokens[:, :1], patches), dim=1)
+        tokens = tokens + self.drop_path(self.attn_out(self.norm_out(tokens)))
+        return words, tokens + self.drop_path(self.mlp(self.norm_mlp(tokens)))
+
+
+class TNTPixelEmbed(nn.Module):
+    """Image to words: every patch x patch tile is cut out and convolved by itself with ``proj`` =
+    Conv2d(in_chans, inner_dim, k7, s``stride``, p3) (zero padding per patch: a window never sees the
+    neighbouring patch), then the inner position is added.
+
+    (B, C, H, W), pixel_pos (1, inner_dim, h, w) -> (B*N, h*w, inner_dim), patches row-major, words row-major.
+    """
+
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, inner_dim: int = 48, stride: int = 4):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, inner_dim, kernel_size=7, padding=3, stride=stride)
+        words = (patch_size + 2 * 3 - 7) // stride + 1  # = ceil(patch_size / stride)
+        self.word_grid = (words, words)
+
+    def forward(self, x: torch.Tensor, pixel_pos: torch.Tensor) -> torch.Tensor:
+        p, C = self.patch_size, x.shape[1]
+        patches = F.unfold(x, p, stride=p).transpose(1, 2).reshape(-1, C, p, p)  # (B*N, C, p, p)
+        return (self.proj(patches) + pixel_pos).flatten(2).transpose(1, 2)
+
+
+class TNT(nn.Module):
+    """Transformer in Transformer: (B, in_chans, H, W) -> (B, num_classes), H and W multiples of patch_size.
+
+    Parameters (timm's names): ``pixel_embed.proj``, ``pixel_pos`` (1, inner_dim, 4, 4), the words-to-patch
+    stem ``norm1_proj``/``proj``/``norm2_proj``, ``cls_token``, ``patch_pos`` (1, N+1, D), ``blocks``,
+    ``norm``, ``head``. Positions and linear weights trunc-normal std 0.02; the convolution keeps PyTorch's
+    default initialization.
+    """
+
+    def __init__(self, img_size: IntPair = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: int = 768, inner_dim: int = 48, depth: int = 12, num_heads: int = 12,
+                 inner_num_heads: int = 4, mlp_ratio: float = 4.0, qkv_bias: bool = False, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, first_stride: int = 4,
+                 attn_layer: type = TNTAttention, block_layer: type = TNTBlock,
+                 embed_layer: type = TNTPixelEmbed):
+        super().__init__()
+        size = to_pair(img_size, "img_size")
+        self.num_classes = num_classes
+        self.num_features = self.embed_dim = embed_dim
+        self.grid_size = (size[0] // patch_size, size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.pixel_embed = embed_layer(patch_size, in_chans, inner_dim, first_stride)
+        word_grid = self.pixel_embed.word_grid
+        num_words = word_grid[0] * word_grid[1]
+        self.norm1_proj = nn.LayerNorm(num_words * inner_dim)
+        self.proj = nn.Linear(num_words * inner_dim, embed_dim)
+        self.norm2_proj = nn.LayerNorm(embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.patch_pos = nn.Parameter(torch.zeros(1, self.num_patches + 1, embed_dim))
+        self.pixel_pos = nn.Parameter(torch.zeros(1, inner_dim, *word_grid))
+        self.pos_drop = nn.Dropout(p=drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # cpu: also under a meta device
+        self.blocks = nn.ModuleList([
+            block_layer(embed_dim, inner_dim, num_words, num_heads, inner_num_heads, mlp_ratio, qkv_bias, drop_rate,
+                        attn_drop_rate, dpr[i], attn_layer=attn_layer)
+            for i in range(depth)
+        ])
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        for p in (self.cls_token, self.patch_pos, self.pixel_pos):
+            nn.init.trunc_normal_(p, std=0.02)
+        self.apply(self._init_weights)
+
+    _init_weights = staticmethod(T2TViT._init_weights)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"patch_pos", "pixel_pos", "cls_token"}
+
+    def words_to_patch(self, words: torch.Tensor, num_patches: int) -> torch.Tensor:
+        """(B*N, W, inner_dim) -> (B, N, D), the stem's projection (its ``proj`` has a bias)."""
+        return tnt_words_to_patch(self, words, num_patches)
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, H, W) -> words (B*N, W, inner_dim) and tokens (B, N+1, D) with class token and positions."""
+        words = self.pixel_embed(x, self.pixel_pos)
+        tokens = self.words_to_patch(words, self.num_patches)
+        tokens = torch.cat((self.cls_token.expand(tokens.shape[0], -1, -1), tokens), dim=1)
+        return words, self.pos_drop(tokens + self.patch_pos)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, D), the normalized class token."""
+        words, tokens = self.embed(x)
+        for blk in self.blocks:
+            words, tokens = blk(words, tokens)
+        return self.norm(tokens)[:, 0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
