@@ -27,11 +27,12 @@ def _extensions():
         return [], {}
     flag = os.environ.get("T2T_FAST_CUDA")
     use_cuda = flag == "1" if flag in ("0", "1") else (torch.version.cuda is not None and CUDA_HOME is not None)
-    cxx = ["-O3", "-std=c++17", "-fopenmp"] if os.name != "nt" else ["/O2"]
+    # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++20 for torch >= 2.10).
+    cxx = ["-O3", "-fopenmp"] if os.name != "nt" else ["/O2"]
     kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"] if os.name != "nt" else [])
     if use_cuda:
         sources = cpu_sources + sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
         kwargs["define_macros"] = [("T2T_FAST_WITH_CUDA", "1")]
         ext = CUDAExtension("t2t_fast._C", sources, **kwargs)
     else:

@@ -1,0 +1,64 @@
+// Shared by the CPU and CUDA registrations: argument checks, output allocation (with the poison testing aid)
+// and the geometry both backends derive from the arguments. The operator contract is documented in
+// t2t_fast/ops/soft_split.py and t2t_fast/ops/performer.py.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace t2t_fast {
+
+enum class Backend { CPU, CUDA };
+
+// True while t2t_fast._C._set_poison(True) is on.
+bool poison_enabled();
+
+// Allocates a kernel output; NaN-filled (floating point) while poison is on, so an element a kernel forgets to
+// write fails the tests instead of passing by luck.
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// Kernel limits of the CUDA kernels (the CPU kernels have none beyond memory).
+constexpr int64_t kCudaMaxPatchLen = 4096;   // soft split: C*kh*kw
+constexpr int64_t kCudaMaxOut = 4096;        // soft split: out features
+constexpr int64_t kCudaMaxHeadDim = 128;     // performer: d
+constexpr int64_t kCudaMaxFeatures = 128;    // performer: m
+
+struct SoftSplitGeometry {
+  int64_t B, C, H, W;     // input image
+  int64_t kh, kw, sh, sw, ph, pw;
+  int64_t Lh, Lw, L;      // patch grid, L = Lh * Lw
+  int64_t K;              // patch length C*kh*kw
+  int64_t out;            // output features
+  bool has_bias;
+  bool has_norm;          // LayerNorm over each patch (norm_weight given)
+  bool has_norm_bias;
+};
+
+SoftSplitGeometry check_soft_split_forward(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                           at::IntArrayRef padding, const at::Tensor& weight,
+                                           const std::optional<at::Tensor>& bias,
+                                           const std::optional<at::Tensor>& norm_weight,
+                                           const std::optional<at::Tensor>& norm_bias, double eps, Backend backend);
+
+SoftSplitGeometry check_soft_split_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                            at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                            at::IntArrayRef padding, const at::Tensor& weight,
+                                            const std::optional<at::Tensor>& norm_weight,
+                                            const std::optional<at::Tensor>& norm_bias, const at::Tensor& mean,
+                                            const at::Tensor& rstd, Backend backend);
+
+struct PerformerShape {
+  int64_t B, H, T, d, m;
+};
+
+PerformerShape check_performer_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& w, double eps, Backend backend);
+
+PerformerShape check_performer_backward(const at::Tensor& grad_y, const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& v, const at::Tensor& w, const at::Tensor& kv,
+                                        const at::Tensor& ksum, const at::Tensor& kmax, const at::Tensor& denom,
+                                        Backend backend);
+
+}  // namespace t2t_fast
