@@ -1,0 +1,212 @@
+"""Triton backend of soft_split (kernels/soft_split.py) against t2t_fast.reference.soft_split.
+
+On CPU these run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so the shapes are tiny;
+the `gpu` tests run the full T2T-ViT geometries on a CUDA device.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import t2t_fast
+from t2t_fast import reference
+
+pytest.importorskip("triton")
+if not t2t_fast.backends()["triton"]:
+    pytest.skip("the triton backend cannot run here", allow_module_level=True)
+
+from t2t_fast.kernels import soft_split as kernel  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def _inputs(B, C, H, W, k, out, tokens, norm, norm_bias, bias, dtype, device=DEV, mean=0.0, spread=1.0):
+    """Leaf tensors (x, weight, bias, norm_weight, norm_bias) that require grad. ``tokens``: x is a
+    (B, H*W, C) token tensor viewed as (B, C, H, W), as the T2T module re-structurizes it."""
+    kh, kw = (k, k) if isinstance(k, int) else k
+    K = C * kh * kw
+    if tokens:
+        x = (mean + spread * torch.randn(B, H * W, C, device=device)).to(dtype).transpose(1, 2).reshape(B, C, H, W)
+    else:
+        x = (mean + spread * torch.randn(B, C, H, W, device=device)).to(dtype)
+    w = (torch.randn(out, K, device=device) / K**0.5).to(dtype)
+    b = torch.randn(out, device=device).to(dtype) if bias else None
+    nw = 1 + 0.2 * torch.randn(K, device=device) if norm else None
+    nb = 0.2 * torch.randn(K, device=device) if norm and norm_bias else None
+    return [t.requires_grad_() if t is not None else None for t in (x, w, b, nw, nb)]
+
+
+def _close(actual, expected, tol):
+    """Relative to the largest magnitude of ``expected`` (the scale the reduction's rounding works at)."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    expected = expected.double()
+    torch.testing.assert_close(actual.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+def _check_against_reference(geometry, leaves, dtype, tol=None):
+    """Forward and every gradient of the triton backend vs the float64 reference on the same (rounded) inputs."""
+    tol = tol or TOL[dtype]
+    k, s, p = geometry
+    with t2t_fast.backend("triton"):
+        y = t2t_fast.soft_split(leaves[0], k, s, p, *leaves[1:])
+    grad = torch.randn(y.shape, device=y.device).to(y.dtype)
+    y.backward(grad)
+    ref = [t.detach().double().requires_grad_() if t is not None else None for t in leaves]
+    y_ref = reference.soft_split(ref[0], k, s, p, *ref[1:])
+    y_ref.backward(grad.double())
+    assert y.dtype == dtype
+    _close(y, y_ref.to(y.dtype), tol)
+    for name, t, r in zip(("x", "weight", "bias", "norm_weight", "norm_bias"), leaves, ref):
+        if t is not None:
+            assert t.grad is not None, f"no gradient for {name}"
+            _close(t.grad, r.grad.to(t.grad.dtype), tol)
+
+
+# (B, C, H, W, kernel, stride, padding, out, tokens, norm, norm_bias, bias, dtype)
+CASES = [
+    (2, 3, 17, 19, 7, 4, 2, 24, False, True, True, True, torch.float32),  # stage 0 geometry
+    (1, 4, 10, 9, 3, 2, 1, 20, True, True, True, True, torch.float32),  # stage 1/2 geometry on a token view
+    (2, 3, 20, 19, 2, 1, 0, 70, False, True, False, False, torch.float32),  # many token blocks, 2 out chunks
+    (1, 3, 12, 9, 3, 3, 0, 16, True, False, False, True, torch.float32),  # no norm
+    (1, 5, 9, 14, (3, 2), (2, 1), (1, 0), 18, True, True, True, False, torch.float32),  # non-square geometry
+    (1, 20, 9, 8, 3, 2, 1, 24, True, True, True, True, torch.float32),  # C >= 16 token view: tap-major order
+    (1, 16, 6, 7, (2, 3), (1, 2), (0, 1), 20, True, False, False, True, torch.float32),
+    (2, 3, 11, 13, 3, 2, 1, 20, False, False, False, False, torch.bfloat16),
+    (1, 4, 10, 9, 3, 2, 1, 20, True, True, True, True, torch.float16),
+    (1, 3, 17, 15, 7, 4, 2, 24, False, True, True, True, torch.bfloat16),
+    (2, 32, 8, 7, 3, 2, 1, 70, True, True, True, True, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[1]}x{c[2]}x{c[3]}-k{c[4]}s{c[5]}p{c[6]}-out{c[7]}-"
+                         f"{'tok' if c[8] else 'img'}-{'norm' if c[9] else 'nonorm'}-{str(c[12])[6:]}")
+def test_matches_reference(case, poisoned):
+    B, C, H, W, k, s, p, out, tokens, norm, norm_bias, bias, dtype = case
+    leaves = _inputs(B, C, H, W, k, out, tokens, norm, norm_bias, bias, dtype)
+    _check_against_reference((k, s, p), leaves, dtype)
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_large_mean_keeps_variance_accurate(tokens, poisoned):
+    """x = 100 + 0.01*noise: a one-pass E[x^2] - E[x]^2 in fp32 would lose about 4 digits."""
+    leaves = _inputs(2, 4, 9, 11, 3, 16, tokens, True, True, True, torch.float32, mean=100.0, spread=0.01)
+    x64 = leaves[0].detach().double()
+    ref64 = [t.detach().double() for t in leaves[1:]]
+    y, mean, rstd = torch.ops.t2t_fast_triton.soft_split_forward(leaves[0].detach(), [3, 3], [2, 2], [1, 1],
+                                                                 *[t.detach() for t in leaves[1:]], 1e-5)
+    _close(y, reference.soft_split(x64, 3, 2, 1, *ref64).float(), 1e-5)
+    cols = torch.nn.functional.unfold(x64, 3, padding=1, stride=2).transpose(1, 2)
+    _close(mean, cols.mean(-1).float(), 1e-6)
+    _close(rstd, (cols.var(-1, unbiased=False) + 1e-5).rsqrt().float(), 1e-4)
+    # the backward works from the saved fp32 mean, whose rounding (1e-5 of the spread here) bounds its accuracy
+    _check_against_reference((3, 2, 1), leaves, torch.float32, tol=1e-3)
+
+
+def test_operators_without_norm_and_without_grad_x(poisoned):
+    x, w, b, _, _ = _inputs(1, 3, 9, 10, 3, 12, False, False, False, True, torch.float32)
+    x, w, b = x.detach(), w.detach(), b.detach()
+    y, mean, rstd = torch.ops.t2t_fast_triton.soft_split_forward(x, [3, 3], [2, 2], [1, 1], w, b, None, None, 1e-5)
+    assert mean.shape == (0,) and rstd.shape == (0,) and mean.dtype == torch.float32
+    _close(y, reference.soft_split(x, 3, 2, 1, w, b), 1e-5)
+    gy = torch.randn_like(y)
+    gx, gw, gb, gnw, gnb = torch.ops.t2t_fast_triton.soft_split_backward(gy, x, [3, 3], [2, 2], [1, 1], w, None,
+                                                                         None, mean, rstd, False)
+    assert gx.shape == (0,) and gnw.shape == (0,) and gnb.shape == (0,)
+    cols = torch.nn.functional.unfold(x, 3, padding=1, stride=2).transpose(1, 2)
+    _close(gw, torch.einsum("bln,blk->nk", gy, cols), 1e-5)
+    _close(gb, gy.sum((0, 1)), 1e-5)
+
+
+def _tiny():
+    x, w, b, nw, nb = _inputs(1, 3, 7, 8, 3, 10, False, True, True, True, torch.float32)
+    return x, w, b, nw, nb
+
+
+def test_opcheck():
+    x, w, b, nw, nb = _tiny()
+    torch.library.opcheck(torch.ops.t2t_fast_triton.soft_split_forward.default,
+                          (x, [3, 3], [2, 2], [1, 1], w, b, nw, nb, 1e-5))
+    with torch.no_grad():
+        y, mean, rstd = torch.ops.t2t_fast_triton.soft_split_forward(x, [3, 3], [2, 2], [1, 1], w, b, nw, nb, 1e-5)
+    args = (torch.randn_like(y), x.detach(), [3, 3], [2, 2], [1, 1], w.detach(), nw.detach(), nb.detach(), mean,
+            rstd, True)
+    torch.library.opcheck(torch.ops.t2t_fast_triton.soft_split_backward.default, args)
+
+
+def test_torch_compile():
+    x, w, b, nw, nb = _tiny()
+
+    def front_door(x, w, b, nw, nb):
+        return t2t_fast.soft_split(x, 3, 2, 1, w, b, nw, nb).square().sum()
+
+    def operator(x, w, b, nw, nb):
+        return torch.ops.t2t_fast_triton.soft_split_forward(x, [3, 3], [2, 2], [1, 1], w, b, nw, nb, 1e-5)[0]
+
+    expected = reference.soft_split(x, 3, 2, 1, w, b, nw, nb)
+    grads = torch.autograd.grad(expected.square().sum(), (x, w, b, nw, nb))
+    with t2t_fast.backend("triton"):
+        loss = torch.compile(front_door, backend="aot_eager")(x, w, b, nw, nb)
+    for g, r in zip(torch.autograd.grad(loss, (x, w, b, nw, nb)), grads):
+        _close(g, r, 1e-5)
+    y = torch.compile(operator, backend="aot_eager", fullgraph=True)(x, w, b, nw, nb)
+    _close(y, expected, 1e-5)
+    for g, r in zip(torch.autograd.grad(y.square().sum(), (x, w, b, nw, nb)), grads):
+        _close(g, r, 1e-5)
+
+
+def test_autocast_returns_autocast_dtype():
+    x, w, b, nw, nb = _tiny()
+    device_type = torch.device(DEV).type
+    with torch.autocast(device_type, dtype=torch.bfloat16), t2t_fast.backend("triton"):
+        y = t2t_fast.soft_split(x, 3, 2, 1, w, b, nw, nb)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    _close(y.float(), reference.soft_split(x, 3, 2, 1, w, b, nw, nb).detach(), 2e-2)
+
+
+def test_limits_raise_value_error():
+    x = torch.randn(1, kernel.MAX_K // 9 + 1, 3, 3, device=DEV)
+    with pytest.raises(ValueError, match="limit"):
+        kernel.forward(x, [3, 3], [1, 1], [0, 0], torch.randn(4, x.shape[1] * 9, device=DEV), None, None, None, 1e-5)
+    x = torch.randn(1, 2, 5, 5, device=DEV)
+    with pytest.raises(ValueError, match="output features"):
+        kernel.forward(x, [3, 3], [2, 2], [1, 1], torch.randn(kernel.MAX_OUT + 1, 18, device=DEV), None, None, None,
+                       1e-5)
+    w = torch.randn(4, 18, device=DEV)
+    with pytest.raises(ValueError, match="weight"):
+        kernel.forward(x, [3, 3], [2, 2], [1, 1], w.double(), None, None, None, 1e-5)
+    with pytest.raises(ValueError, match="kernel_size"):
+        kernel.forward(x, [3], [2, 2], [1, 1], w, None, None, None, 1e-5)
+    with pytest.raises(ValueError, match="smaller than kernel_size"):
+        kernel.forward(x, [7, 7], [2, 2], [0, 0], torch.randn(4, 98, device=DEV), None, None, None, 1e-5)
+    y, mean, rstd = kernel.forward(x, [3, 3], [2, 2], [1, 1], w, None, torch.ones(18, device=DEV), None, 1e-5)
+    with pytest.raises(ValueError, match="mean"):
+        kernel.backward(torch.randn_like(y), x, [3, 3], [2, 2], [1, 1], w, torch.ones(18, device=DEV), None,
+                        mean[:, :-1], rstd, True)
+    with pytest.raises(ValueError, match="grad_y"):
+        kernel.backward(y[:, :-1], x, [3, 3], [2, 2], [1, 1], w, torch.ones(18, device=DEV), None, mean, rstd, True)
+    with pytest.raises(TypeError, match="dtype"):
+        kernel.forward(x.double(), [3, 3], [2, 2], [1, 1], w.double(), None, None, None, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Full T2T-ViT geometries on a GPU (B=8, 224 px)
+# ---------------------------------------------------------------------------------------------------------
+# (C, H, W, kernel, stride, padding, out, tokens, norm): soft split 0 + norm1 + kqv of the token performer,
+# soft split 1 + norm1 + kqv, soft split 2 + project to embed_dim 384 (t2t_vit_14)
+STAGES = {
+    "stage0": (3, 224, 224, 7, 4, 2, 192, False, True),
+    "stage1": (64, 56, 56, 3, 2, 1, 192, True, True),
+    "stage2": (64, 28, 28, 3, 2, 1, 384, True, False),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_t2t_geometries_on_gpu(stage, dtype, poisoned):
+    C, H, W, k, s, p, out, tokens, norm = STAGES[stage]
+    leaves = _inputs(8, C, H, W, k, out, tokens, norm, norm, True, dtype, device="cuda")
+    _check_against_reference((k, s, p), leaves, dtype, tol=1e-4 if dtype == torch.float32 else 1e-2)
