@@ -1,0 +1,231 @@
+"""Soft split benchmark: the Triton backend of ``t2t_fast.soft_split`` against the reference, per T2T stage.
+
+The three soft splits of T2T-ViT-14 (token performer), each fused with what follows it in the model:
+
+- stage 0: image (B, 3, H, W), unfold k7 s4 p2 (K=147), LayerNorm(147) + kqv Linear(147, 192)
+- stage 1: tokens (B, H*W/16, 64) viewed as (B, 64, H/4, W/4), unfold k3 s2 p1 (K=576), LayerNorm + kqv (576 -> 192)
+- stage 2: tokens (B, H*W/64, 64) viewed as (B, 64, H/8, W/8), unfold k3 s2 p1, project Linear(576, 384)
+
+``fused`` is ``t2t_fast.soft_split`` under ``t2t_fast.backend('triton')``; ``reference`` is
+``t2t_fast.reference.soft_split`` (F.unfold + transpose + LayerNorm + Linear), eager and ``torch.compile``d.
+Inputs, weights and outputs are in the benchmark dtype (the fused op's LayerNorm parameters in fp32, as its front
+door makes them). ``fwd`` runs under ``no_grad``; ``fwd+bwd`` is forward and backward of ``sum(y * g)`` with the
+weights (and the token input of stages 1-2) requiring grad.
+
+Per row: median time (``triton.testing.do_bench``: warm-up, L2 flushed between calls), ``peak_mib`` (the
+``max_memory_allocated`` delta of one call), ``act_mib`` for ``fwd+bwd`` (what the forward leaves allocated for
+the backward besides its output), and for fused forwards the achieved bandwidth (bytes of x read + y written +
+parameters, over the time) as a fraction of the device's copy bandwidth measured in the same run. The summary
+judges the targets per shape: fwd+bwd >= 4x the eager reference and >= 2x the compiled one, activation memory
+<= 1/4 of the reference's, forward >= 60% of copy bandwidth.
+
+    python benchmarks/bench_soft_split.py [--quick] [--out DIR]   # needs a CUDA device
+    python benchmarks/bench_soft_split.py --smoke                   # tiny CPU run (Triton interpreter)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+# stage -> (channels, image downsampling, kernel, stride, padding, out features, token input, LayerNorm)
+STAGES = {
+    0: (3, 1, 7, 4, 2, 192, False, True),
+    1: (64, 4, 3, 2, 1, 192, True, True),
+    2: (64, 8, 3, 2, 1, 384, True, False),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+GOALS = {"vs_eager": 4.0, "vs_compile": 2.0, "act_ratio": 0.25, "bw_frac": 0.6}
+
+
+class Case:
+    """Inputs and parameters of one stage at one image size, batch and dtype."""
+
+    def __init__(self, stage: int, img: int, batch: int, dtype: torch.dtype, device: torch.device):
+        chans, down, self.k, self.s, self.p, out, self.tokens, norm = STAGES[stage]
+        self.side = img // down
+        K = chans * self.k * self.k
+        gen = torch.Generator(device=device).manual_seed(stage)
+        rand = lambda *shape: torch.randn(*shape, device=device, generator=gen)  # noqa: E731
+        if self.tokens:  # the token layer's (B, L, C) output, re-structurized as an image view
+            self.inp = rand(batch, self.side * self.side, chans).to(dtype)
+        else:
+            self.inp = rand(batch, chans, self.side, self.side).to(dtype)
+        self.weight = (rand(out, K) / K**0.5).to(dtype)
+        self.bias = rand(out).to(dtype)
+        self.norm = (1 + 0.1 * rand(K), 0.1 * rand(K)) if norm else (None, None)
+        lh = (self.side + 2 * self.p - self.k) // self.s + 1
+        self.grad = rand(batch, lh * lh, out).to(dtype)
+        self.out_bytes = self.grad.numel() * self.grad.element_size()
+
+    def image(self, inp: torch.Tensor) -> torch.Tensor:
+        if not self.tokens:
+            return inp
+        B, L, C = inp.shape
+        return inp.transpose(1, 2).reshape(B, C, self.side, self.side)
+
+    def leaves(self, impl: str, backward: bool) -> list[Optional[torch.Tensor]]:
+        """Fresh leaves [input, weight, bias, norm_weight, norm_bias] for one implementation."""
+        ln_dtype = torch.float32 if impl == "fused" else self.inp.dtype
+        ts = [self.inp, self.weight, self.bias] + [t.to(ln_dtype) if t is not None else None for t in self.norm]
+        grads = [backward and self.tokens] + [backward] * 4
+        return [t.detach().clone().requires_grad_(g) if t is not None else None for t, g in zip(ts, grads)]
+
+    def param_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.bias, *self.norm) if t is not None)
+
+
+def make_op(case: Case, impl: str, mode: str) -> Callable:
+    """(inp, weight, bias, norm_weight, norm_bias) -> y for one implementation and mode."""
+    import t2t_fast
+    from t2t_fast import reference
+
+    k, s, p = case.k, case.s, case.p
+    if impl == "fused":
+        def fused(inp, w, b, nw, nb):
+            with t2t_fast.backend("triton"):
+                return t2t_fast.soft_split(case.image(inp), k, s, p, w, b, nw, nb)
+        return fused
+
+    def ref(inp, w, b, nw, nb):
+        return reference.soft_split(case.image(inp), k, s, p, w, b, nw, nb)
+    return torch.compile(ref, dynamic=False) if mode == "compile" else ref
+
+
+def measure(case: Case, impl: str, mode: str, direction: str, args: argparse.Namespace) -> dict:
+    op = make_op(case, impl, mode)
+    leaves = case.leaves(impl, direction == "fwd+bwd")
+    grads = [t for t in leaves if t is not None and t.requires_grad]
+    row: dict = {}
+    if direction == "fwd":
+        def call():
+            with torch.no_grad():
+                return op(*leaves)
+    else:
+        def forward():
+            return op(*leaves)
+
+        def call():
+            forward().backward(case.grad)
+    row["ms"] = common.time_fn(call, warmup=args.warmup, rep=args.rep, grad_to_none=grads)
+    peak = common.peak_mem(call)
+    row["peak_mib"] = peak / 2**20 if peak is not None else None
+    if direction == "fwd+bwd":
+        held = common.held_mem(forward)
+        row["act_mib"] = held / 2**20 if held is not None else None
+    elif impl == "fused":
+        x_bytes = case.inp.numel() * case.inp.element_size()
+        row["gbps"] = (x_bytes + case.out_bytes + case.param_bytes()) / (row["ms"] * 1e-3) / 1e9
+    return row
+
+
+def cases(args: argparse.Namespace) -> list[tuple]:
+    """(stage, img, dtype, direction, impl, mode); eager rows first, compiled ones (slow to build) last."""
+    eager = [(st, img, dt, d, impl, "eager") for img in args.sizes for dt in args.dtypes for st in args.stages
+             for d in ("fwd", "fwd+bwd") for impl in ("fused", "reference")]
+    compiled = [(st, img, dt, "fwd+bwd", "reference", "compile") for img in args.sizes for dt in args.dtypes
+                for st in args.stages] if "compile" in args.modes else []
+    return eager + compiled
+
+
+def summary(rows: list[dict], copy_gbps: Optional[float]) -> list[dict]:
+    """One line per (stage, img, dtype): times, ratios and the targets' pass/miss."""
+    ok = {(r["stage"], r["img"], r["dtype"], r["direction"], r["impl"], r["mode"]): r for r in rows
+          if r.get("status") == "ok"}
+    out = []
+    for key in dict.fromkeys((r["stage"], r["img"], r["dtype"]) for r in rows):
+        get = lambda d, i, m: ok.get(key + (d, i, m), {})  # noqa: E731
+        f_fwd, r_fwd = get("fwd", "fused", "eager"), get("fwd", "reference", "eager")
+        f_fb, r_fb, c_fb = get("fwd+bwd", "fused", "eager"), get("fwd+bwd", "reference", "eager"), \
+            get("fwd+bwd", "reference", "compile")
+        line = dict(stage=key[0], img=key[1], dtype=key[2], fwd_ms=f_fwd.get("ms"), ref_fwd_ms=r_fwd.get("ms"),
+                    fwd_bwd_ms=f_fb.get("ms"), ref_eager_ms=r_fb.get("ms"), ref_compile_ms=c_fb.get("ms"))
+        line["vs_eager"] = _ratio(r_fb.get("ms"), f_fb.get("ms"))
+        line["vs_compile"] = _ratio(c_fb.get("ms"), f_fb.get("ms"))
+        line["act_ratio"] = _ratio(f_fb.get("act_mib"), r_fb.get("act_mib"))
+        line["bw_frac"] = _ratio(f_fwd.get("gbps"), copy_gbps)
+        for name, goal in GOALS.items():
+            v = line[name]
+            if v is None:
+                line[f"{name}_target"] = "n/a"
+            else:
+                line[f"{name}_target"] = "pass" if (v <= goal if name == "act_ratio" else v >= goal) else "miss"
+        out.append(line)
+    return out
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b else None
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", help="folder for soft_split.csv and soft_split.json")
+    p.add_argument("--quick", action="store_true", help="224 px bf16 only (benchmarks/gpu.sh)")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run under the Triton interpreter")
+    p.add_argument("--sizes", nargs="+", type=int, default=[224, 384])
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--stages", nargs="+", type=int, default=list(STAGES), choices=list(STAGES))
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"],
+                   help="reference modes (the fused op runs eager)")
+    p.add_argument("--warmup", type=float, default=25, help="do_bench warm-up, ms")
+    p.add_argument("--rep", type=float, default=100, help="do_bench repetitions, ms")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.dtypes = [224], ["bf16"]
+    if args.smoke:
+        args.sizes, args.dtypes, args.batch, args.modes = [32], ["fp32"], 2, ["eager"]
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+        device = torch.device("cpu")
+    else:
+        print("bench_soft_split: no CUDA device; nothing measured (use --smoke for a CPU check of the script)")
+        return 0
+    copy_gbps = common.copy_bandwidth(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"bench_soft_split on {name}, B={args.batch}; copy bandwidth "
+          + (f"{copy_gbps:.0f} GB/s" if copy_gbps else "not measured"), flush=True)
+    rows: list[dict] = []
+    meta = dict(device=name, batch=args.batch, copy_gbps=copy_gbps, goals=GOALS, torch=torch.__version__)
+    for stage, img, dt, direction, impl, mode in cases(args):
+        row = dict(stage=stage, img=img, batch=args.batch, dtype=dt, direction=direction, impl=impl, mode=mode)
+        try:
+            row.update(measure(Case(stage, img, args.batch, DTYPES[dt], device), impl, mode, direction, args))
+            if row.get("gbps") and copy_gbps:
+                row["bw_frac"] = row["gbps"] / copy_gbps
+            row["status"] = "ok"
+        except Exception as e:  # noqa: BLE001  (a failure, OOM included, is a result: the run goes on)
+            row["status"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        common.free_memory()
+        rows.append(row)
+        print(f"  stage {stage} {img}px {dt} {direction} {impl} {mode}: "
+              + (f"{row['ms']:.3f} ms" if row["status"] == "ok" else row["status"]), flush=True)
+        if args.out:
+            common.write_results(args.out, "soft_split", rows, meta=meta)
+    common.print_table("soft_split: measurements", rows)
+    table = summary(rows, copy_gbps)
+    common.print_table("soft_split: fused (triton) vs reference, targets "
+                       "(fwd+bwd >= 4x eager, >= 2x compiled; activations <= 1/4; forward >= 60% copy bandwidth)",
+                       table)
+    if args.out:
+        common.write_results(args.out, "soft_split", rows, meta=dict(meta, summary=table))
+        common.write_results(args.out, "soft_split_summary", table, meta=meta)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
