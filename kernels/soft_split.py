@@ -2,7 +2,7 @@
 
 Nothing here materializes the unfolded (B, L, K = C*kh*kw) tensor:
 
-- weight preparation (a few programs): ``W^T`` in the kernels' reduction order and dot dtype, for the forward with
+- weight preparation (one program per weight tile): ``W^T`` in the kernels' reduction order and dot dtype, for the forward with
   the LayerNorm's gamma folded in, plus ``W @ gamma`` (of the rounded product) and ``W @ beta + b``.
 - forward: an implicit GEMM. A program owns a block of tokens and a block of output columns; it gathers each
   token's patch straight from ``x`` through its strides (zero padding by masks) and accumulates
@@ -98,33 +98,32 @@ def _gather(x_ptr, row_ok, h0, w0, xrow, q_ok, c, i, j, H, W, sxc, sxh, sxw, TAP
 @triton.jit
 def _prepare_weight_kernel(
     w_ptr, nw_ptr, nb_ptr, b_ptr, wt_ptr, coef_ptr,
-    N, C, KW, KHW, NCC, NUM_CHUNKS, swn, swk,
+    N, C, KW, KHW, NCC, swn, swk,
     SCALE: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, TAP_MAJOR: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr,
 ):
-    """wt[q, n] = W[n, k(q)] (times gamma[k] with SCALE) in wt's dtype. With SCALE also
-    coef[n] = sum_q wt[q, n] (the rounded products the forward's dot uses) and coef[N + n] = W[n] @ beta + b[n]."""
+    """Program (out block, chunk kc): wt[q, n] = W[n, k(q)] (times gamma[k] with SCALE) in wt's dtype. With
+    SCALE also the chunk's partial sums coef[kc, 0, n] = sum_q wt[q, n] (the rounded products the forward's dot
+    uses) and coef[kc, 1, n] = sum_q W[n, k(q)] beta[k(q)] (+ b[n] in chunk 0)."""
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    kc = tl.program_id(1)
     col_ok = cols < N
-    w_gamma = tl.zeros((BN,), dtype=tl.float32)
-    w_beta = tl.zeros((BN,), dtype=tl.float32)
-    for kc in range(0, NUM_CHUNKS):
-        q, q_ok, c, i, j, k = _chunk(kc, C, KW, KHW, NCC, TAP_MAJOR, BK)
-        m = q_ok[:, None] & col_ok[None, :]
-        w = tl.load(w_ptr + k[:, None] * swk + cols[None, :] * swn, mask=m, other=0.0).to(tl.float32)
-        if SCALE:
-            wg = (w * tl.load(nw_ptr + k, mask=q_ok, other=0.0).to(tl.float32)[:, None]).to(wt_ptr.dtype.element_ty)
-            w_gamma += tl.sum(wg.to(tl.float32), axis=0)
-            if HAS_NORM_BIAS:
-                w_beta += tl.sum(w * tl.load(nb_ptr + k, mask=q_ok, other=0.0).to(tl.float32)[:, None], axis=0)
-        else:
-            wg = w.to(wt_ptr.dtype.element_ty)
-        tl.store(wt_ptr + q[:, None] * N + cols[None, :], wg, mask=m)
+    q, q_ok, c, i, j, k = _chunk(kc, C, KW, KHW, NCC, TAP_MAJOR, BK)
+    m = q_ok[:, None] & col_ok[None, :]
+    w = tl.load(w_ptr + k[:, None] * swk + cols[None, :] * swn, mask=m, other=0.0).to(tl.float32)
     if SCALE:
+        wg = (w * tl.load(nw_ptr + k, mask=q_ok, other=0.0).to(tl.float32)[:, None]).to(wt_ptr.dtype.element_ty)
+        tl.store(coef_ptr + kc * 2 * N + cols, tl.sum(wg.to(tl.float32), axis=0), mask=col_ok)
+        w_beta = tl.zeros((BN,), dtype=tl.float32)
+        if HAS_NORM_BIAS:
+            w_beta += tl.sum(w * tl.load(nb_ptr + k, mask=q_ok, other=0.0).to(tl.float32)[:, None], axis=0)
         if HAS_BIAS:
-            w_beta += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        tl.store(coef_ptr + cols, w_gamma, mask=col_ok)
-        tl.store(coef_ptr + N + cols, w_beta, mask=col_ok)
+            if kc == 0:
+                w_beta += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        tl.store(coef_ptr + (kc * 2 + 1) * N + cols, w_beta, mask=col_ok)
+    else:
+        wg = w.to(wt_ptr.dtype.element_ty)
+    tl.store(wt_ptr + q[:, None] * N + cols[None, :], wg, mask=m)
 
 
 @triton.jit
@@ -400,17 +399,18 @@ class _Geometry:
                        norm_bias: Optional[Tensor], scale: bool) -> tuple[Tensor, Optional[Tensor]]:
         """(K, N) W^T in the reduction order and dot dtype (times gamma with ``scale``), and with ``scale``
         the (2, N) fp32 coefficients [W @ gamma, W @ beta + b]."""
-        wt = torch.empty((self.K, self.N), dtype=self.dot_dtype, device=weight.device)
-        coef = torch.empty((2, self.N), dtype=torch.float32, device=weight.device) if scale else None
         BN, BK = _pow2(self.N, 16, 64), self.block_k(32)
-        _prepare_weight_kernel[(triton.cdiv(self.N, BN),)](
+        ncc, num_chunks = self.chunks(BK)
+        wt = torch.empty((self.K, self.N), dtype=self.dot_dtype, device=weight.device)
+        coef = torch.empty((num_chunks, 2, self.N), dtype=torch.float32, device=weight.device) if scale else wt
+        _prepare_weight_kernel[(triton.cdiv(self.N, BN), num_chunks)](
             weight, norm_weight if scale else weight, norm_bias if norm_bias is not None else weight,
-            bias if bias is not None else weight, wt, coef if scale else wt,
-            self.N, self.C, self.k[1], self.KHW, *self.chunks(BK), weight.stride(0), weight.stride(1),
+            bias if bias is not None else weight, wt, coef,
+            self.N, self.C, self.k[1], self.KHW, ncc, weight.stride(0), weight.stride(1),
             SCALE=scale, HAS_NORM_BIAS=norm_bias is not None, HAS_BIAS=bias is not None, TAP_MAJOR=self.tap_major,
             BN=BN, BK=BK, num_warps=4,
         )
-        return wt, coef
+        return wt, coef.sum(dim=0) if scale else None
 
 
 def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int], weight: Tensor,

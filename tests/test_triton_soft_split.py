@@ -104,8 +104,9 @@ def test_large_mean_keeps_variance_accurate(tokens, poisoned):
 
 
 def test_operators_without_norm_and_without_grad_x(poisoned):
-    x, w, b, _, _ = _inputs(1, 3, 9, 10, 3, 12, False, False, False, True, torch.float32)
-    x, w, b = x.detach(), w.detach(), b.detach()
+    x, _, b, _, _ = _inputs(1, 3, 9, 10, 3, 12, False, False, False, True, torch.float32)
+    x, b = x.detach(), b.detach()
+    w = torch.randn(27, 12, device=DEV).t()  # a transposed (non-contiguous) weight
     y, mean, rstd = torch.ops.t2t_fast_triton.soft_split_forward(x, [3, 3], [2, 2], [1, 1], w, b, None, None, 1e-5)
     assert mean.shape == (0,) and rstd.shape == (0,) and mean.dtype == torch.float32
     _close(y, reference.soft_split(x, 3, 2, 1, w, b), 1e-5)
@@ -210,3 +211,17 @@ def test_t2t_geometries_on_gpu(stage, dtype, poisoned):
     C, H, W, k, s, p, out, tokens, norm = STAGES[stage]
     leaves = _inputs(8, C, H, W, k, out, tokens, norm, norm, True, dtype, device="cuda")
     _check_against_reference((k, s, p), leaves, dtype, tol=1e-4 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.gpu
+def test_backward_is_deterministic_on_gpu():
+    C, H, W, k, s, p, out, tokens, norm = STAGES["stage1"]
+    leaves = _inputs(8, C, H, W, k, out, tokens, norm, norm, True, torch.bfloat16, device="cuda")
+    x = leaves[0].detach()
+    params = [t.detach() for t in leaves[1:]]
+    y, mean, rstd = torch.ops.t2t_fast_triton.soft_split_forward(x, [k, k], [s, s], [p, p], *params, 1e-5)
+    args = (torch.randn_like(y), x, [k, k], [s, s], [p, p], params[0], params[2], params[3], mean, rstd, True)
+    first = torch.ops.t2t_fast_triton.soft_split_backward(*args)
+    second = torch.ops.t2t_fast_triton.soft_split_backward(*args)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
