@@ -8,13 +8,13 @@ forward
      (m x d), z = sum_t exp(a_t - max) (m), rescaled online tile by tile.
   2. ``_combine_kernel``: per (b, h), kmax = max over chunks and kv, ksum = sum of the chunk partials rescaled
      to kmax (a fixed-order loop: deterministic, no atomics).
-  3. ``_attend_kernel``: per (b, h) and T-block, qmax_t, Bq = exp(b - qmax), y = Bq kv / denom.
+  3. ``_attend_kernel``: per (b, h) and chunk, qmax_t, Bq = exp(b - qmax), y = Bq kv / denom.
 backward (Bq as above, A = exp(a - kmax); qmax and kmax cancel from the function, so they are constants)
   1. ``_query_grad_kernel``: per (b, h) and chunk, recompute y, then dnum = dy/den, dden = -(dy.y)/den,
      db = (dnum kv^T + dden ksum) * Bq, dq = db w - q rowsum(db); chunk partials of dS = Bq^T dnum and
      dz = Bq^T dden.
   2. ``_combine_kernel`` sums the partials into dS, dz.
-  3. ``_key_grad_kernel``: per (b, h) and T-block, da = (v dS^T + dz) * A, dv = A dS, dk = da w - k rowsum(da).
+  3. ``_key_grad_kernel``: per (b, h) and chunk, da = (v dS^T + dz) * A, dv = A dS, dk = da w - k rowsum(da).
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ _DOT = tl.constexpr("tf32x3")
 
 @triton.jit
 def _load_rows(ptr, stride_t, stride_d, t0, T, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rows t0..t0+BLOCK_T of a (T, D) strided matrix as float32, zero outside; also the row mask."""
+    """Rows t0..t0+BLOCK_T of a (T, D) strided matrix as float32, zero-padded to (BLOCK_T, BLOCK_D); also the
+    row mask."""
     t = t0 + tl.arange(0, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
     t_ok = t < T
@@ -57,25 +58,9 @@ def _store_rows(ptr, x, t0, T, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _load_mat(ptr, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """A contiguous (R, C) float32 matrix padded with zeros to (BLOCK_R, BLOCK_C)."""
-    r = tl.arange(0, BLOCK_R)
-    c = tl.arange(0, BLOCK_C)
-    return tl.load(ptr + r[:, None] * C + c[None, :], mask=(r[:, None] < R) & (c[None, :] < C), other=0.0)
-
-
-@triton.jit
 def _load_vec(ptr, N, BLOCK: tl.constexpr):
     """A contiguous float32 vector of length N padded with zeros to BLOCK."""
     return tl.load(ptr + tl.arange(0, BLOCK), mask=tl.arange(0, BLOCK) < N, other=0.0)
-
-
-@triton.jit
-def _load_w(w_ptr, stride_m, stride_d, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    j = tl.arange(0, BLOCK_M)
-    d = tl.arange(0, BLOCK_D)
-    return tl.load(w_ptr + j[:, None] * stride_m + d[None, :] * stride_d,
-                   mask=(j[:, None] < M) & (d[None, :] < D), other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -116,7 +101,7 @@ def _kv_partial_kernel(k_ptr, v_ptr, w_ptr, part_ptr, pmax_ptr,
     b, h, _, t_start, n_tiles = _chunk(pid, H, T, n_chunks, tiles_per_chunk, BLOCK_T)
     k_ptr += b * sk_b + h * sk_h
     v_ptr += b * sv_b + h * sv_h
-    w = _load_w(w_ptr, sw_m, sw_d, M, D, BLOCK_M, BLOCK_D)
+    w = _load_rows(w_ptr, sw_m, sw_d, 0, M, D, BLOCK_M, BLOCK_D)[0]
 
     s = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     z = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -186,8 +171,8 @@ def _attend_kernel(q_ptr, w_ptr, kv_ptr, ksum_ptr, kmax_ptr, y_ptr, den_ptr,
     q_ptr += b * sq_b + h * sq_h
     y_ptr += bh * T * D
     den_ptr += bh * T
-    w = _load_w(w_ptr, sw_m, sw_d, M, D, BLOCK_M, BLOCK_D)
-    s = _load_mat(kv_ptr + bh * M * D, M, D, BLOCK_M, BLOCK_D)
+    w = _load_rows(w_ptr, sw_m, sw_d, 0, M, D, BLOCK_M, BLOCK_D)[0]
+    s = _load_rows(kv_ptr + bh * M * D, D, 1, 0, M, D, BLOCK_M, BLOCK_D)[0]
     z = _load_vec(ksum_ptr + bh * M, M, BLOCK_M)
     kmax = tl.load(kmax_ptr + bh)
 
@@ -212,8 +197,8 @@ def _query_grad_kernel(dy_ptr, q_ptr, w_ptr, kv_ptr, ksum_ptr, den_ptr, dq_ptr, 
     q_ptr += b * sq_b + h * sq_h
     den_ptr += bh * T
     dq_ptr += bh * T * D
-    w = _load_w(w_ptr, sw_m, sw_d, M, D, BLOCK_M, BLOCK_D)
-    s = _load_mat(kv_ptr + bh * M * D, M, D, BLOCK_M, BLOCK_D)
+    w = _load_rows(w_ptr, sw_m, sw_d, 0, M, D, BLOCK_M, BLOCK_D)[0]
+    s = _load_rows(kv_ptr + bh * M * D, D, 1, 0, M, D, BLOCK_M, BLOCK_D)[0]
     z = _load_vec(ksum_ptr + bh * M, M, BLOCK_M)
 
     ds = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -246,8 +231,8 @@ def _key_grad_kernel(k_ptr, v_ptr, w_ptr, ds_ptr, dz_ptr, kmax_ptr, dk_ptr, dv_p
     v_ptr += b * sv_b + h * sv_h
     dk_ptr += bh * T * D
     dv_ptr += bh * T * D
-    w = _load_w(w_ptr, sw_m, sw_d, M, D, BLOCK_M, BLOCK_D)
-    ds = _load_mat(ds_ptr + bh * M * D, M, D, BLOCK_M, BLOCK_D)
+    w = _load_rows(w_ptr, sw_m, sw_d, 0, M, D, BLOCK_M, BLOCK_D)[0]
+    ds = _load_rows(ds_ptr + bh * M * D, D, 1, 0, M, D, BLOCK_M, BLOCK_D)[0]
     dz = _load_vec(dz_ptr + bh * M, M, BLOCK_M)
     kmax = tl.load(kmax_ptr + bh)
 

@@ -138,6 +138,8 @@ def test_half_precision_token_norms_2_to_6(dtype, poisoned):
     _close(gx, gx_ref, 1e-2)
 
 
+# the padded rows of a last tile divide 0 by 0 here (their eps term underflows); they are never stored
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")
 @pytest.mark.parametrize("kind", ["underflow", "overflow"])
 def test_stress_matches_float64_where_float32_reference_fails(kind, poisoned):
     """underflow: token norms 20 put every feature near exp(-90..-300), eps = 0: the float32 reference is 0/0.
