@@ -161,7 +161,8 @@ def _shape(s: str) -> tuple[int, int]:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="folder for performer.csv, performer.json and performer_summary.{csv,json}")
-    p.add_argument("--quick", action="store_true", help="B=64, T=3136, bf16 only, compiled fwd+bwd only (benchmarks/gpu.sh)")
+    p.add_argument("--quick", action="store_true",
+                   help="B=64, T=3136, bf16 only, compiled fwd+bwd only (benchmarks/gpu.sh)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run under the Triton interpreter")
     p.add_argument("--shapes", nargs="+", type=_shape, default=SHAPES, metavar="BxT",
                    help="batch x tokens, e.g. 64x3136 (default: %(default)s)")

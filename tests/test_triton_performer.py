@@ -92,6 +92,7 @@ CASES = [
     (2, 100, 16, 256, None),
     (1, 333, 64, 32, None),
     (2, 45, 64, 32, 3),
+    (1, 20, 128, 256, None),  # the largest d and m
 ]
 
 
@@ -108,7 +109,7 @@ def test_statistics_follow_the_contract(poisoned):
     """kv, ksum, kmax, denom are the max-shifted statistics documented in t2t_fast/ops/performer.py."""
     B, H, T, d, m, eps = 2, 2, 37, 24, 20, 1e-3
     q, k, v = _split(_packed(B, T, d, H).detach(), d, H)
-    w = _features(m, d)
+    w = _features(m, d).t().contiguous().t()  # column-major: w is read through its strides too
     y, kv, ksum, kmax, denom = torch.ops.t2t_fast_triton.performer_forward(q, k, v, w, eps)
     q, k, v, w64 = (t.double() for t in (q, k, v, w))
     a = k @ w64.t() - (k * k).sum(-1, keepdim=True) / 2
