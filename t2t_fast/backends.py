@@ -11,7 +11,6 @@ Backends:
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import importlib.util
 import os
@@ -24,8 +23,10 @@ NAMES = ("auto", "triton", "cuda", "cpu", "reference")
 # auto's preference for each device type, fastest first
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 
+# Plain module state rather than a ContextVar: torch.compile reads (and guards on) globals, so a compiled
+# model keeps fullgraph=True and recompiles when the backend changes.
 _global = "auto"  # set_backend: process-wide
-_current: contextvars.ContextVar[str | None] = contextvars.ContextVar("t2t_fast_backend", default=None)  # backend()
+_stack: list[str] = []  # backend(): innermost block last
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,14 @@ def _info(name: str) -> BackendInfo:
     raise ValueError(f"backend must be one of {NAMES}, got {name!r}")
 
 
+_AVAILABILITY: dict[str, BackendInfo] = {}
+
+
 def backends() -> dict[str, BackendInfo]:
     """Every concrete backend with whether it is available here and why (not)."""
-    return {name: _info(name) for name in NAMES[1:]}
+    if not _AVAILABILITY:  # probed once: imports, devices and TRITON_INTERPRET do not change in a process
+        _AVAILABILITY.update((name, _info(name)) for name in NAMES[1:])
+    return dict(_AVAILABILITY)
 
 
 def set_backend(name: str) -> None:
@@ -101,25 +107,25 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     """The selected backend name (possibly ``auto``)."""
-    return _current.get() or _global
+    return _stack[-1] if _stack else _global
 
 
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[None]:
     """Context manager: ``with t2t_fast.backend('reference'): ...`` selects a backend inside the block."""
     _validate(name)
-    token = _current.set(name)
+    _stack.append(name)
     try:
         yield
     finally:
-        _current.reset(token)
+        _stack.pop()
 
 
 def _validate(name: str) -> None:
     if not isinstance(name, str) or name not in NAMES:
         raise ValueError(f"backend must be one of {NAMES}, got {name!r}")
     if name != "auto":
-        info = _info(name)
+        info = backends()[name]
         if not info:
             raise RuntimeError(f"backend {name!r} is not available here: {info.reason}")
 
@@ -134,7 +140,7 @@ def resolve(device: torch.device, op: str, supported: tuple[str, ...]) -> str:
     dev = device.type
     if name == "auto":
         for cand in _AUTO_ORDER.get(dev, ("reference",)):
-            if cand in supported and _info(cand):
+            if cand in supported and _AVAILABILITY[cand]:
                 return cand
         return "reference"
     if name not in supported:
@@ -147,3 +153,6 @@ def resolve(device: torch.device, op: str, supported: tuple[str, ...]) -> str:
         raise ValueError(f"{op}: backend 'triton' needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
                          f"got tensors on {device}")
     return name
+
+
+backends()  # probe at import, so resolve() is plain dictionary reads (traceable by torch.compile)
