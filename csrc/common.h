@@ -23,7 +23,7 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 constexpr int64_t kCudaMaxPatchLen = 4096;   // soft split: C*kh*kw
 constexpr int64_t kCudaMaxOut = 4096;        // soft split: out features
 constexpr int64_t kCudaMaxHeadDim = 128;     // performer: d
-constexpr int64_t kCudaMaxFeatures = 128;    // performer: m
+constexpr int64_t kCudaMaxFeatures = 64;     // performer: m
 
 struct SoftSplitGeometry {
   int64_t B, C, H, W;     // input image

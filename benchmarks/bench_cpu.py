@@ -1,0 +1,160 @@
+"""CPU benchmark: the T2T module of t2t_vit_14 (performer tokens, embed 384), forward + backward, fp32.
+
+The reference module (``t2t_fast.reference.T2TModule``, which materializes every unfolded patch tensor and the
+performer's feature tensors) against the same computation through the fused C++ CPU kernels (``cpu`` backend):
+
+    soft_split(image, 7, 4, 2, attention1.kqv, attention1.norm1) -> split k, q, v -> performer_attention
+    -> v + proj(y) -> + mlp(norm2(.)) -> tokens viewed as an image -> the same with attention2
+    -> soft_split(., 3, 2, 1, project)
+
+Both run in eval mode (dropout off, so they compute the same function). Each side runs in its own subprocess:
+time is the median of several forward+backward passes after a warm-up; peak RSS growth is the process's peak
+resident set (ru_maxrss) after the passes minus the peak before the first one (model and input already built);
+"saved for backward" adds up the storages autograd keeps between forward and backward (weights included).
+
+    python benchmarks/bench_cpu.py [--batch 8] [--img 224] [--iters 5] [--threads 2] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def fused_token_layer(layer, kqv: torch.Tensor) -> torch.Tensor:
+    """TokenPerformer after its norm1 + kqv (fused into the soft split): (B, T, 3*emb) -> (B, T, emb)."""
+    from t2t_fast import performer_attention
+
+    k, q, v = torch.split(kqv, layer.emb, dim=-1)
+    x = v + layer.proj(performer_attention(q, k, v, layer.w, layer.epsilon))
+    return x + layer.mlp(layer.norm2(x))
+
+
+def fused_t2t_forward(module, image: torch.Tensor) -> torch.Tensor:
+    """The T2T module's forward through the fused ops (soft split + norm1 + kqv as one op)."""
+    from t2t_fast import soft_split
+
+    B, _, H, W = image.shape
+    x = image
+    for layer, (k, s, p), hw in ((module.attention1, (7, 4, 2), (H // 4, W // 4)),
+                                 (module.attention2, (3, 2, 1), (H // 8, W // 8))):
+        kqv = soft_split(x, k, s, p, layer.kqv.weight, layer.kqv.bias, layer.norm1.weight, layer.norm1.bias,
+                         layer.norm1.eps)
+        tokens = fused_token_layer(layer, kqv)
+        x = tokens.transpose(1, 2).reshape(B, tokens.shape[-1], *hw)
+    return soft_split(x, 3, 2, 1, module.project.weight, module.project.bias)
+
+
+def build(batch: int, img: int):
+    from t2t_fast.reference import T2TModule
+
+    torch.manual_seed(0)
+    module = T2TModule(img, "performer", embed_dim=384).eval()
+    image = torch.randn(batch, 3, img, img)
+    return module, image
+
+
+def run_side(side: str, batch: int, img: int, iters: int, threads: int) -> dict:
+    """Child process: time fwd+bwd of one side and measure its peak RSS growth."""
+    import t2t_fast
+
+    torch.set_num_threads(threads)
+    module, image = build(batch, img)  # the image needs no gradient, as in training
+    if side == "fused":
+        def step():
+            with t2t_fast.backend("cpu"):
+                out = fused_t2t_forward(module, image)
+            out.square().mean().backward()
+    else:
+        def step():
+            module(image).square().mean().backward()
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    times = []
+    for i in range(iters + 1):
+        module.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        step()
+        if i > 0:  # the first pass is a warm-up
+            times.append(time.perf_counter() - t0)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    saved = {}  # storages autograd keeps for the backward (after the measurement: it does not affect the peak)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return {"side": side, "median_s": statistics.median(times), "min_s": min(times),
+            "peak_rss_growth_mb": (after - before) / 1024, "peak_rss_mb": after / 1024,
+            "saved_for_backward_mb": sum(saved.values()) / 2**20, "iters": iters}
+
+
+def check_same_function(img: int, threads: int) -> float:
+    """Max |fused - reference| of the T2T output at batch 2 (sanity check that both sides compute the same)."""
+    import t2t_fast
+
+    torch.set_num_threads(threads)
+    module, image = build(2, img)
+    with torch.no_grad():
+        ref = module(image)
+        with t2t_fast.backend("cpu"):
+            fused = fused_t2t_forward(module, image)
+    return (fused - ref).abs().max().item() / ref.abs().max().item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--img", type=int, default=224)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--side", choices=("reference", "fused"), help=argparse.SUPPRESS)  # child mode
+    args = parser.parse_args()
+    if args.side:
+        print(json.dumps(run_side(args.side, args.batch, args.img, args.iters, args.threads)))
+        return
+
+    import t2t_fast
+
+    if not t2t_fast.backends()["cpu"]:
+        sys.exit(f"bench_cpu: the cpu backend is not available: {t2t_fast.backends()['cpu'].reason}")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    results = {}
+    for side in ("reference", "fused"):
+        cmd = [sys.executable, __file__, "--side", side, "--batch", str(args.batch), "--img", str(args.img),
+               "--iters", str(args.iters), "--threads", str(args.threads)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"bench_cpu: the {side} run failed:\n{out.stderr}")
+        results[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    rel_err = check_same_function(args.img, args.threads)
+
+    ref, fused = results["reference"], results["fused"]
+    print(f"T2T module of t2t_vit_14 (performer), fp32, batch {args.batch}, {args.img} px, forward+backward, "
+          f"{args.threads} CPU threads, torch {torch.__version__}")
+    print(f"{'side':<10} {'median s':>9} {'min s':>7} {'peak RSS growth MB':>19} {'saved for backward MB':>22}")
+    for r in (ref, fused):
+        print(f"{r['side']:<10} {r['median_s']:>9.3f} {r['min_s']:>7.3f} {r['peak_rss_growth_mb']:>19.1f} "
+              f"{r['saved_for_backward_mb']:>22.1f}")
+    print(f"fused / reference: time x{fused['median_s'] / ref['median_s']:.2f}, "
+          f"peak RSS growth x{fused['peak_rss_growth_mb'] / ref['peak_rss_growth_mb']:.2f} "
+          f"(targets: time <= x1.00, memory <= x0.25); max relative output difference {rel_err:.1e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"batch": args.batch, "img": args.img, "threads": args.threads, "torch": torch.__version__,
+                       "results": results, "max_rel_output_diff": rel_err}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
