@@ -3,7 +3,7 @@
 // t2t_fast/ops/soft_split.py and t2t_fast/ops/performer.py.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <optional>

@@ -5,6 +5,7 @@
 // Fake functions and autograd are registered from Python (t2t_fast/ops/_library.py) once this module loads.
 #include <Python.h>
 
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <atomic>

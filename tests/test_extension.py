@@ -87,6 +87,7 @@ def leaves(tensors, dtype=None):
 def test_soft_split_matches_reference(dtype, geometry, variant, layout, poisoned):
     x, (k, s, p), *params = soft_split_inputs(geometry, variant, layout, dtype)
     ours = leaves([x, *params])
+    assert ours[0].is_contiguous() == (layout == "nchw")  # the token view stays a strided view
     with t2t_fast.backend("cpu"):
         y = t2t_fast.soft_split(ours[0], k, s, p, *ours[1:])
     grad = torch.randn(y.shape).to(dtype)
@@ -153,40 +154,52 @@ PERFORMER_SHAPES = ((1, 8, 3), (7, 17, 9), (100, 64, 32), (100, 33, 7))  # (T, d
 
 
 def performer_inputs(T: int, d: int, m: int, layout: str, dtype: torch.dtype, B: int = 2, H: int = 3):
-    """q, k, v in `layout`: 'bthd' (B, T, d); 'bhtd' (B, H, T, d); 'packed': torch.split views of one (B, T, 3d)
-    projection (strided, as TokenPerformer makes them)."""
+    """(bases, w): the tensors q, k, v come from, and the random features (as TokenPerformer draws them).
+
+    layout 'bthd': q, k, v (B, T, d); 'bhtd': (B, H, T, d); 'packed': one (B, T, 3d) projection that q, k, v are
+    torch.split views of (strided, as in TokenPerformer) -- see qkv_of.
+    """
     if layout == "packed":
-        kqv = (0.5 * torch.randn(B, T, 3 * d)).to(dtype)
-        k, q, v = torch.split(kqv, d, dim=-1)
+        bases = [(0.5 * torch.randn(B, T, 3 * d)).to(dtype)]
     else:
         shape = (B, T, d) if layout == "bthd" else (B, H, T, d)
-        q, k, v = ((0.5 * torch.randn(shape)).to(dtype) for _ in range(3))
+        bases = [(0.5 * torch.randn(shape)).to(dtype) for _ in range(3)]
     w = torch.nn.init.orthogonal_(torch.empty(m, d)) * math.sqrt(m)
-    return q, k, v, w
+    return bases, w
+
+
+def qkv_of(bases):
+    """q, k, v from performer_inputs' bases (split in TokenPerformer's k, q, v order when packed)."""
+    if len(bases) == 1:
+        k, q, v = torch.split(bases[0], bases[0].shape[-1] // 3, dim=-1)
+        return q, k, v
+    return tuple(bases)
 
 
 @pytest.mark.parametrize("layout", ("bthd", "bhtd", "packed"))
 @pytest.mark.parametrize("shape", PERFORMER_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_performer_matches_reference(dtype, shape, layout, poisoned):
-    q, k, v, w = performer_inputs(*shape, layout, dtype)
-    ours = leaves([q, k, v])
+    bases, w = performer_inputs(*shape, layout, dtype)
+    ours = leaves(bases)
+    q, k, v = qkv_of(ours)
+    assert q.is_contiguous() == (layout != "packed")
     with t2t_fast.backend("cpu"):
-        y = t2t_fast.performer_attention(*ours, w)
+        y = t2t_fast.performer_attention(q, k, v, w)
     grad = torch.randn(y.shape).to(dtype)
     y.backward(grad)
-    ref = leaves([q, k, v], torch.float32)
-    y_ref = R.performer_attention(*ref, w)
+    ref = leaves(bases, torch.float32)
+    y_ref = R.performer_attention(*qkv_of(ref), w)
     y_ref.backward(grad.float())
     assert y.dtype == dtype and y.shape == q.shape
     rel_close(y, y_ref, tolerance(dtype, fp32=1e-5), "y")
-    for name, a, r in zip("qkv", ours, ref):
-        rel_close(a.grad, r.grad, tolerance(dtype, low=3e-2, fp32=5e-5), f"grad {name}")
+    for i, (a, r) in enumerate(zip(ours, ref)):
+        rel_close(a.grad, r.grad, tolerance(dtype, low=3e-2, fp32=5e-5), f"grad of input {i}")
 
 
 def test_performer_statistics_follow_the_contract(poisoned):
     """kv, ksum, kmax, denom are the max-shifted sums documented in t2t_fast/ops/performer.py (float64 check)."""
-    q, k, v, w = performer_inputs(37, 12, 5, "bhtd", torch.float32)
+    (q, k, v), w = performer_inputs(37, 12, 5, "bhtd", torch.float32)
     eps = 1e-3
     y, kv, ksum, kmax, denom = ops.performer_forward(q, k, v, w, eps)
     qd, kd, vd, wd = (t.double() for t in (q, k, v, w))
@@ -270,8 +283,10 @@ def test_opcheck_all_operators():
                  bias.clone().requires_grad_(), nw.clone().requires_grad_(), nb.clone().requires_grad_(), 1e-5)
     torch.library.opcheck(ops.soft_split_forward.default, grad_args)
 
-    q, k, v, w = performer_inputs(7, 8, 5, "bhtd", torch.float32)
+    (q, k, v), w = performer_inputs(7, 8, 5, "bhtd", torch.float32)
     torch.library.opcheck(ops.performer_forward.default, (q, k, v, w, 1e-8))
+    packed = qkv_of(performer_inputs(7, 8, 5, "packed", torch.float32)[0])
+    torch.library.opcheck(ops.performer_forward.default, tuple(t.unsqueeze(1) for t in packed) + (w, 1e-8))
     torch.library.opcheck(ops.performer_forward.default,
                           tuple(t.clone().requires_grad_() for t in (q, k, v)) + (w, 1e-8))
     stats = ops.performer_forward(q, k, v, w, 1e-8)[1:]
@@ -526,39 +541,38 @@ def test_cuda_soft_split(case, dtype, poisoned):
 @pytest.mark.parametrize("T", (3136, 784, 7))
 def test_cuda_performer(T, dtype, poisoned):
     _cuda_ready()
-    B, d, m = 2, 64, 32
-    kqv = (0.5 * torch.randn(B, T, 3 * d, device="cuda")).to(dtype)
-    k, q, v = torch.split(kqv, d, dim=-1)
-    w = (torch.nn.init.orthogonal_(torch.empty(m, d)) * math.sqrt(m)).cuda()
-    grad = torch.randn(B, T, d, device="cuda").to(dtype)
+    (kqv,), w = performer_inputs(T, 64, 32, "packed", dtype)
+    kqv, w = kqv.cuda(), w.cuda()
+    grad = torch.randn(kqv.shape[0], T, 64, device="cuda").to(dtype)
 
     def run(backend, dtype_=None):
-        xs = leaves([q, k, v], dtype_)
+        (leaf,) = leaves([kqv], dtype_)
+        q, k, v = qkv_of([leaf])  # strided views of the packed projection
         if backend == "reference":
-            y = R.performer_attention(*xs, w)
+            y = R.performer_attention(q, k, v, w)
         else:
             with t2t_fast.backend(backend):
-                y = t2t_fast.performer_attention(*xs, w)
+                y = t2t_fast.performer_attention(q, k, v, w)
         y.backward(grad.to(y.dtype))
-        return y, [t.grad for t in xs]
+        return y, list(torch.split(leaf.grad, 64, dim=-1))
 
     y, grads = run("cuda")
     y_ref, grads_ref = run("reference", torch.float32)
     rel_close(y, y_ref, tolerance(dtype, fp32=1e-4), "y")
-    for name, g, r in zip("qkv", grads, grads_ref):
+    for name, g, r in zip("kqv", grads, grads_ref):
         rel_close(g, r, tolerance(dtype, low=3e-2, fp32=2e-4), f"grad {name}")
     if t2t_fast.backends()["triton"]:
         pytest.importorskip("t2t_fast.kernels.performer")
         y_tr, grads_tr = run("triton")
         rel_close(y, y_tr.float(), tolerance(dtype, fp32=1e-4), "y vs triton")
-        for name, g, t in zip("qkv", grads, grads_tr):
+        for name, g, t in zip("kqv", grads, grads_tr):
             rel_close(g, t.float(), tolerance(dtype, low=3e-2, fp32=2e-4), f"grad {name} vs triton")
 
 
 @pytest.mark.gpu
 def test_cuda_statistics_match_cpu_and_reject_float64(poisoned):
     _cuda_ready()
-    q, k, v, w = performer_inputs(100, 64, 32, "bhtd", torch.float32)
+    (q, k, v), w = performer_inputs(100, 64, 32, "bhtd", torch.float32)
     cpu = ops.performer_forward(q, k, v, w, 1e-8)
     gpu = ops.performer_forward(q.cuda(), k.cuda(), v.cuda(), w.cuda(), 1e-8)
     for a, b in zip(cpu, gpu):

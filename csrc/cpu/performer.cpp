@@ -8,7 +8,7 @@
 //     db = (S dnum + z dden) * Bq, dq = db W - q sum_j db_j; and dS = sum_t Bq^T dnum, dz = sum_t Bq dden.
 //   k side (per chunk): A = exp(a - kmax), dA = dS v + dz, dv = A dS, da = dA * A, dk = da W - k sum_j da_j.
 // Accumulation is in float (double for float64 inputs); q, k, v, grad_y are read through their strides.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

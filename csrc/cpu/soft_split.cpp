@@ -9,10 +9,11 @@
 // touch disjoint image rows, so the even bands run in parallel, then the odd ones, and grad_x needs no atomics.
 // dW, db, dgamma, dbeta are summed per work slot (a fixed split of the bands) and the slots are added in order,
 // so results are deterministic for a given thread count.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>

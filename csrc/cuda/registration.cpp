@@ -1,7 +1,8 @@
 // Torch side of the CUDA kernels: argument checks (shared with the CPU kernels), output and workspace allocation
 // on the current device and stream, and the TORCH_LIBRARY_IMPL(t2t_fast, CUDA) registration. Only compiled when
 // the extension is built with CUDA; the kernels themselves are in soft_split.cu / performer.cu.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
