@@ -94,19 +94,21 @@ def _fmt(v: object) -> str:
     return str(v).replace("|", "/")
 
 
-def print_table(title: str, rows: list[dict], columns: Optional[list[str]] = None) -> None:
-    """Print ``rows`` as a markdown table under ``title`` (columns: the union of the rows' keys by default)."""
+def markdown_table(rows: list[dict], columns: Optional[list[str]] = None) -> str:
+    """``rows`` as a markdown table (columns: the union of the rows' keys by default)."""
+    if not rows:
+        return "(no rows)\n"
     if columns is None:
         columns = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(title: str, rows: list[dict], columns: Optional[list[str]] = None) -> None:
+    """Print ``rows`` as a markdown table under ``title`` (columns: the union of the rows' keys by default)."""
     print(f"\n### {title}\n")
-    if not rows:
-        print("(no rows)")
-        return
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for r in rows:
-        print("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
-    print(flush=True)
+    print(markdown_table(rows, columns), flush=True)
 
 
 def write_results(out: str, name: str, rows: list[dict], meta: Optional[dict] = None) -> None:
@@ -119,3 +121,28 @@ def write_results(out: str, name: str, rows: list[dict], meta: Optional[dict] = 
         writer.writerows(rows)
     with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump({"meta": meta or {}, "rows": rows}, f, indent=1, default=str)
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192) -> Optional[float]:
+    """Dense (n x n) @ (n x n) matmul rate in TFLOPS, timed as ``time_fn`` (None on CPU): a roofline's
+    compute bound. fp32 follows ``torch.backends.cuda.matmul.allow_tf32`` as the benchmarks run it."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = time_fn(lambda: torch.mm(a, b))
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def describe_error(e: BaseException) -> str:
+    """A result row's status for a failed measurement: 'out of memory', or the error's type and first line."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return "out of memory"
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}"
+
+
+def roofline_peaks(device: torch.device) -> dict:
+    """The device's measured copy bandwidth (GB/s) and bf16/fp32 matmul rates (TFLOPS); Nones on CPU."""
+    return dict(copy_gbps=copy_bandwidth(device), matmul_tflops_bf16=matmul_tflops(device, torch.bfloat16),
+                matmul_tflops_fp32=matmul_tflops(device, torch.float32))
