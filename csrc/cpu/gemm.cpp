@@ -6,6 +6,10 @@
 
 #include <c10/util/Exception.h>
 
+#if !defined(__GNUC__)
+#error "csrc/cpu/gemm.cpp uses GCC/Clang vector extensions and target attributes; build with GCC or Clang"
+#endif
+
 namespace t2t_fast {
 namespace cpu {
 namespace {
