@@ -72,7 +72,7 @@ run_step bench_soft_split 90 "$PY" benchmarks/bench_soft_split.py ${MODE[@]+"${M
 run_step bench_performer 75 "$PY" benchmarks/bench_performer.py ${MODE[@]+"${MODE[@]}"} --out "$OUT"
 run_step bench_token_transformer 90 "$PY" benchmarks/bench_token_transformer.py ${MODE[@]+"${MODE[@]}"} --out "$OUT"
 # bench_model stops starting measurements once its budget is spent, so it ends on its own
-run_step bench_model 100000 "$PY" benchmarks/bench_model.py ${MODE[@]+"${MODE[@]}"} --out "$OUT" --budget "$(left_for 30)"
+run_step bench_model 100000 "$PY" benchmarks/bench_model.py ${MODE[@]+"${MODE[@]}"} --out "$OUT" --budget "$(left_for 45)"
 if "$PY" -c "import matplotlib" > /dev/null 2>&1; then
     run_step plot 60 "$PY" benchmarks/plot.py "$OUT" --out "$OUT/plots"
 fi

@@ -65,11 +65,23 @@ def collect_meta() -> dict:
         p = torch.cuda.get_device_properties(0)
         meta.update(device=p.name, capability=f"sm_{p.major}{p.minor}", memory_gib=round(p.total_memory / 2**30, 1),
                     sms=p.multi_processor_count, tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
-        smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
-        meta["driver"] = smi.splitlines()[0].strip() if smi else "unknown"
+        meta["driver"] = nvidia_driver()
     else:
         meta.update(device="cpu (no CUDA device)", driver=None)
     return meta
+
+
+def nvidia_driver() -> str:
+    """The NVIDIA driver version, from nvidia-smi or else the kernel module's /proc entry."""
+    smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    if smi:
+        return smi.splitlines()[0].strip()
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            found = re.search(r"Kernel Module\s+([0-9.]+)", f.read())
+        return found.group(1) if found else "unknown"
+    except OSError:
+        return "unknown"
 
 
 def write_meta(out: str) -> None:

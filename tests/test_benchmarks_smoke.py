@@ -220,3 +220,19 @@ def test_largest_fit():
     assert largest_fit(lambda n: False, 64, 1 << 14, 60)[:2] == (0, False)
     assert largest_fit(lambda n: True, 64, 256, 60)[:2] == (256, True)  # max_batch reached: a lower bound
     assert largest_fit(lambda n: True, 64, 1 << 14, -1)[1] is True  # time cap: a lower bound
+
+
+def test_max_batch_recovers_from_out_of_memory():
+    """The search treats torch.cuda.OutOfMemoryError as 'does not fit' and goes on (simulated on the CPU)."""
+    from types import SimpleNamespace
+
+    from bench_model import max_batch
+
+    def step(batch):
+        if batch[0].shape[0] > 300:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    bench = SimpleNamespace(step_fn=lambda kind, mode: step, inputs=lambda b, n: [(torch.empty(b, 0), None)] * n,
+                            opt=SimpleNamespace(zero_grad=lambda set_to_none: None), device=torch.device("cpu"))
+    found = max_batch(bench, start=64, cap_s=60, limit=1 << 14)
+    assert 300 - 300 // 64 <= found["batch"] <= 300 and not found["capped"]
