@@ -147,6 +147,13 @@ def rows_of(run: dict, bench: str) -> list[dict]:
     return [] if on_cpu(payload) else list(payload.get("rows", []))
 
 
+def unjudged(run: dict, bench: str) -> Optional[str]:
+    """Why a benchmark's targets cannot be judged at all (None when they can)."""
+    if bench not in run["benches"]:
+        return f"no {bench}.json"
+    return "a CPU --smoke run only" if on_cpu(run["benches"][bench]) else None
+
+
 def on_cpu(payload: dict) -> bool:
     return (payload.get("meta") or {}).get("device") == "cpu"
 
@@ -299,9 +306,16 @@ def max_batch_verdict(model: str, fused: Optional[dict], base: Optional[dict]) -
 
 
 def all_targets(run: dict) -> list[Verdict]:
-    return (op_targets(run, "soft_split", "soft split", (4.0, 2.0), None)
-            + op_targets(run, "performer", "performer", (5.0, 2.0), 1 / 8)
-            + model_targets(run))
+    verdicts = []
+    for bench, targets in (("soft_split", op_targets(run, "soft_split", "soft split", (4.0, 2.0), None)),
+                           ("performer", op_targets(run, "performer", "performer", (5.0, 2.0), 1 / 8)),
+                           ("model", model_targets(run))):
+        why = unjudged(run, bench)
+        for v in targets:
+            if why:
+                v.measured, v.verdict = f"not measured ({why})", "not measured"
+        verdicts += targets
+    return verdicts
 
 
 # ---------------------------------------------------------------------------------------------------------
