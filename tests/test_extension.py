@@ -136,15 +136,27 @@ def test_soft_split_rectangular_geometry_and_strided_weight(poisoned):
                                atol=1e-5)
 
 
-def test_soft_split_backward_is_deterministic():
+def test_backward_is_deterministic_across_runs_and_thread_counts():
     x, (k, s, p), weight, bias, nw, nb = soft_split_inputs((7, 4, 2), "norm+bias", "nchw", torch.float32)
     y, mean, rstd = ops.soft_split_forward(x, [k, k], [s, s], [p, p], weight, bias, nw, nb, 1e-5)
     gy = torch.randn_like(y)
-    first = ops.soft_split_backward(gy, x, [k, k], [s, s], [p, p], weight, nw, nb, mean, rstd, True)
-    for _ in range(3):
-        again = ops.soft_split_backward(gy, x, [k, k], [s, s], [p, p], weight, nw, nb, mean, rstd, True)
-        for a, b in zip(first, again):
-            assert torch.equal(a, b)
+    (q, kk, v), w = performer_inputs(700, 16, 8, "bhtd", torch.float32)  # > 1 token segment
+    stats = ops.performer_forward(q, kk, v, w, 1e-8)[1:]
+    gq = torch.randn_like(q)
+
+    def run():
+        return (*ops.soft_split_backward(gy, x, [k, k], [s, s], [p, p], weight, nw, nb, mean, rstd, True),
+                *ops.performer_forward(q, kk, v, w, 1e-8), *ops.performer_backward(gq, q, kk, v, w, *stats))
+
+    threads = torch.get_num_threads()
+    first = run()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            for a, b in zip(first, run()):
+                assert torch.equal(a, b), f"{n} threads"
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------------------

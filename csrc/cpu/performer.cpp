@@ -21,6 +21,7 @@
 
 #include "../common.h"
 #include "gemm.h"
+#include "parallel.h"
 
 namespace t2t_fast {
 namespace cpu {
@@ -81,10 +82,10 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t segs = (T + kSegment - 1) / kSegment;
   const int64_t part_len = m * d + m + 1;
   std::vector<acc_t> part(BH * segs * part_len);
-  at::parallel_for(0, BH * segs, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(BH * segs, [&](const auto& claim) {
     std::vector<acc_t> Kc(kChunk * d), Vc(kChunk * d), a(kChunk * m), At(m * kChunk);
     PackedB<acc_t> vpk;
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = claim(); item >= 0; item = claim()) {
       const int64_t bh = item / segs, seg = item % segs, b = bh / s.H, h = bh % s.H;
       acc_t* kvp = part.data() + item * part_len;
       acc_t* ksp = kvp + m * d;
@@ -125,8 +126,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   float* kvo = kv.data_ptr<float>();
   float* kso = ksum.data_ptr<float>();
   float* kmo = kmax.data_ptr<float>();
-  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
+  parallel_items(BH, [&](const auto& claim) {
+    for (int64_t bh = claim(); bh >= 0; bh = claim()) {
       const acc_t* first = part.data() + bh * segs * part_len;
       acc_t M = kNegInf;
       for (int64_t sg = 0; sg < segs; ++sg) M = std::max(M, first[sg * part_len + m * d + m]);
@@ -155,9 +156,9 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   scalar_t* yp = y.data_ptr<scalar_t>();
   float* dp = denom.data_ptr<float>();
   const acc_t eps_m = static_cast<acc_t>(eps) * static_cast<acc_t>(m);
-  at::parallel_for(0, BH * chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(BH * chunks, [&](const auto& claim) {
     std::vector<acc_t> Qc(kChunk * d), bq(kChunk * m), Yc(kChunk * d), den(kChunk);
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = claim(); item >= 0; item = claim()) {
       const int64_t bh = item / chunks, t0 = (item % chunks) * kChunk, n = std::min(kChunk, T - t0);
       qt.gather(bh / s.H, bh % s.H, t0, n, d, Qc.data());
       logits(Qc.data(), n, d, wt, bq.data());
@@ -201,8 +202,8 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& q, const at::Tens
   const float* kmp = kmax.data_ptr<float>();
   const float* dnp = denom.data_ptr<float>();
   std::vector<PackedB<acc_t>> s_pk(BH), st_pk(BH);  // S = kv as B (m x d) and S^T (d x m)
-  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
+  parallel_items(BH, [&](const auto& claim) {
+    for (int64_t bh = claim(); bh >= 0; bh = claim()) {
       pack_b(s_pk[bh], kvp + bh * m * d, d, int64_t{1}, m, d);
       pack_b(st_pk[bh], kvp + bh * m * d, int64_t{1}, d, d, m);
     }
@@ -215,11 +216,11 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& q, const at::Tens
   scalar_t* gvp = gv.data_ptr<scalar_t>();
 
   // q side, per (bh, segment): grad_q, and the segment's share of dS (m x d), dz (m).
-  at::parallel_for(0, BH * segs, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(BH * segs, [&](const auto& claim) {
     std::vector<acc_t> Qc(kChunk * d), dYc(kChunk * d), bq(kChunk * m), Yc(kChunk * d), dnum(kChunk * d),
         dden(kChunk), dBq(kChunk * m), rsum(kChunk), dq(kChunk * d), BqT(m * kChunk);
     PackedB<acc_t> dn_pk;
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = claim(); item >= 0; item = claim()) {
       const int64_t bh = item / segs, seg = item % segs, b = bh / s.H, h = bh % s.H;
       acc_t* dS = part.data() + item * part_len;
       acc_t* dz = dS + m * d;
@@ -273,9 +274,9 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& q, const at::Tens
   // Merge the segments (in order) into dS, dz per bh.
   std::vector<acc_t> dz_all(BH * m);
   std::vector<PackedB<acc_t>> ds_pk(BH), dst_pk(BH);  // dS as B (m x d) and dS^T (d x m)
-  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(BH, [&](const auto& claim) {
     std::vector<acc_t> dS(m * d);
-    for (int64_t bh = begin; bh < end; ++bh) {
+    for (int64_t bh = claim(); bh >= 0; bh = claim()) {
       std::fill(dS.begin(), dS.end(), acc_t(0));
       acc_t* dz = dz_all.data() + bh * m;
       std::fill(dz, dz + m, acc_t(0));
@@ -291,9 +292,9 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& q, const at::Tens
 
   // k side, per chunk: grad_k, grad_v.
   const int64_t chunks = (T + kChunk - 1) / kChunk;
-  at::parallel_for(0, BH * chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(BH * chunks, [&](const auto& claim) {
     std::vector<acc_t> Kc(kChunk * d), Vc(kChunk * d), A(kChunk * m), dA(kChunk * m), rsum(kChunk), out(kChunk * d);
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = claim(); item >= 0; item = claim()) {
       const int64_t bh = item / chunks, t0 = (item % chunks) * kChunk, n = std::min(kChunk, T - t0);
       const int64_t b = bh / s.H, h = bh % s.H;
       kt.gather(b, h, t0, n, d, Kc.data());

@@ -8,7 +8,7 @@
 // a scatter-add of the patch gradients into grad_x (col2im). Tiles come from bands of patch rows; bands two apart
 // touch disjoint image rows, so the even bands run in parallel, then the odd ones, and grad_x needs no atomics.
 // dW, db, dgamma, dbeta are summed per work slot (a fixed split of the bands) and the slots are added in order,
-// so results are deterministic for a given thread count.
+// so results are deterministic (and the same for any thread count up to kMinSlots).
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -23,12 +23,14 @@
 
 #include "../common.h"
 #include "gemm.h"
+#include "parallel.h"
 
 namespace t2t_fast {
 namespace cpu {
 namespace {
 
-constexpr int64_t kTile = 64;  // patches per tile
+constexpr int64_t kTile = 64;     // patches per tile
+constexpr int64_t kMinSlots = 8;  // backward work slots (see backward_impl)
 
 template <typename scalar_t>
 struct Image {  // x read through its strides
@@ -110,9 +112,9 @@ void forward_impl(const at::Tensor& x, const SoftSplitGeometry& g, const at::Ten
   const int64_t tiles = (g.L + kTile - 1) / kTile;
   const acc_t inv_k = acc_t(1) / static_cast<acc_t>(g.K);
 
-  at::parallel_for(0, g.B * tiles, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(g.B * tiles, [&](const auto& claim) {
     std::vector<acc_t> X(kTile * g.K), Y(kTile * g.out);
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = claim(); item >= 0; item = claim()) {
       const int64_t b = item / tiles, l0 = (item % tiles) * kTile, np = std::min(kTile, g.L - l0);
       gather_patches(img, g, b, l0, np, X.data());
       if (g.has_norm) {
@@ -144,11 +146,6 @@ int64_t band_rows(const SoftSplitGeometry& g) {
   const int64_t min_rows = g.kh - 1 - g.sh >= 0 ? (g.kh - 1 - g.sh) / g.sh + 1 : 1;
   return std::max(min_rows, (kTile + g.Lw - 1) / g.Lw);
 }
-
-template <typename acc_t>
-struct Partials {  // one work slot's share of the parameter gradients
-  std::vector<acc_t> dw, db, dgamma, dbeta;
-};
 
 template <typename scalar_t>
 void backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const SoftSplitGeometry& g,
@@ -183,14 +180,14 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const SoftSpli
   }
   acc_t* gxp = compute_grad_x ? gx_acc.data_ptr<acc_t>() : nullptr;
 
-  const int64_t slots = std::max(1, at::get_num_threads());
-  std::vector<Partials<acc_t>> partials(slots);
-  for (auto& s : partials) {
-    s.dw.assign(g.out * g.K, acc_t(0));
-    s.db.assign(g.out, acc_t(0));
-    s.dgamma.assign(g.has_norm ? g.K : 0, acc_t(0));
-    s.dbeta.assign(g.has_norm ? g.K : 0, acc_t(0));
-  }
+  // Work slots: a fixed split of each phase's bands, each slot with its own gradient sums, run by whichever
+  // thread is free. At least kMinSlots, so the results are the same for any thread count up to kMinSlots.
+  // Each slot's sums, one block: [dW (out x K) | db (out) | dgamma (K) | dbeta (K)], the last two with norm only.
+  const int64_t slots = std::max<int64_t>(kMinSlots, at::get_num_threads());
+  const int64_t norm_len = g.has_norm ? g.K : 0;
+  const int64_t db_at = g.out * g.K, dgamma_at = db_at + g.out, dbeta_at = dgamma_at + norm_len;
+  const int64_t slot_len = dbeta_at + norm_len;
+  std::vector<acc_t> sums(slots * slot_len, acc_t(0));
 
   const int64_t G = band_rows(g);
   const int64_t bands = (g.Lh + G - 1) / G;
@@ -198,12 +195,15 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const SoftSpli
     const int64_t per_item = (bands - phase + 1) / 2;  // bands with index % 2 == phase
     const int64_t items = g.B * per_item;
     if (items == 0) continue;
-    at::parallel_for(0, slots, 1, [&](int64_t s_begin, int64_t s_end) {
+    parallel_items(slots, [&](const auto& claim) {
       std::vector<acc_t> X(kTile * g.K), Xn(g.has_norm ? kTile * g.K : 0), dY(kTile * g.out),
           dYt(g.out * kTile), dXn(need_dxn ? kTile * g.K : 0);
       PackedB<acc_t> xpk;
-      for (int64_t s = s_begin; s < s_end; ++s) {
-        Partials<acc_t>& part = partials[s];
+      for (int64_t s = claim(); s >= 0; s = claim()) {
+        acc_t* dw = sums.data() + s * slot_len;
+        acc_t* db = dw + db_at;
+        acc_t* dgamma = dw + dgamma_at;
+        acc_t* dbeta = dw + dbeta_at;
         for (int64_t item = items * s / slots; item < items * (s + 1) / slots; ++item) {
           const int64_t b = item / per_item, band = 2 * (item % per_item) + phase;
           const int64_t l_end = std::min(g.Lh, (band + 1) * G) * g.Lw;
@@ -227,11 +227,11 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const SoftSpli
               for (int64_t o = 0; o < g.out; ++o) {
                 dst[o] = static_cast<acc_t>(src[o * gys2]);
                 dYt[o * np + p] = dst[o];
-                part.db[o] += dst[o];
+                db[o] += dst[o];
               }
             }
             pack_b(xpk, g.has_norm ? Xn.data() : X.data(), g.K, int64_t{1}, np, g.K);
-            gemm(g.out, dYt.data(), np, xpk, part.dw.data(), g.K, true);
+            gemm(g.out, dYt.data(), np, xpk, dw, g.K, true);
             if (!need_dxn) continue;
             gemm(np, dY.data(), g.out, wpk, dXn.data(), g.K, false);
             if (g.has_norm) {
@@ -239,8 +239,8 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const SoftSpli
                 const acc_t* xr = X.data() + p * g.K;
                 acc_t* dr = dXn.data() + p * g.K;
                 for (int64_t k = 0; k < g.K; ++k) {
-                  part.dgamma[k] += dr[k] * xr[k];
-                  part.dbeta[k] += dr[k];
+                  dgamma[k] += dr[k] * xr[k];
+                  dbeta[k] += dr[k];
                 }
                 if (!compute_grad_x) continue;
                 // d patch = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dXn * gamma
@@ -263,20 +263,20 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const SoftSpli
 
   if (compute_grad_x && !std::is_same_v<scalar_t, acc_t>) gx.copy_(gx_acc);
   // Slots are added in slot order: deterministic.
-  auto reduce = [&](auto member, int64_t n, auto* out) {
+  auto reduce = [&](int64_t at, int64_t n, auto* out) {
     at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        acc_t s = 0;
-        for (const auto& part : partials) s += (part.*member)[i];
-        out[i] = static_cast<std::remove_pointer_t<decltype(out)>>(s);
+        acc_t total = 0;
+        for (int64_t s = 0; s < slots; ++s) total += sums[s * slot_len + at + i];
+        out[i] = static_cast<std::remove_pointer_t<decltype(out)>>(total);
       }
     });
   };
-  reduce(&Partials<acc_t>::dw, g.out * g.K, gw.data_ptr<scalar_t>());
-  reduce(&Partials<acc_t>::db, g.out, gb.data_ptr<scalar_t>());
+  reduce(0, g.out * g.K, gw.data_ptr<scalar_t>());
+  reduce(db_at, g.out, gb.data_ptr<scalar_t>());
   if (g.has_norm) {
-    reduce(&Partials<acc_t>::dgamma, g.K, gnw.data_ptr<float>());
-    reduce(&Partials<acc_t>::dbeta, g.K, gnb.data_ptr<float>());
+    reduce(dgamma_at, g.K, gnw.data_ptr<float>());
+    reduce(dbeta_at, g.K, gnb.data_ptr<float>());
   }
 }
 
