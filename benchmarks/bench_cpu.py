@@ -7,12 +7,14 @@ performer's feature tensors) against the same computation through the fused C++ 
     -> v + proj(y) -> + mlp(norm2(.)) -> tokens viewed as an image -> the same with attention2
     -> soft_split(., 3, 2, 1, project)
 
-Both run in eval mode (dropout off, so they compute the same function). Each side runs in its own subprocess:
-time is the median of several forward+backward passes after a warm-up; peak RSS growth is the process's peak
-resident set (ru_maxrss) after the passes minus the peak before the first one (model and input already built);
-"saved for backward" adds up the storages autograd keeps between forward and backward (weights included).
+Both run in eval mode (dropout off, so they compute the same function). Each side runs in its own subprocess,
+the sides alternating over several rounds (so load from other processes hits both alike): per round, time is
+the median of several forward+backward passes after a warm-up, and peak RSS growth is the process's peak
+resident set (ru_maxrss) after the passes minus the peak before the first one (model and input already built).
+The table gives the median over rounds (min: the fastest pass of all); "saved for backward" adds up the storages
+autograd keeps between forward and backward (weights and the image included).
 
-    python benchmarks/bench_cpu.py [--batch 8] [--img 224] [--iters 5] [--threads 2] [--json out.json]
+    python benchmarks/bench_cpu.py [--batch 8] [--img 224] [--iters 5] [--rounds 3] [--threads 2] [--json out.json]
 """
 from __future__ import annotations
 
@@ -116,7 +118,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--img", type=int, default=224)
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=5, help="timed passes per round")
+    parser.add_argument("--rounds", type=int, default=3, help="subprocesses per side, alternating")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--side", choices=("reference", "fused"), help=argparse.SUPPRESS)  # child mode
@@ -130,19 +133,26 @@ def main() -> None:
     if not t2t_fast.backends()["cpu"]:
         sys.exit(f"bench_cpu: the cpu backend is not available: {t2t_fast.backends()['cpu'].reason}")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    results = {}
-    for side in ("reference", "fused"):
-        cmd = [sys.executable, __file__, "--side", side, "--batch", str(args.batch), "--img", str(args.img),
-               "--iters", str(args.iters), "--threads", str(args.threads)]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if out.returncode != 0:
-            sys.exit(f"bench_cpu: the {side} run failed:\n{out.stderr}")
-        results[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    rounds = {"reference": [], "fused": []}
+    for _ in range(args.rounds):
+        for side in rounds:
+            cmd = [sys.executable, __file__, "--side", side, "--batch", str(args.batch), "--img", str(args.img),
+                   "--iters", str(args.iters), "--threads", str(args.threads)]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.exit(f"bench_cpu: the {side} run failed:\n{out.stderr}")
+            rounds[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
     rel_err = check_same_function(args.img, args.threads)
 
+    results = {side: {"side": side, "median_s": statistics.median(r["median_s"] for r in runs),
+                      "min_s": min(r["min_s"] for r in runs),
+                      "peak_rss_growth_mb": statistics.median(r["peak_rss_growth_mb"] for r in runs),
+                      "saved_for_backward_mb": runs[0]["saved_for_backward_mb"], "rounds": runs}
+               for side, runs in rounds.items()}
     ref, fused = results["reference"], results["fused"]
     print(f"T2T module of t2t_vit_14 (performer), fp32, batch {args.batch}, {args.img} px, forward+backward, "
-          f"{args.threads} CPU threads, torch {torch.__version__}")
+          f"{args.threads} CPU threads, torch {torch.__version__}; median of {args.rounds} alternating rounds of "
+          f"{args.iters} passes")
     print(f"{'side':<10} {'median s':>9} {'min s':>7} {'peak RSS growth MB':>19} {'saved for backward MB':>22}")
     for r in (ref, fused):
         print(f"{r['side']:<10} {r['median_s']:>9.3f} {r['min_s']:>7.3f} {r['peak_rss_growth_mb']:>19.1f} "
