@@ -1,11 +1,10 @@
 """CPU benchmark: the T2T module of t2t_vit_14 (performer tokens, embed 384), forward + backward, fp32.
 
 The reference module (``t2t_fast.reference.T2TModule``, which materializes every unfolded patch tensor and the
-performer's feature tensors) against the same computation through the fused C++ CPU kernels (``cpu`` backend):
-
-    soft_split(image, 7, 4, 2, attention1.kqv, attention1.norm1) -> split k, q, v -> performer_attention
-    -> v + proj(y) -> + mlp(norm2(.)) -> tokens viewed as an image -> the same with attention2
-    -> soft_split(., 3, 2, 1, project)
+performer's feature tensors) against the same weights in ``t2t_fast.models.FusedT2TModule`` on the fused C++ CPU
+kernels (``cpu`` backend): each soft split runs with its token layer's norm1 and kqv projection as one op and the
+performer core as another. ``fused_recompute`` is the fused module with T2T gradient checkpointing (the token
+layers recompute their activations in the backward; ``model.set_grad_checkpointing(True, 't2t')``).
 
 Both run in eval mode (dropout off, so they compute the same function). Each side runs in its own subprocess,
 the sides alternating over several rounds (so load from other processes hits both alike): per round, time is
@@ -30,30 +29,6 @@ import time
 import torch
 
 
-def fused_token_layer(layer, kqv: torch.Tensor) -> torch.Tensor:
-    """TokenPerformer after its norm1 + kqv (fused into the soft split): (B, T, 3*emb) -> (B, T, emb)."""
-    from t2t_fast import performer_attention
-
-    k, q, v = torch.split(kqv, layer.emb, dim=-1)
-    x = v + layer.proj(performer_attention(q, k, v, layer.w, layer.epsilon))
-    return x + layer.mlp(layer.norm2(x))
-
-
-def fused_t2t_forward(module, image: torch.Tensor) -> torch.Tensor:
-    """The T2T module's forward through the fused ops (soft split + norm1 + kqv as one op)."""
-    from t2t_fast import soft_split
-
-    B, _, H, W = image.shape
-    x = image
-    for layer, (k, s, p), hw in ((module.attention1, (7, 4, 2), (H // 4, W // 4)),
-                                 (module.attention2, (3, 2, 1), (H // 8, W // 8))):
-        kqv = soft_split(x, k, s, p, layer.kqv.weight, layer.kqv.bias, layer.norm1.weight, layer.norm1.bias,
-                         layer.norm1.eps)
-        tokens = fused_token_layer(layer, kqv)
-        x = tokens.transpose(1, 2).reshape(B, tokens.shape[-1], *hw)
-    return soft_split(x, 3, 2, 1, module.project.weight, module.project.bias)
-
-
 def build(batch: int, img: int):
     from t2t_fast.reference import T2TModule
 
@@ -63,19 +38,29 @@ def build(batch: int, img: int):
     return module, image
 
 
+SIDES = ("reference", "fused", "fused_recompute")
+
+
+def build_side(side: str, batch: int, img: int):
+    """The module of one side and its input (the image needs no gradient, as in training)."""
+    from t2t_fast.models import FusedT2TModule
+
+    module, image = build(batch, img)
+    if side != "reference":
+        module = FusedT2TModule(module)
+        module.grad_checkpointing = side == "fused_recompute"
+    return module, image
+
+
 def run_side(side: str, batch: int, img: int, iters: int, threads: int) -> dict:
     """Child process: time fwd+bwd of one side and measure its peak RSS growth."""
     import t2t_fast
 
     torch.set_num_threads(threads)
-    module, image = build(batch, img)  # the image needs no gradient, as in training
-    if side == "fused":
-        def step():
-            with t2t_fast.backend("cpu"):
-                out = fused_t2t_forward(module, image)
-            out.square().mean().backward()
-    else:
-        def step():
+    module, image = build_side(side, batch, img)
+
+    def step():
+        with t2t_fast.backend("reference" if side == "reference" else "cpu"):
             module(image).square().mean().backward()
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
@@ -110,7 +95,7 @@ def check_same_function(img: int, threads: int) -> float:
     with torch.no_grad():
         ref = module(image)
         with t2t_fast.backend("cpu"):
-            fused = fused_t2t_forward(module, image)
+            fused = build_side("fused", 2, img)[0](image)
     return (fused - ref).abs().max().item() / ref.abs().max().item()
 
 
@@ -122,7 +107,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="subprocesses per side, alternating")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--side", choices=("reference", "fused"), help=argparse.SUPPRESS)  # child mode
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args()
     if args.side:
         print(json.dumps(run_side(args.side, args.batch, args.img, args.iters, args.threads)))
@@ -133,7 +118,7 @@ def main() -> None:
     if not t2t_fast.backends()["cpu"]:
         sys.exit(f"bench_cpu: the cpu backend is not available: {t2t_fast.backends()['cpu'].reason}")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    rounds = {"reference": [], "fused": []}
+    rounds = {side: [] for side in SIDES}
     for _ in range(args.rounds):
         for side in rounds:
             cmd = [sys.executable, __file__, "--side", side, "--batch", str(args.batch), "--img", str(args.img),
@@ -149,17 +134,18 @@ def main() -> None:
                       "peak_rss_growth_mb": statistics.median(r["peak_rss_growth_mb"] for r in runs),
                       "saved_for_backward_mb": runs[0]["saved_for_backward_mb"], "rounds": runs}
                for side, runs in rounds.items()}
-    ref, fused = results["reference"], results["fused"]
+    ref = results["reference"]
     print(f"T2T module of t2t_vit_14 (performer), fp32, batch {args.batch}, {args.img} px, forward+backward, "
           f"{args.threads} CPU threads, torch {torch.__version__}; median of {args.rounds} alternating rounds of "
           f"{args.iters} passes")
-    print(f"{'side':<10} {'median s':>9} {'min s':>7} {'peak RSS growth MB':>19} {'saved for backward MB':>22}")
-    for r in (ref, fused):
-        print(f"{r['side']:<10} {r['median_s']:>9.3f} {r['min_s']:>7.3f} {r['peak_rss_growth_mb']:>19.1f} "
-              f"{r['saved_for_backward_mb']:>22.1f}")
-    print(f"fused / reference: time x{fused['median_s'] / ref['median_s']:.2f}, "
-          f"peak RSS growth x{fused['peak_rss_growth_mb'] / ref['peak_rss_growth_mb']:.2f} "
-          f"(targets: time <= x1.00, memory <= x0.25); max relative output difference {rel_err:.1e}")
+    print(f"{'side':<16} {'median s':>9} {'min s':>7} {'peak RSS growth MB':>19} {'saved for backward MB':>22} "
+          f"{'time x':>7} {'memory x':>9}")
+    for r in results.values():
+        print(f"{r['side']:<16} {r['median_s']:>9.3f} {r['min_s']:>7.3f} {r['peak_rss_growth_mb']:>19.1f} "
+              f"{r['saved_for_backward_mb']:>22.1f} {r['median_s'] / ref['median_s']:>7.2f} "
+              f"{r['peak_rss_growth_mb'] / ref['peak_rss_growth_mb']:>9.2f}")
+    print(f"targets against the reference: time <= x1.00, peak RSS growth <= x0.25; "
+          f"max relative output difference {rel_err:.1e}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"batch": args.batch, "img": args.img, "threads": args.threads, "torch": torch.__version__,
