@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
+DEFAULT_CIFAR_ROOT = "data"  # --dataset cifar10/cifar100 without --data: ./data/cifar-10-batches-py etc.
+
 # Weight decay of the published commands, per model family (SPEC.md); others use 0.05.
 _MODEL_WEIGHT_DECAY = {"t2t_vit_7": 0.03, "t2t_vit_10": 0.03, "t2t_vit_12": 0.03, "t2t_vit_19": 0.065,
                        "t2t_vit_24": 0.065, "t2t_vit_t_19": 0.065, "t2t_vit_t_24": 0.065}
@@ -25,7 +27,7 @@ class TrainConfig:
     data: Optional[str] = None
     dataset: Optional[str] = None  # builtin | folder | cifar10 | cifar100 (None: folder with --data, else builtin)
     num_classes: Optional[int] = None
-    train_samples: int = 4096
+    train_samples: int = 8192
     val_samples: int = 1024
     workers: int = 4
     # model
@@ -97,12 +99,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _defaults_help(name: str, command: str) -> str:
+    """'default X; builtin preset Y' for a flag's help ('' when there is nothing to say)."""
     base = TrainConfig().__dict__[name]
-    text = f"default {_fmt(base)}"
+    parts = [] if base is None else [f"default {_fmt(base)}"]
     for preset in ("builtin", "finetune") if command == "finetune" else ("builtin",):
         if name in PRESETS[preset]:
-            text += f"; {preset} preset {_fmt(PRESETS[preset][name])}"
-    return text
+            parts.append(f"{preset} preset {_fmt(PRESETS[preset][name])}")
+    return "; ".join(parts)
 
 
 def _fmt(v: Any) -> str:
@@ -122,13 +125,15 @@ def build_parser(command: str = "train", prog: Optional[str] = None,
     S = argparse.SUPPRESS
 
     def add(group, *flags, dest: str, **kw):
-        if kw.get("action") not in ("store_true", "store_false"):  # switches say their default in words
-            kw["help"] = (kw.get("help", "") + f" ({_defaults_help(dest, command)})").strip()
+        defaults = _defaults_help(dest, command)
+        if defaults and kw.get("action") not in ("store_true", "store_false"):  # switches say it in words
+            kw["help"] = f"{kw.get('help', '')} ({defaults})".strip()
         group.add_argument(*flags, dest=dest, default=S, **kw)
 
     g = parser.add_argument_group("data")
     add(g, "--data", dest="data", metavar="DIR",
-        help="ImageFolder root holding train/ and val/, or the folder holding a CIFAR python-pickle folder")
+        help="ImageFolder root holding train/ and val/, or the folder holding a CIFAR python-pickle folder "
+        f"(CIFAR default: ./{DEFAULT_CIFAR_ROOT})")
     add(g, "--dataset", dest="dataset", choices=("builtin", "folder", "cifar10", "cifar100"),
         help="builtin: generated lines/shapes/textures, no download; default: folder when --data is given")
     add(g, "--num-classes", dest="num_classes", type=int, help="classes of the builtin dataset (2..8); for other "
@@ -243,6 +248,8 @@ def resolve(given: Union[argparse.Namespace, dict, Sequence[str], TrainConfig, N
         preset = "imagenet"
     values.update(given)
     values.update(command=command, preset=preset, dataset=dataset)
+    if dataset in ("cifar10", "cifar100") and values.get("data") is None:
+        values["data"] = DEFAULT_CIFAR_ROOT
     for k in ("scale", "ratio"):
         if k in values:
             values[k] = tuple(values[k])

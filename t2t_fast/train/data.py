@@ -154,7 +154,7 @@ class DataSpec:
     root: Optional[str] = None
     num_classes: Optional[int] = None  # builtin only
     img_size: int = 32  # builtin only: the generated size
-    train_samples: int = 4096  # builtin only
+    train_samples: int = 8192  # builtin only
     val_samples: int = 1024  # builtin only
 
 

@@ -133,8 +133,10 @@ class Log:
             self._close_bar()
             print(msg, flush=True)
 
-    def warn(self, msg: str) -> None:
-        """Warnings come from every rank (an unreadable file may only be seen by one)."""
+    def warn(self, msg: str, every_rank: bool = False) -> None:
+        """To stderr, from rank 0, or from every rank for what only one rank sees (an unreadable file)."""
+        if not (self.enabled or every_rank):
+            return
         self._close_bar()
         prefix = f"[rank {self.rank}] " if self.rank else ""
         print(f"{prefix}warning: {msg}", file=sys.stderr, flush=True)
@@ -308,302 +310,348 @@ def run(cfg: TrainConfig) -> dict:
     d = setup_distributed(cfg.device)
     try:
         with determinism(cfg.deterministic, d.device):
-            return _run(cfg, d, t_start)
+            trainer = Trainer(cfg, d, t_start)
+            trainer.fit()
+            return trainer.finish()
     finally:
         if d.owns_group:
             dist.destroy_process_group()
 
 
-def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
-    log = Log(d.main, cfg.log_interval, d.rank)
-    # ---- data (transforms are attached once the model's input config is known) ----
-    # the built-in images are drawn at (at most) 64 px and resized by the transforms
-    spec = data.DataSpec(cfg.dataset, cfg.data, cfg.num_classes, min(cfg.img_size, 64), cfg.train_samples,
-                         cfg.val_samples)
-    train_ds, val_ds = data.build_datasets(spec, None, None)
-    num_classes = len(train_ds.classes)
-    if cfg.num_classes is not None and cfg.num_classes != num_classes:
-        raise ValueError(f"--num-classes {cfg.num_classes}, but the data has {num_classes} classes")
-    out = _resolve_output(cfg, d)
-    resume_path = _find_resume(cfg, out, log)
+class Trainer:
+    """One training run: built from a config, restored from a checkpoint if asked, then ``fit`` and ``finish``."""
 
-    # ---- model: identical initial weights on every rank, then per-rank randomness ----
-    seed_everything(cfg.seed)
-    model = t2t_fast.create_model(cfg.model, img_size=cfg.img_size, num_classes=num_classes,
-                                  drop_path_rate=cfg.drop_path, fused=cfg.fused)
-    if cfg.command == "finetune" and resume_path is None:
-        load_pretrained(model, cfg.checkpoint, cfg.checkpoint_ema, cfg.model)
-    seed_everything(cfg.seed + d.rank)
-    if cfg.grad_checkpoint != "none":
-        model.set_grad_checkpointing(True, cfg.grad_checkpoint)
-    pcfg = model.pretrained_cfg
-    size = (cfg.img_size, cfg.img_size)
-    crop_pct = cfg.crop_pct if cfg.crop_pct is not None else (pcfg["crop_pct"] if cfg.dataset == "folder" else 1.0)
-    train_ds.transform = TrainTransform(size, pcfg["mean"], pcfg["std"], cfg.scale, cfg.ratio, cfg.hflip, cfg.aa,
-                                        cfg.color_jitter, cfg.reprob, cfg.interpolation)
-    val_ds.transform = EvalTransform(size, pcfg["mean"], pcfg["std"], crop_pct, cfg.interpolation)
-    model.to(d.device)
-    ema = ModelEMA(model, cfg.model_ema_decay, cfg.model_ema_warmup) if cfg.model_ema else None
-    net: nn.Module = model
-    if d.world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda"
-                                                  else None, gradient_as_bucket_view=True)
+    def __init__(self, cfg: TrainConfig, d: Dist, t_start: float):
+        self.cfg, self.d, self.t_start = cfg, d, t_start
+        self.log = Log(d.main, cfg.log_interval, d.rank)
+        self._skip_warnings = 0
 
-    # ---- loaders, optimizer, schedule ----
-    sampler = data.TrainSampler(len(train_ds), cfg.batch_size, d.rank, d.world, cfg.seed)
-    updates_per_epoch = sampler.batches_per_epoch // cfg.accum_steps
-    if updates_per_epoch < 1:
-        raise ValueError(f"the training set ({len(train_ds)} images) is smaller than one update: batch "
-                         f"{cfg.batch_size} x {d.world} processes x {cfg.accum_steps} accumulation steps")
-    pin = d.device.type == "cuda"
-    train_loader = data.make_loader(train_ds, sampler, cfg.batch_size, cfg.workers, pin, cfg.seed)
-    val_loader = data.make_loader(val_ds, data.EvalSampler(len(val_ds), d.rank, d.world), cfg.batch_size,
-                                  cfg.workers, pin, cfg.seed)
-    lr_scale = (lambda n: 1.0 if n.startswith("head.") else cfg.backbone_lr_scale) \
-        if cfg.backbone_lr_scale != 1.0 else None
-    groups = param_groups(model, cfg.weight_decay, model.no_weight_decay(), lr_scale)
-    optimizer = build_optimizer(cfg.opt, groups, cfg.lr, cfg.momentum)
-    schedule = CosineSchedule(optimizer, cfg.lr, cfg.min_lr, cfg.warmup_lr, cfg.warmup_epochs * updates_per_epoch,
-                              cfg.epochs * updates_per_epoch)
-    total_epochs = cfg.epochs + cfg.cooldown_epochs
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
-    scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
+        # data first (a missing directory fails before anything is written); transforms come from the model
+        spec = data.DataSpec(cfg.dataset, cfg.data, cfg.num_classes, min(cfg.img_size, 64),  # builtin: <= 64 px
+                             cfg.train_samples, cfg.val_samples)
+        self.train_ds, self.val_ds = data.build_datasets(spec, None, None)
+        self.num_classes = len(self.train_ds.classes)
+        if cfg.num_classes is not None and cfg.num_classes != self.num_classes:
+            raise ValueError(f"--num-classes {cfg.num_classes}, but the data has {self.num_classes} classes")
+        self.out = _resolve_output(cfg, d)
+        resume_path = _find_resume(cfg, self.out, self.log)
 
-    def autocast():
-        return torch.autocast(d.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+        # the model: identical initial weights on every rank, then per-rank randomness
+        seed_everything(cfg.seed)
+        model = t2t_fast.create_model(cfg.model, img_size=cfg.img_size, num_classes=self.num_classes,
+                                      drop_path_rate=cfg.drop_path, fused=cfg.fused)
+        if cfg.command == "finetune" and resume_path is None:
+            load_pretrained(model, cfg.checkpoint, cfg.checkpoint_ema, cfg.model)
+        seed_everything(cfg.seed + d.rank)
+        if cfg.grad_checkpoint != "none":
+            model.set_grad_checkpointing(True, cfg.grad_checkpoint)
+        self._attach_transforms(model.pretrained_cfg)
+        self.model = model.to(d.device)
+        self.ema = ModelEMA(model, cfg.model_ema_decay, cfg.model_ema_warmup) if cfg.model_ema else None
+        self.net: nn.Module = model
+        if d.world > 1:
+            self.net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                gradient_as_bucket_view=True)
 
-    mixup = MixupCutmix(num_classes, cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob, cfg.smoothing)
-    criterion = _loss_fn(mixup, cfg.smoothing)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+        # loaders, optimizer, schedule, precision
+        self.sampler = data.TrainSampler(len(self.train_ds), cfg.batch_size, d.rank, d.world, cfg.seed)
+        self.updates_per_epoch = self.sampler.batches_per_epoch // cfg.accum_steps
+        if self.updates_per_epoch < 1:
+            raise ValueError(f"the training set ({len(self.train_ds)} images) is smaller than one update: batch "
+                             f"{cfg.batch_size} x {d.world} processes x {cfg.accum_steps} accumulation steps")
+        self.per_update = cfg.batch_size * d.world * cfg.accum_steps  # images per update, all ranks
+        pin = d.device.type == "cuda"
+        self.train_loader = data.make_loader(self.train_ds, self.sampler, cfg.batch_size, cfg.workers, pin, cfg.seed)
+        self.val_loader = data.make_loader(self.val_ds, data.EvalSampler(len(self.val_ds), d.rank, d.world),
+                                           cfg.batch_size, cfg.workers, pin, cfg.seed)
+        lr_scale = (lambda n: 1.0 if n.startswith("head.") else cfg.backbone_lr_scale) \
+            if cfg.backbone_lr_scale != 1.0 else None
+        groups = param_groups(model, cfg.weight_decay, model.no_weight_decay(), lr_scale)
+        self.optimizer = build_optimizer(cfg.opt, groups, cfg.lr, cfg.momentum)
+        self.schedule = CosineSchedule(self.optimizer, cfg.lr, cfg.min_lr, cfg.warmup_lr,
+                                       cfg.warmup_epochs * self.updates_per_epoch,
+                                       cfg.epochs * self.updates_per_epoch)
+        self.total_epochs = cfg.epochs + cfg.cooldown_epochs
+        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+        self.scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
+        self.mixup = MixupCutmix(self.num_classes, cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob, cfg.smoothing)
+        self.criterion = _loss_fn(self.mixup, cfg.smoothing)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.identity = {"model": cfg.model, "num_classes": self.num_classes, "img_size": cfg.img_size}
 
-    # ---- resume ----
-    state = RunState()
-    identity = {"model": cfg.model, "num_classes": num_classes, "img_size": cfg.img_size}
-    rng_states = None
-    if resume_path is not None:
-        ckpt = checkpoint_io.load(resume_path)
-        _check_compatible(ckpt, resume_path, identity)
-        load_checkpoint(model, {"state_dict": ckpt["state_dict"]}, use_ema=False)
-        if ema is not None:
+        self._banner()
+        self.state = RunState()
+        self.consecutive_bad = 0
+        rng = self._restore(resume_path) if resume_path is not None else None
+        if d.main:  # metrics.jsonl holds exactly the finished epochs of this run
+            with open(os.path.join(self.out, "metrics.jsonl"), "w") as f:
+                f.writelines(json.dumps(rec) + "\n" for rec in self.state.history)
+        self.tb = _tensorboard(self.out) if d.main else None
+        if rng is not None:  # last: nothing may draw from the restored streams before training does
+            checkpoint_io.set_rng_state(rng)
+
+    # ---- setup helpers ----
+    def _attach_transforms(self, pcfg: dict) -> None:
+        cfg = self.cfg
+        size = (cfg.img_size, cfg.img_size)
+        crop_pct = cfg.crop_pct if cfg.crop_pct is not None else (pcfg["crop_pct"] if cfg.dataset == "folder"
+                                                                  else 1.0)
+        self.train_ds.transform = TrainTransform(size, pcfg["mean"], pcfg["std"], cfg.scale, cfg.ratio, cfg.hflip,
+                                                 cfg.aa, cfg.color_jitter, cfg.reprob, cfg.interpolation)
+        self.val_ds.transform = EvalTransform(size, pcfg["mean"], pcfg["std"], crop_pct, cfg.interpolation)
+
+    def _banner(self) -> None:
+        cfg, d = self.cfg, self.d
+        n_train, n_val = len(self.train_ds), len(self.val_ds)
+        if cfg.dataset == "builtin":
+            self.log.info(f"t2t-fast {cfg.command}: preset '{cfg.preset}' on the built-in dataset ({self.num_classes} "
+                          f"classes of generated lines, shapes and textures; {n_train} train / {n_val} val images), "
+                          "sized for a few CPU minutes. Pass --data DIR (ImageFolder) or --dataset cifar10 --data DIR "
+                          "for real data and the paper's recipe.")
+        else:
+            self.log.info(f"t2t-fast {cfg.command}: preset '{cfg.preset}' (the paper's recipe) on {cfg.dataset} data "
+                          f"at {cfg.data} ({self.num_classes} classes, {n_train} train / {n_val} val images)")
+        n_params = sum(p.numel() for p in self.model.parameters())
+        avail = ", ".join(n for n, info in t2t_fast.backends().items() if info)
+        ops = f"fused ops, backends available: {avail}" if cfg.fused else "reference path (--no-fused)"
+        accum = f" x {cfg.accum_steps} accum" if cfg.accum_steps > 1 else ""
+        ema = f"{cfg.model_ema_decay:g}" if self.ema else "off"
+        self.log.info(f"model {cfg.model} ({n_params / 1e6:.2f}M params, img {cfg.img_size}, {ops}); {d.world} "
+                      f"process(es) on {d.device.type}, {cfg.precision}; batch {cfg.batch_size} x {d.world}{accum}, "
+                      f"{cfg.opt} lr {cfg.lr:g} wd {cfg.weight_decay:g}, {cfg.epochs}+{cfg.cooldown_epochs} epochs "
+                      f"of {self.updates_per_epoch} updates; EMA {ema}; output {self.out}")
+
+    def _restore(self, path: str) -> Optional[dict]:
+        """Load a training checkpoint into every part of the run; returns this rank's RNG state (or None)."""
+        ckpt = checkpoint_io.load(path)
+        _check_compatible(ckpt, path, self.identity)
+        load_checkpoint(self.model, {"state_dict": ckpt["state_dict"]}, use_ema=False)
+        if self.ema is not None:
             if "state_dict_ema" in ckpt:
-                ema.module.load_state_dict(ckpt["state_dict_ema"])
-                ema.updates = int(ckpt.get("ema_updates", 0))
+                self.ema.module.load_state_dict(ckpt["state_dict_ema"])
+                self.ema.updates = int(ckpt.get("ema_updates", 0))
             else:
-                log.info("--resume: the checkpoint has no EMA weights; the EMA starts from the model's")
-                ema.module.load_state_dict(model.state_dict())
-        optimizer.load_state_dict(ckpt["optimizer"])
+                self.log.info("--resume: the checkpoint has no EMA weights; the EMA starts from the model's")
+                self.ema.module.load_state_dict(self.model.state_dict())
+        self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        schedule.load_state_dict(ckpt["scheduler"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.schedule.load_state_dict(ckpt["scheduler"])
+        state = self.state
         for k in ("epoch", "samples_done", "global_step", "best_top1", "best_epoch", "seconds", "history"):
             setattr(state, k, ckpt[k])
         state.epoch_stats = EpochStats(**ckpt["epoch_stats"])
-        if ckpt.get("dataset_len") != len(train_ds):
-            log.warn(f"--resume: the training set had {ckpt.get('dataset_len')} images, now {len(train_ds)}: "
-                     "the data order differs from the interrupted run")
-        if len(ckpt["rng"]) == d.world:
-            rng_states = ckpt["rng"][d.rank]
-        else:
-            log.warn(f"--resume: checkpoint written by {len(ckpt['rng'])} processes, now {d.world}: data "
-                     "position kept, random streams re-seeded (not an exact continuation)")
-        del ckpt
-        log.info(f"resumed from {resume_path}: epoch {state.epoch + 1}, update {state.global_step}"
-                 + (f", {state.samples_done} images into the epoch" if state.samples_done else ""))
-    if d.main:  # metrics.jsonl holds exactly the finished epochs of this run
-        with open(os.path.join(out, "metrics.jsonl"), "w") as f:
-            f.writelines(json.dumps(rec) + "\n" for rec in state.history)
-    tb = _tensorboard(out) if d.main else None
+        if ckpt.get("dataset_len") != len(self.train_ds):
+            self.log.warn(f"--resume: the training set had {ckpt.get('dataset_len')} images, now "
+                          f"{len(self.train_ds)}: the data order differs from the interrupted run")
+        self.log.info(f"resumed from {path}: epoch {state.epoch + 1}, update {state.global_step}"
+                      + (f", {state.samples_done} images into the epoch" if state.samples_done else ""))
+        if len(ckpt["rng"]) == self.d.world:
+            return ckpt["rng"][self.d.rank]
+        self.log.warn(f"--resume: checkpoint written by {len(ckpt['rng'])} processes, now {self.d.world}: data "
+                      "position kept, random streams re-seeded (not an exact continuation)")
+        return None
 
-    # ---- banner ----
-    n_params = sum(p.numel() for p in model.parameters())
-    if cfg.preset == "builtin" or (cfg.command == "finetune" and cfg.dataset == "builtin"):
-        log.info(f"t2t-fast {cfg.command}: preset '{cfg.preset}' on the built-in dataset ({num_classes} classes of "
-                 f"generated lines, shapes and textures; {len(train_ds)} train / {len(val_ds)} val images), sized "
-                 "for a few CPU minutes. Pass --data DIR (ImageFolder) or --dataset cifar10 --data DIR for real "
-                 "data and the paper's recipe.")
-    else:
-        log.info(f"t2t-fast {cfg.command}: preset '{cfg.preset}' (the paper's recipe) on {cfg.dataset} data at "
-                 f"{cfg.data} ({num_classes} classes, {len(train_ds)} train / {len(val_ds)} val images)")
-    avail = [n for n, info in t2t_fast.backends().items() if info]
-    log.info(f"model {cfg.model} ({n_params / 1e6:.2f}M params, img {cfg.img_size}, "
-             f"{'fused ops, backends available: ' + ', '.join(avail) if cfg.fused else 'reference path (--no-fused)'})"
-             f"; {d.world} process(es) on {d.device.type}, {cfg.precision}; batch {cfg.batch_size} x {d.world}"
-             f"{f' x {cfg.accum_steps} accum' if cfg.accum_steps > 1 else ''}, {cfg.opt} lr {cfg.lr:g} "
-             f"wd {cfg.weight_decay:g}, {cfg.epochs}+{cfg.cooldown_epochs} epochs of {updates_per_epoch} updates; "
-             f"EMA {'%g' % cfg.model_ema_decay if ema else 'off'}; output {out}")
+    # ---- pieces of the loop ----
+    def _autocast(self):
+        return torch.autocast(self.d.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
-    skipped_seen = [0]
-
-    def on_skipped(skipped: list) -> None:
+    def _on_skipped(self, skipped: list) -> None:
         for s in skipped:
-            skipped_seen[0] += 1
-            if skipped_seen[0] <= _MAX_SKIP_WARNINGS:
-                log.warn(f"skipped unreadable image {s.path} ({s.error})"
-                         + (" (further skips are only counted)" if skipped_seen[0] == _MAX_SKIP_WARNINGS else ""))
+            self._skip_warnings += 1
+            if self._skip_warnings <= _MAX_SKIP_WARNINGS:
+                last = self._skip_warnings == _MAX_SKIP_WARNINGS
+                self.log.warn(f"skipped unreadable image {s.path} ({s.error})"
+                              + (" (further skips are only counted)" if last else ""), every_rank=True)
 
-    def save(best: bool = False) -> None:
-        rngs = [None] * d.world
+    def save(self, best: bool = False) -> None:
+        """Checkpoint everything (rank 0 writes; every rank contributes its RNG state)."""
+        d, state = self.d, self.state
         mine = checkpoint_io.rng_state()
+        rngs = [mine]
         if d.world > 1:
+            rngs = [None] * d.world
             dist.all_gather_object(rngs, mine)
-        else:
-            rngs = [mine]
         if not d.main:
             return
+        ema = self.ema
         ckpt = {
-            "format": CHECKPOINT_FORMAT, **identity, "fused": cfg.fused,
-            "state_dict": model.state_dict(),
+            "format": CHECKPOINT_FORMAT, **self.identity, "fused": self.cfg.fused,
+            "state_dict": self.model.state_dict(),
             **({"state_dict_ema": ema.module.state_dict(), "ema_updates": ema.updates} if ema else {}),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "scheduler": schedule.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "scheduler": self.schedule.state_dict(),
             "epoch": state.epoch, "samples_done": state.samples_done, "global_step": state.global_step,
-            "best_top1": state.best_top1, "best_epoch": state.best_epoch,
-            "seconds": state.seconds + time.time() - t_start, "history": state.history,
-            "epoch_stats": dataclasses.asdict(state.epoch_stats), "rng": rngs, "world_size": d.world,
-            "dataset_len": len(train_ds), "config": cfg.to_dict(),
+            "best_top1": state.best_top1, "best_epoch": state.best_epoch, "seconds": self.seconds(),
+            "history": state.history, "epoch_stats": dataclasses.asdict(state.epoch_stats), "rng": rngs,
+            "world_size": d.world, "dataset_len": len(self.train_ds), "config": self.cfg.to_dict(),
         }
-        last = os.path.join(out, checkpoint_io.LAST)
+        last = os.path.join(self.out, checkpoint_io.LAST)
         checkpoint_io.atomic_save(ckpt, last)
         if best:
-            checkpoint_io.atomic_copy(last, os.path.join(out, checkpoint_io.BEST))
+            checkpoint_io.atomic_copy(last, os.path.join(self.out, checkpoint_io.BEST))
 
-    if rng_states is not None:
-        checkpoint_io.set_rng_state(rng_states)
+    def seconds(self) -> float:
+        """Wall time of the whole run, earlier sessions included."""
+        return self.state.seconds + time.time() - self.t_start
 
-    # ---- epochs ----
-    consecutive_bad = 0
-    lr = schedule.lr_at(schedule.step_count)
-    per_update = cfg.batch_size * d.world * cfg.accum_steps
-    for epoch in range(state.epoch, total_epochs):
-        sampler.set_epoch(epoch, state.samples_done)
+    def _forward_backward(self, epoch: int, update: int, micro_batches: list) -> tuple[float, float, float]:
+        """Accumulate gradients over the micro-batches of one update; returns (loss sum, micro-batches with
+        data, images) summed over ranks. The loss sum is NaN/inf when any rank's loss is."""
+        cfg, d = self.cfg, self.d
+        loss_sum = torch.zeros((), dtype=torch.float32, device=d.device)
+        counted = n_images = 0
+        for micro, (x, y, skipped) in enumerate(micro_batches):
+            self._on_skipped(skipped)
+            self.state.epoch_stats.skipped_images += len(skipped)
+            weight = 1.0
+            if x is None:  # the whole micro-batch was unreadable: a zero-weight pass keeps DDP in step
+                x, y, weight = torch.zeros(1, 3, cfg.img_size, cfg.img_size), torch.zeros(1, dtype=torch.long), 0.0
+            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            target = y
+            if self.mixup.active:
+                rng = np.random.default_rng(data.mix_seed(cfg.seed, epoch, update * cfg.accum_steps + micro, d.rank))
+                x, target = self.mixup(x, y, rng)
+            last_micro = micro == cfg.accum_steps - 1
+            sync = self.net.no_sync() if d.world > 1 and not last_micro else contextlib.nullcontext()
+            with sync:
+                with self._autocast():
+                    logits = self.net(x)
+                loss = self.criterion(logits.float(), target)
+                self.scaler.scale(loss * (weight / cfg.accum_steps)).backward()
+            loss_sum += loss.detach() * weight
+            counted += int(weight)
+            n_images += int(weight) * x.shape[0]
+        return tuple(_all_sum([loss_sum.item(), counted, n_images], d))
+
+    def _skip_update(self, epoch: int, update: int) -> None:
+        """A non-finite loss: drop the gradients, count, and stop after --max-bad-steps in a row."""
+        cfg = self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        self.consecutive_bad += 1
+        self.state.epoch_stats.bad_steps += 1
+        self.log.warn(f"non-finite loss at epoch {epoch + 1} update {update + 1}: update skipped "
+                      f"({self.consecutive_bad} in a row, limit --max-bad-steps {cfg.max_bad_steps})")
+        if self.consecutive_bad >= cfg.max_bad_steps:
+            last = os.path.join(self.out, checkpoint_io.LAST)
+            keep = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written yet"
+            raise TrainingDiverged(
+                f"stopped: the loss was not finite for {self.consecutive_bad} updates in a row (epoch {epoch + 1}, "
+                f"update {update + 1}); {keep}. Try a lower --lr, --clip-grad 1.0, or --precision bf16 instead of "
+                "fp16.")
+
+    def _apply_update(self) -> None:
+        self.consecutive_bad = 0
+        if self.cfg.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.trainable, self.cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def train_epoch(self, epoch: int) -> float:
+        """Train (the rest of) one epoch; returns the last learning rate used."""
+        cfg, d, state = self.cfg, self.d, self.state
         stats = state.epoch_stats
-        net.train()
+        self.sampler.set_epoch(epoch, state.samples_done)
+        self.net.train()
         if d.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(d.device)
-        batches = iter(train_loader)
-        update = state.samples_done // per_update
+        batches = iter(self.train_loader)
+        update = state.samples_done // self.per_update
         t_epoch = time.time() - stats.seconds
-        while update < updates_per_epoch:
+        lr = self.schedule.lr_at(self.schedule.step_count)
+        while update < self.updates_per_epoch:
             micro_batches = [next(batches, None) for _ in range(cfg.accum_steps)]
             if micro_batches[-1] is None:  # only after a resume with another world size: the epoch ends early
                 break
-            lr = schedule.apply()
-            loss_sum = torch.zeros((), dtype=torch.float32, device=d.device)
-            counted = n_images = 0
-            for micro, (x, y, skipped) in enumerate(micro_batches):
-                on_skipped(skipped)
-                stats.skipped_images += len(skipped)
-                weight = 1.0
-                if x is None:  # the whole micro-batch was unreadable: a zero-weight pass keeps DDP in step
-                    x, y, weight = torch.zeros(1, 3, *size), torch.zeros(1, dtype=torch.long), 0.0
-                x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                target = y
-                if mixup.active:
-                    batch_index = update * cfg.accum_steps + micro
-                    rng = np.random.default_rng(data.mix_seed(cfg.seed, epoch, batch_index, d.rank))
-                    x, target = mixup(x, y, rng)
-                sync = net.no_sync() if d.world > 1 and micro < cfg.accum_steps - 1 else contextlib.nullcontext()
-                with sync:
-                    with autocast():
-                        logits = net(x)
-                    loss = criterion(logits.float(), target)
-                    scaler.scale(loss * (weight / cfg.accum_steps)).backward()
-                loss_sum += loss.detach() * weight
-                counted += int(weight)
-                n_images += int(weight) * x.shape[0]
-            total_loss, total_counted, total_images = _all_sum([loss_sum.item(), counted, n_images], d)
-            if not math.isfinite(total_loss):
-                optimizer.zero_grad(set_to_none=True)
-                consecutive_bad += 1
-                stats.bad_steps += 1
-                log.warn(f"non-finite loss at epoch {epoch + 1} update {update + 1}: update skipped "
-                         f"({consecutive_bad} in a row, limit --max-bad-steps {cfg.max_bad_steps})")
-                if consecutive_bad >= cfg.max_bad_steps:
-                    last = os.path.join(out, checkpoint_io.LAST)
-                    keep = (f"the last good checkpoint is {last}" if os.path.exists(last)
-                            else "no checkpoint was written yet")
-                    raise TrainingDiverged(
-                        f"stopped: the loss was not finite for {consecutive_bad} updates in a row (epoch {epoch + 1}, "
-                        f"update {update + 1}); {keep}. Try a lower --lr, --clip-grad 1.0, or --precision bf16 "
-                        "instead of fp16.")
+            lr = self.schedule.apply()
+            loss, counted, images = self._forward_backward(epoch, update, micro_batches)
+            if math.isfinite(loss):
+                self._apply_update()
+                if counted:
+                    stats.loss_sum += loss
+                    stats.loss_count += counted
             else:
-                consecutive_bad = 0
-                if cfg.clip_grad is not None:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(trainable, cfg.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(model)
-                if total_counted:
-                    stats.loss_sum += total_loss
-                    stats.loss_count += total_counted
-            schedule.step()
+                self._skip_update(epoch, update)
+            self.schedule.step()
             update += 1
             state.global_step += 1
-            state.samples_done = update * per_update
-            stats.images += total_images
+            state.samples_done = update * self.per_update
+            stats.images += images
             stats.seconds = time.time() - t_epoch
-            log.progress(epoch + 1, total_epochs, update, updates_per_epoch,
-                         total_loss / max(1, total_counted), lr, stats.images / max(stats.seconds, 1e-9),
-                         peak_memory_mib(d.device))
-            if cfg.save_every and state.global_step % cfg.save_every == 0 and consecutive_bad == 0 \
-                    and update < updates_per_epoch:
-                save()
+            self.log.progress(epoch + 1, self.total_epochs, update, self.updates_per_epoch, loss / max(1, counted),
+                              lr, stats.images / max(stats.seconds, 1e-9), peak_memory_mib(d.device))
+            if cfg.save_every and state.global_step % cfg.save_every == 0 and self.consecutive_bad == 0 \
+                    and update < self.updates_per_epoch:
+                self.save()
+        return lr
 
-        # ---- end of epoch: evaluate, record, checkpoint ----
-        train_seconds = time.time() - t_epoch
-        skipped_total = int(_all_sum([stats.skipped_images], d)[0])
-        top1, top5 = evaluate(model, val_loader, d, autocast, cfg.channels_last, on_skipped)
-        record = {"epoch": epoch + 1, "train_loss": stats.loss_sum / max(1.0, stats.loss_count),
-                  "top1": top1, "top5": top5}
-        if ema is not None:
-            record["ema_top1"], record["ema_top5"] = evaluate(ema.module, val_loader, d, autocast,
-                                                              cfg.channels_last, on_skipped)
-        record.update(lr=lr, img_per_s=stats.images / max(train_seconds, 1e-9),
+    def end_epoch(self, epoch: int, lr: float) -> None:
+        """Evaluate the model (and EMA), record the epoch, checkpoint."""
+        d, state = self.d, self.state
+        stats = state.epoch_stats
+        top1, top5 = evaluate(self.model, self.val_loader, d, self._autocast, self.cfg.channels_last,
+                              self._on_skipped)
+        record = {"epoch": epoch + 1, "train_loss": stats.loss_sum / max(1.0, stats.loss_count), "top1": top1,
+                  "top5": top5}
+        if self.ema is not None:
+            record["ema_top1"], record["ema_top5"] = evaluate(self.ema.module, self.val_loader, d, self._autocast,
+                                                              self.cfg.channels_last, self._on_skipped)
+        record.update(lr=lr, img_per_s=stats.images / max(stats.seconds, 1e-9),
                       peak_mem_mib=peak_memory_mib(d.device), skipped_steps=stats.bad_steps,
-                      skipped_images=skipped_total, seconds=state.seconds + time.time() - t_start)
+                      skipped_images=int(_all_sum([stats.skipped_images], d)[0]), seconds=self.seconds())
         state.history.append(record)
         improved = top1 > state.best_top1
         if improved:
             state.best_top1, state.best_epoch = top1, epoch + 1
         state.epoch, state.samples_done, state.epoch_stats = epoch + 1, 0, EpochStats()
-        ema_text = f"  ema_top1 {record['ema_top1']:.2f}" if ema is not None else ""
-        log.info(f"epoch {epoch + 1}/{total_epochs}  train_loss {record['train_loss']:.4f}  top1 {top1:.2f}  "
-                 f"top5 {top5:.2f}{ema_text}  lr {lr:.3g}  {record['img_per_s']:.0f} img/s  "
-                 f"peak {record['peak_mem_mib']:.0f} MiB  ({record['seconds']:.0f} s)")
+        ema_text = f"  ema_top1 {record['ema_top1']:.2f}" if self.ema is not None else ""
+        self.log.info(f"epoch {epoch + 1}/{self.total_epochs}  train_loss {record['train_loss']:.4f}  top1 "
+                      f"{top1:.2f}  top5 {top5:.2f}{ema_text}  lr {lr:.3g}  {record['img_per_s']:.0f} img/s  "
+                      f"peak {record['peak_mem_mib']:.0f} MiB  ({record['seconds']:.0f} s)")
         if d.main:
-            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
-            if tb is not None:
+            if self.tb is not None:
                 for k, v in record.items():
                     if k != "epoch":
-                        tb.add_scalar(k, v, epoch + 1)
-                tb.flush()
-        if consecutive_bad == 0:
-            save(best=improved)
+                        self.tb.add_scalar(k, v, epoch + 1)
+                self.tb.flush()
+        if self.consecutive_bad == 0:
+            self.save(best=improved)
 
-    # ---- summary ----
-    final = state.history[-1] if state.history else {}
-    summary = {
-        "top1": final.get("top1"), "top5": final.get("top5"), "best_top1": state.best_top1,
-        "best_epoch": state.best_epoch, "epochs": state.epoch, "world_size": d.world, "model": cfg.model,
-        "fused": cfg.fused, "seconds": state.seconds + time.time() - t_start, "preset": cfg.preset,
-        "dataset": cfg.dataset, "num_classes": num_classes, "img_size": cfg.img_size, "precision": cfg.precision,
-        "skipped_steps": sum(r.get("skipped_steps", 0) for r in state.history),
-        "skipped_images": sum(r.get("skipped_images", 0) for r in state.history), "output": out,
-    }
-    if ema is not None and "ema_top1" in final:
-        summary["ema_top1"], summary["ema_top5"] = final["ema_top1"], final["ema_top5"]
-    if d.main:
-        _write_json(os.path.join(out, "summary.json"), summary)
-        if tb is not None:
-            tb.close()
-    best = f" (best {state.best_top1:.2f} at epoch {state.best_epoch})" if state.history else ""
-    ema_text = f", EMA top-1 {summary['ema_top1']:.2f}%" if "ema_top1" in summary else ""
-    log.info(f"done in {summary['seconds']:.0f} s: top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%{best}"
-             f"{ema_text}; chance is {100 / num_classes:.1f}%. Results in {out}/summary.json")
-    return summary
+    def fit(self) -> None:
+        for epoch in range(self.state.epoch, self.total_epochs):
+            lr = self.train_epoch(epoch)
+            self.end_epoch(epoch, lr)
+
+    def finish(self) -> dict:
+        """Write and return the summary."""
+        cfg, d, state = self.cfg, self.d, self.state
+        final = state.history[-1]
+        summary = {
+            "top1": final["top1"], "top5": final["top5"], "best_top1": state.best_top1,
+            "best_epoch": state.best_epoch, "epochs": state.epoch, "world_size": d.world, "model": cfg.model,
+            "fused": cfg.fused, "seconds": self.seconds(), "preset": cfg.preset, "dataset": cfg.dataset,
+            "num_classes": self.num_classes, "img_size": cfg.img_size, "precision": cfg.precision,
+            "skipped_steps": sum(r["skipped_steps"] for r in state.history),
+            "skipped_images": sum(r["skipped_images"] for r in state.history), "output": self.out,
+        }
+        if "ema_top1" in final:
+            summary["ema_top1"], summary["ema_top5"] = final["ema_top1"], final["ema_top5"]
+        if d.main:
+            _write_json(os.path.join(self.out, "summary.json"), summary)
+            if self.tb is not None:
+                self.tb.close()
+        ema_text = f", EMA top-1 {summary['ema_top1']:.2f}%" if "ema_top1" in summary else ""
+        self.log.info(f"done in {summary['seconds']:.0f} s: top-1 {summary['top1']:.2f}%  top-5 "
+                      f"{summary['top5']:.2f}% (best {state.best_top1:.2f} at epoch {state.best_epoch}){ema_text}; "
+                      f"chance is {100 / self.num_classes:.1f}%. Results in {self.out}/summary.json")
+        return summary
