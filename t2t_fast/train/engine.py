@@ -445,8 +445,11 @@ class Trainer:
         if ckpt.get("dataset_len") != len(self.train_ds):
             self.log.warn(f"--resume: the training set had {ckpt.get('dataset_len')} images, now "
                           f"{len(self.train_ds)}: the data order differs from the interrupted run")
-        self.log.info(f"resumed from {path}: epoch {state.epoch + 1}, update {state.global_step}"
-                      + (f", {state.samples_done} images into the epoch" if state.samples_done else ""))
+        if state.epoch >= self.total_epochs:
+            self.log.info(f"resumed from {path}: all {self.total_epochs} epochs are done (raise --epochs to go on)")
+        else:
+            self.log.info(f"resumed from {path}: epoch {state.epoch + 1}, update {state.global_step}"
+                          + (f", {state.samples_done} images into the epoch" if state.samples_done else ""))
         if len(ckpt["rng"]) == self.d.world:
             return ckpt["rng"][self.d.rank]
         self.log.warn(f"--resume: checkpoint written by {len(ckpt['rng'])} processes, now {self.d.world}: data "
