@@ -386,3 +386,20 @@ def test_torchrun_two_processes_gloo(tmp_path):
     ckpt = checkpoint_io.load(str(out / "last.pth"))
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2 and ckpt["global_step"] == 5  # 40 / (4 x 2)
     assert proc.stdout.count("done in") == 1  # only rank 0 reports
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_gpu_run_with_memory_knobs(tmp_path, precision):
+    summary = train(TINY + ["--device", "cuda", "--precision", precision, "--grad-checkpoint", "all",
+                            "--channels-last", "--clip-grad", "1.0", "--model-ema", "--save-every", "2",
+                            "--output", str(tmp_path)])
+    hist = _read_jsonl(tmp_path / "metrics.jsonl")
+    assert math.isfinite(hist[-1]["train_loss"]) and hist[-1]["peak_mem_mib"] > 0 and "ema_top1" in hist[-1]
+    assert summary["skipped_steps"] == 0 and summary["precision"] == precision
+    ckpt = checkpoint_io.load(str(tmp_path / "last.pth"))
+    assert (ckpt["scaler"] is not None) == (precision == "fp16")
+    assert "cuda" in ckpt["rng"][0]
+    resumed = train(TINY + ["--device", "cuda", "--precision", precision, "--epochs", "2", "--model-ema",
+                            "--output", str(tmp_path), "--resume", "auto"])
+    assert resumed["epochs"] == 2

@@ -50,7 +50,7 @@ class ImageFolder(Dataset):
     Classes are the sorted sub-directory names (pass ``classes`` to use the train split's for val).
     """
 
-    def __init__(self, root: str, transform: Transform, classes: Optional[list[str]] = None):
+    def __init__(self, root: str, transform: Optional[Transform], classes: Optional[list[str]] = None):
         if not os.path.isdir(root):
             raise ValueError(f"data: {root!r} is not a directory")
         found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
@@ -90,7 +90,8 @@ class ImageFolder(Dataset):
 class TensorImages(Dataset):
     """In-memory uint8 images (N, 3, H, W) and labels (N,): ``ds[(i, seed)]`` -> (transformed image, label)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Transform, classes: list[str]):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Optional[Transform],
+                 classes: list[str]):
         self.images, self.labels, self.transform, self.classes = images, labels, transform, classes
 
     def __len__(self) -> int:
@@ -151,15 +152,17 @@ class DataSpec:
     """What to train on: ``dataset`` is 'builtin', 'folder', 'cifar10' or 'cifar100'."""
 
     dataset: str
-    root: Optional[str] = None
-    num_classes: Optional[int] = None  # builtin only
-    img_size: int = 32  # builtin only: the generated size
-    train_samples: int = 8192  # builtin only
-    val_samples: int = 1024  # builtin only
+    root: Optional[str]
+    num_classes: Optional[int]  # builtin only (None: all of them)
+    img_size: int  # builtin only: the generated size
+    train_samples: int  # builtin only
+    val_samples: int  # builtin only
 
 
-def build_datasets(spec: DataSpec, train_tf: Transform, eval_tf: Transform) -> tuple[Dataset, Dataset]:
-    """(train, val) datasets, each with ``classes``; ValueError naming what is missing or wrong."""
+def build_datasets(spec: DataSpec, train_tf: Optional[Transform] = None,
+                   eval_tf: Optional[Transform] = None) -> tuple[Dataset, Dataset]:
+    """(train, val) datasets, each with ``classes`` and a settable ``transform``; ValueError naming what is
+    missing or wrong."""
     if spec.dataset == "builtin":
         n_cls = spec.num_classes or len(synthetic.CLASSES)
         tr = synthetic.generate(spec.train_samples, spec.img_size, synthetic.TRAIN_SEED, n_cls)

@@ -100,7 +100,8 @@ def determinism(enabled: bool, device: torch.device):
              torch.backends.cudnn.deterministic)
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        # on GPU some kernels (attention backward, atomics) have no deterministic version: warn, don't fail
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     else:
         torch.backends.cudnn.benchmark = device.type == "cuda"
@@ -329,7 +330,7 @@ class Trainer:
         # data first (a missing directory fails before anything is written); transforms come from the model
         spec = data.DataSpec(cfg.dataset, cfg.data, cfg.num_classes, min(cfg.img_size, 64),  # builtin: <= 64 px
                              cfg.train_samples, cfg.val_samples)
-        self.train_ds, self.val_ds = data.build_datasets(spec, None, None)
+        self.train_ds, self.val_ds = data.build_datasets(spec)
         self.num_classes = len(self.train_ds.classes)
         if cfg.num_classes is not None and cfg.num_classes != self.num_classes:
             raise ValueError(f"--num-classes {cfg.num_classes}, but the data has {self.num_classes} classes")
