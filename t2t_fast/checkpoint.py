@@ -11,7 +11,9 @@ import torch.nn as nn
 _WRAPPERS = ("state_dict", "model", "module")
 
 
-def _read(src: Union[str, os.PathLike, dict]) -> dict:
+def read_checkpoint(src: Union[str, os.PathLike, dict]) -> dict:
+    """The checkpoint dict at a path (loaded on CPU with ``weights_only=True``; the argparse Namespace that
+    timm-trained checkpoints carry is allowed), or ``src`` itself when it already is a dict."""
     if isinstance(src, dict):
         return src
     if not isinstance(src, (str, os.PathLike)):
@@ -46,7 +48,7 @@ def load_checkpoint(model: nn.Module, path_or_dict: Union[str, os.PathLike, dict
     ``unwrap_state_dict``). The model's ``checkpoint_filter`` adapts it first (e.g. resizes ``pos_embed``
     for another img_size). With ``strict``, missing, unexpected or mis-shaped keys raise a ValueError that
     names them; without, they are skipped. Returns ``model``."""
-    sd = unwrap_state_dict(_read(path_or_dict), use_ema)
+    sd = unwrap_state_dict(read_checkpoint(path_or_dict), use_ema)
     if hasattr(model, "checkpoint_filter"):
         sd = model.checkpoint_filter(sd)
     own = model.state_dict()

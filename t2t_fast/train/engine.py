@@ -26,8 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import t2t_fast
-from t2t_fast.checkpoint import _read as read_checkpoint_file
-from t2t_fast.checkpoint import load_checkpoint, unwrap_state_dict
+from t2t_fast.checkpoint import load_checkpoint, read_checkpoint, unwrap_state_dict
 from t2t_fast.train import checkpoint_io, data
 from t2t_fast.train.augment import EvalTransform, MixupCutmix, TrainTransform
 from t2t_fast.train.config import TrainConfig
@@ -198,7 +197,7 @@ def _tensorboard(output: str):
 # ------------------------------------------------------------------------------------------------------------
 def load_pretrained(model: nn.Module, path: str, use_ema: bool, model_name: str) -> None:
     """Backbone weights from a checkpoint into ``model``, keeping ``model``'s fresh head (new classes)."""
-    sd = unwrap_state_dict(read_checkpoint_file(path), use_ema)
+    sd = unwrap_state_dict(read_checkpoint(path), use_ema)
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
     sd.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
     try:
