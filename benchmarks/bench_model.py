@@ -39,7 +39,7 @@ import t2t_fast
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-MODELS = ("t2t_vit_7", "t2t_vit_14", "t2t_vit_24", "t2t_vit_t_14")
+MODELS = ("t2t_vit_7", "t2t_vit_14", "t2t_vit_24", "t2t_vit_t_14", "tnt_s_patch16_224")
 IMPLS = ("reference", "fused")  # reference first: its FLOP count feeds the roofline of both
 NUM_CLASSES = 1000
 ROTATE = 3  # distinct input batches the timed steps cycle through
@@ -70,7 +70,8 @@ def plan(args: argparse.Namespace) -> list[Job]:
     if args.smoke:
         shallow = dict(depth=2)
         return [Job("t2t_vit_7", 32, "bf16", (2,), max_batch=True, overrides=shallow),
-                Job("t2t_vit_t_14", 32, "fp32", (2,), kinds=("train",), overrides=shallow)]
+                Job("t2t_vit_t_14", 32, "fp32", (2,), kinds=("train",), overrides=shallow),
+                Job("tnt_s_patch16_224", 32, "fp32", (2,), kinds=("train",), overrides=shallow)]
     if args.quick:
         return [  # the targets' measurements first
             Job("t2t_vit_14", 224, "bf16", (128, 64)),
@@ -80,6 +81,7 @@ def plan(args: argparse.Namespace) -> list[Job]:
             Job("t2t_vit_7", 224, "bf16", (128, 64)),
             Job("t2t_vit_24", 224, "bf16", (128, 64)),
             Job("t2t_vit_14", 224, "fp32", (64,), kinds=("train",)),
+            Job("tnt_s_patch16_224", 224, "bf16", (128, 64)),
         ]
     jobs = []
     for img in args.sizes:
@@ -392,7 +394,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", help="folder for model.csv and model.json (rewritten after every measurement)")
     p.add_argument("--quick", action="store_true", help="the subset benchmarks/gpu.sh runs")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run that checks the script (no numbers)")
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=t2t_fast.list_models("t2t_vit*"))
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=t2t_fast.list_models())
     p.add_argument("--sizes", nargs="+", type=int, default=[224, 384])
     p.add_argument("--batches", nargs="+", type=int, default=[64, 128])
     p.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])

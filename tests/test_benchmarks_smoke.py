@@ -249,4 +249,5 @@ def test_quick_plan_measures_every_model_target():
                    ("t2t_vit_t_14", 224, "bf16", "train", "eager", 128),
                    ("t2t_vit_14", 384, "bf16", "max_batch", "eager", None)]:
         assert needed in cases[:20], needed
-    assert {c[0] for c in cases if c[1] == 224} == {"t2t_vit_7", "t2t_vit_14", "t2t_vit_24", "t2t_vit_t_14"}
+    assert {c[0] for c in cases if c[1] == 224} == {"t2t_vit_7", "t2t_vit_14", "t2t_vit_24", "t2t_vit_t_14",
+                                                     "tnt_s_patch16_224"}

@@ -211,6 +211,14 @@ def test_training_lowers_the_loss(tmp_path):
                              str(tmp_path / "last.pth"))
 
 
+def test_trains_tnt(tmp_path):
+    summary = train(TINY + ["--model", "tnt_s_patch16_224", "--img-size", "32", "--num-classes", "4",
+                            "--output", str(tmp_path)])
+    assert summary["model"] == "tnt_s_patch16_224" and summary["fused"] is True
+    t2t_fast.load_checkpoint(t2t_fast.create_model("tnt_s_patch16_224", img_size=32, num_classes=4),
+                             str(tmp_path / "last.pth"))
+
+
 RESUME = ["--train-samples", "48", "--val-samples", "16", "-b", "8", "--epochs", "2", "--accum-steps", "2",
           "--deterministic", "--save-every", "2", "--log-interval", "1000", "--aa", "rand-m9-mstd0.5-inc1",
           "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25", "--drop-path", "0.1"]
