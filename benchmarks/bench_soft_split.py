@@ -187,16 +187,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    if torch.cuda.is_available():
-        device = torch.device("cuda")
-    elif args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-        device = torch.device("cpu")
-    else:
-        print("bench_soft_split: no CUDA device; nothing measured (use --smoke for a CPU check of the script)")
+    device = common.bench_device("bench_soft_split", args.smoke)
+    if device is None:
         return 0
     copy_gbps = common.copy_bandwidth(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = common.device_name(device)
     print(f"bench_soft_split on {name}, B={args.batch}; copy bandwidth "
           + (f"{copy_gbps:.0f} GB/s" if copy_gbps else "not measured"), flush=True)
     rows: list[dict] = []

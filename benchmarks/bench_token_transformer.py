@@ -193,15 +193,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-    elif args.smoke:
-        device = torch.device("cpu")
-    else:
-        print("bench_token_transformer: no CUDA device; nothing measured (use --smoke for a CPU check of the "
-              "script)")
+    device = common.bench_device("bench_token_transformer", args.smoke)
+    if device is None:
         return 0
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = common.device_name(device)
     peaks = common.roofline_peaks(device)
     print(f"bench_token_transformer on {name}; " + (f"copy {peaks['copy_gbps']:.0f} GB/s, matmul "
           f"{peaks['matmul_tflops_bf16']:.0f} TFLOPS bf16, {peaks['matmul_tflops_fp32']:.0f} TFLOPS fp32"

@@ -146,3 +146,19 @@ def roofline_peaks(device: torch.device) -> dict:
     """The device's measured copy bandwidth (GB/s) and bf16/fp32 matmul rates (TFLOPS); Nones on CPU."""
     return dict(copy_gbps=copy_bandwidth(device), matmul_tflops_bf16=matmul_tflops(device, torch.bfloat16),
                 matmul_tflops_fp32=matmul_tflops(device, torch.float32))
+
+
+def bench_device(script: str, smoke: bool) -> Optional[torch.device]:
+    """The device a benchmark runs on: the current CUDA device; the CPU for ``--smoke`` (Triton's interpreter
+    switched on, which must happen before triton is imported); None, after saying so, when neither applies."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        return torch.device("cpu")
+    print(f"{script}: no CUDA device; nothing measured (use --smoke for a CPU check of the script)")
+    return None
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
