@@ -183,3 +183,21 @@ def test_soft_split_autocast_behaves_like_linear():
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), reference.soft_split(x, k, s, p, weight, bias, nw, nb), rtol=2e-2,
                                atol=5e-2)
+
+
+def test_import_without_triton_and_extension():
+    """`import t2t_fast` and a fused model work with neither triton nor t2t_fast._C importable."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['triton'] = None; sys.modules['t2t_fast._C'] = None\n"
+            "import torch, t2t_fast\n"
+            "info = t2t_fast.backends()\n"
+            "assert not info['triton'] and not info['cpu'] and info['reference'], info\n"
+            "m = t2t_fast.create_model('t2t_vit_7', img_size=32, num_classes=2)\n"
+            "m(torch.randn(1, 3, 32, 32)).sum().backward()\n"
+            "print(info['cpu'].reason)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"})
+    assert out.returncode == 0, out.stderr
+    assert "not built" in out.stdout
