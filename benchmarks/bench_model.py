@@ -422,9 +422,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     peaks = common.roofline_peaks(device)
     name = common.device_name(device)
-    print(f"bench_model on {name}; " + (f"copy {peaks['copy_gbps']:.0f} GB/s, matmul "
-          f"{peaks['matmul_tflops_bf16']:.0f} TFLOPS bf16, {peaks['matmul_tflops_fp32']:.0f} TFLOPS fp32"
-          if device.type == "cuda" else "no roofline on CPU"), flush=True)
+    print(f"bench_model on {name}; {common.describe_peaks(peaks)}", flush=True)
     run = Run(args, device, name, peaks, t0=start)
     for job in plan(args):
         run.run_job(job)

@@ -80,10 +80,11 @@ def make_op(case: Case, impl: str, mode: str) -> Callable[[torch.Tensor], torch.
     return torch.compile(ref, dynamic=False)
 
 
-def measure(case: Case, impl: str, mode: str, direction: str, args: argparse.Namespace) -> dict:
+def measure(case: Case, impl: str, mode: str, direction: str, args: argparse.Namespace,
+            copy_gbps: Optional[float]) -> dict:
     op = make_op(case, impl, mode)
     x = case.x.detach().clone().requires_grad_(direction == "fwd+bwd")
-    row: dict = {}
+    forward = None
     if direction == "fwd":
         def call():
             with torch.no_grad():
@@ -94,14 +95,11 @@ def measure(case: Case, impl: str, mode: str, direction: str, args: argparse.Nam
 
         def call():
             return torch.autograd.grad(forward(), x, case.grad)
-    row["ms"] = common.time_fn(call, warmup=args.warmup, rep=args.rep)
-    peak = common.peak_mem(call)
-    row["peak_mib"] = peak / 2**20 if peak is not None else None
-    if direction == "fwd+bwd":
-        held = common.held_mem(forward)
-        row["act_mib"] = held / 2**20 if held is not None else None
-    elif impl == "fused":
+    row = common.measure_row(call, forward, warmup=args.warmup, rep=args.rep)
+    if direction == "fwd" and impl == "fused":
         row["gbps"] = case.io_bytes / (row["ms"] * 1e-3) / 1e9
+        if copy_gbps:
+            row["bw_frac"] = row["gbps"] / copy_gbps
     return row
 
 
@@ -128,29 +126,20 @@ def summary(rows: list[dict], copy_gbps: Optional[float]) -> list[dict]:
                                             get("fwd", "reference", "compile"), get("fwd", "sdpa"))
         line = dict(B=key[0], T=key[1], dtype=key[2],
                     fwd_ms=fwd.get("ms"), ref_fwd_ms=ref_fwd.get("ms"), comp_fwd_ms=comp_fwd.get("ms"),
-                    sdpa_fwd_ms=sdpa_fwd.get("ms"), bw_frac=_ratio(fwd.get("gbps"), copy_gbps),
+                    sdpa_fwd_ms=sdpa_fwd.get("ms"), bw_frac=common.ratio(fwd.get("gbps"), copy_gbps),
                     fwd_bwd_ms=fb.get("ms"), ref_eager_ms=ref_fb.get("ms"), ref_compile_ms=comp_fb.get("ms"),
                     sdpa_ms=sdpa_fb.get("ms"), peak_mib=fb.get("peak_mib"), ref_peak_mib=ref_fb.get("peak_mib"),
-                    fwd_vs_eager=_ratio(ref_fwd.get("ms"), fwd.get("ms")),
-                    fwd_vs_sdpa=_ratio(sdpa_fwd.get("ms"), fwd.get("ms")),
-                    vs_eager=_ratio(ref_fb.get("ms"), fb.get("ms")),
-                    vs_compile=_ratio(comp_fb.get("ms"), fb.get("ms")),
-                    mem_ratio=_ratio(fb.get("peak_mib"), ref_fb.get("peak_mib")),
-                    vs_sdpa=_ratio(sdpa_fb.get("ms"), fb.get("ms")))
+                    fwd_vs_eager=common.ratio(ref_fwd.get("ms"), fwd.get("ms")),
+                    fwd_vs_sdpa=common.ratio(sdpa_fwd.get("ms"), fwd.get("ms")),
+                    vs_eager=common.ratio(ref_fb.get("ms"), fb.get("ms")),
+                    vs_compile=common.ratio(comp_fb.get("ms"), fb.get("ms")),
+                    mem_ratio=common.ratio(fb.get("peak_mib"), ref_fb.get("peak_mib")),
+                    vs_sdpa=common.ratio(sdpa_fb.get("ms"), fb.get("ms")))
         for name, goal in GOALS.items():
-            v = line[name]
-            if v is None or (name == "vs_sdpa" and key[1] < SDPA_FROM_T):
-                line[f"{name}_target"] = "n/a"
-            elif name == "vs_sdpa":
-                line[f"{name}_target"] = "pass" if v > goal else "miss"
-            else:
-                line[f"{name}_target"] = "pass" if (v <= goal if name == "mem_ratio" else v >= goal) else "miss"
+            v = None if name == "vs_sdpa" and key[1] < SDPA_FROM_T else line[name]
+            line[f"{name}_target"] = common.target(v, goal, at_most=name == "mem_ratio", strict=name == "vs_sdpa")
         out.append(line)
     return out
-
-
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return a / b if a is not None and b else None
 
 
 def _shape(s: str) -> tuple[int, int]:
@@ -188,37 +177,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     name = common.device_name(device)
     print(f"bench_performer on {name}, d={D}, m={M}; copy bandwidth "
           + (f"{copy_gbps:.0f} GB/s" if copy_gbps else "not measured"), flush=True)
-    rows: list[dict] = []
     meta = dict(device=name, d=D, m=M, copy_gbps=copy_gbps, goals=GOALS, sdpa_from_t=SDPA_FROM_T,
                 torch=torch.__version__)
     case_cache: dict = {}
-    for B, T, dt, direction, impl, mode in cases(args):
-        row = dict(B=B, T=T, dtype=dt, direction=direction, impl=impl, mode=mode)
-        try:
-            if (B, T, dt) not in case_cache:
-                case_cache.clear()
-                common.free_memory()
-                case_cache[(B, T, dt)] = Case(B, T, DTYPES[dt], device)
-            row.update(measure(case_cache[(B, T, dt)], impl, mode, direction, args))
-            if row.get("gbps") and copy_gbps:
-                row["bw_frac"] = row["gbps"] / copy_gbps
-            row["status"] = "ok"
-        except Exception as e:  # noqa: BLE001  (a failure, OOM included, is a result: the run goes on)
-            row["status"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        common.free_memory()
-        rows.append(row)
-        print(f"  B={B} T={T} {dt} {direction} {impl} {mode}: "
-              + (f"{row['ms']:.3f} ms" if row["status"] == "ok" else row["status"]), flush=True)
-        if args.out:
-            common.write_results(args.out, "performer", rows, meta=meta)
-    common.print_table("performer_attention: measurements", rows)
-    table = summary(rows, copy_gbps)
-    common.print_table("performer_attention: fused (triton) vs reference and SDPA, targets (fwd+bwd >= 5x eager, "
-                       f">= 2x compiled; peak memory <= 1/8 of eager; faster than SDPA from T={SDPA_FROM_T})",
-                       table)
-    if args.out:
-        common.write_results(args.out, "performer", rows, meta=dict(meta, summary=table))
-        common.write_results(args.out, "performer_summary", table, meta=meta)
+
+    def measure_case(B: int, T: int, dt: str, direction: str, impl: str, mode: str) -> dict:
+        if (B, T, dt) not in case_cache:  # consecutive rows of one shape share its inputs
+            case_cache.clear()
+            common.free_memory()
+            case_cache[(B, T, dt)] = Case(B, T, DTYPES[dt], device)
+        return measure(case_cache[(B, T, dt)], impl, mode, direction, args, copy_gbps)
+
+    rows = common.run_cases(("B", "T", "dtype", "direction", "impl", "mode"), cases(args), measure_case,
+                            "B={B} T={T} {dtype} {direction} {impl} {mode}", args.out, "performer", meta)
+    common.report_targets("performer", "performer_attention",
+                          "performer_attention: fused (triton) vs reference and SDPA, targets (fwd+bwd >= 5x eager, "
+                          f">= 2x compiled; peak memory <= 1/8 of eager; faster than SDPA from T={SDPA_FROM_T})",
+                          rows, summary(rows, copy_gbps), args.out, meta)
     return 0
 
 

@@ -98,11 +98,12 @@ def make_op(case: Case, impl: str, mode: str) -> Callable:
     return torch.compile(ref, dynamic=False) if mode == "compile" else ref
 
 
-def measure(case: Case, impl: str, mode: str, direction: str, args: argparse.Namespace) -> dict:
+def measure(case: Case, impl: str, mode: str, direction: str, args: argparse.Namespace,
+            copy_gbps: Optional[float]) -> dict:
     op = make_op(case, impl, mode)
     leaves = case.leaves(impl, direction == "fwd+bwd")
     grads = [t for t in leaves if t is not None and t.requires_grad]
-    row: dict = {}
+    forward = None
     if direction == "fwd":
         def call():
             with torch.no_grad():
@@ -113,24 +114,21 @@ def measure(case: Case, impl: str, mode: str, direction: str, args: argparse.Nam
 
         def call():
             forward().backward(case.grad)
-    row["ms"] = common.time_fn(call, warmup=args.warmup, rep=args.rep, grad_to_none=grads)
-    peak = common.peak_mem(call)
-    row["peak_mib"] = peak / 2**20 if peak is not None else None
-    if direction == "fwd+bwd":
-        held = common.held_mem(forward)
-        row["act_mib"] = held / 2**20 if held is not None else None
-    elif impl == "fused":
+    row = common.measure_row(call, forward, warmup=args.warmup, rep=args.rep, grad_to_none=grads)
+    if direction == "fwd" and impl == "fused":
         x_bytes = case.inp.numel() * case.inp.element_size()
         row["gbps"] = (x_bytes + case.out_bytes + case.param_bytes()) / (row["ms"] * 1e-3) / 1e9
+        if copy_gbps:
+            row["bw_frac"] = row["gbps"] / copy_gbps
     return row
 
 
 def cases(args: argparse.Namespace) -> list[tuple]:
-    """(stage, img, dtype, direction, impl, mode); eager rows first, compiled ones (slow to build) last."""
-    eager = [(st, img, dt, d, impl, "eager") for img in args.sizes for dt in args.dtypes for st in args.stages
-             for d in ("fwd", "fwd+bwd") for impl in ("fused", "reference")]
-    compiled = [(st, img, dt, "fwd+bwd", "reference", "compile") for img in args.sizes for dt in args.dtypes
-                for st in args.stages] if "compile" in args.modes else []
+    """(stage, img, batch, dtype, direction, impl, mode); eager rows first, compiled ones (slow to build) last."""
+    eager = [(st, img, args.batch, dt, d, impl, "eager") for img in args.sizes for dt in args.dtypes
+             for st in args.stages for d in ("fwd", "fwd+bwd") for impl in ("fused", "reference")]
+    compiled = [(st, img, args.batch, dt, "fwd+bwd", "reference", "compile") for img in args.sizes
+                for dt in args.dtypes for st in args.stages] if "compile" in args.modes else []
     return eager + compiled
 
 
@@ -146,22 +144,14 @@ def summary(rows: list[dict], copy_gbps: Optional[float]) -> list[dict]:
             get("fwd+bwd", "reference", "compile")
         line = dict(stage=key[0], img=key[1], dtype=key[2], fwd_ms=f_fwd.get("ms"), ref_fwd_ms=r_fwd.get("ms"),
                     fwd_bwd_ms=f_fb.get("ms"), ref_eager_ms=r_fb.get("ms"), ref_compile_ms=c_fb.get("ms"))
-        line["vs_eager"] = _ratio(r_fb.get("ms"), f_fb.get("ms"))
-        line["vs_compile"] = _ratio(c_fb.get("ms"), f_fb.get("ms"))
-        line["act_ratio"] = _ratio(f_fb.get("act_mib"), r_fb.get("act_mib"))
-        line["bw_frac"] = _ratio(f_fwd.get("gbps"), copy_gbps)
+        line["vs_eager"] = common.ratio(r_fb.get("ms"), f_fb.get("ms"))
+        line["vs_compile"] = common.ratio(c_fb.get("ms"), f_fb.get("ms"))
+        line["act_ratio"] = common.ratio(f_fb.get("act_mib"), r_fb.get("act_mib"))
+        line["bw_frac"] = common.ratio(f_fwd.get("gbps"), copy_gbps)
         for name, goal in GOALS.items():
-            v = line[name]
-            if v is None:
-                line[f"{name}_target"] = "n/a"
-            else:
-                line[f"{name}_target"] = "pass" if (v <= goal if name == "act_ratio" else v >= goal) else "miss"
+            line[f"{name}_target"] = common.target(line[name], goal, at_most=name == "act_ratio")
         out.append(line)
     return out
-
-
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return a / b if a is not None and b else None
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -194,31 +184,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     name = common.device_name(device)
     print(f"bench_soft_split on {name}, B={args.batch}; copy bandwidth "
           + (f"{copy_gbps:.0f} GB/s" if copy_gbps else "not measured"), flush=True)
-    rows: list[dict] = []
     meta = dict(device=name, batch=args.batch, copy_gbps=copy_gbps, goals=GOALS, torch=torch.__version__)
-    for stage, img, dt, direction, impl, mode in cases(args):
-        row = dict(stage=stage, img=img, batch=args.batch, dtype=dt, direction=direction, impl=impl, mode=mode)
-        try:
-            row.update(measure(Case(stage, img, args.batch, DTYPES[dt], device), impl, mode, direction, args))
-            if row.get("gbps") and copy_gbps:
-                row["bw_frac"] = row["gbps"] / copy_gbps
-            row["status"] = "ok"
-        except Exception as e:  # noqa: BLE001  (a failure, OOM included, is a result: the run goes on)
-            row["status"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        common.free_memory()
-        rows.append(row)
-        print(f"  stage {stage} {img}px {dt} {direction} {impl} {mode}: "
-              + (f"{row['ms']:.3f} ms" if row["status"] == "ok" else row["status"]), flush=True)
-        if args.out:
-            common.write_results(args.out, "soft_split", rows, meta=meta)
-    common.print_table("soft_split: measurements", rows)
-    table = summary(rows, copy_gbps)
-    common.print_table("soft_split: fused (triton) vs reference, targets "
-                       "(fwd+bwd >= 4x eager, >= 2x compiled; activations <= 1/4; forward >= 60% copy bandwidth)",
-                       table)
-    if args.out:
-        common.write_results(args.out, "soft_split", rows, meta=dict(meta, summary=table))
-        common.write_results(args.out, "soft_split_summary", table, meta=meta)
+
+    def measure_case(stage: int, img: int, batch: int, dt: str, direction: str, impl: str, mode: str) -> dict:
+        return measure(Case(stage, img, batch, DTYPES[dt], device), impl, mode, direction, args, copy_gbps)
+
+    rows = common.run_cases(("stage", "img", "batch", "dtype", "direction", "impl", "mode"), cases(args),
+                            measure_case, "stage {stage} {img}px {dtype} {direction} {impl} {mode}", args.out,
+                            "soft_split", meta)
+    common.report_targets("soft_split", "soft_split", "soft_split: fused (triton) vs reference, targets "
+                          "(fwd+bwd >= 4x eager, >= 2x compiled; activations <= 1/4; forward >= 60% copy bandwidth)",
+                          rows, summary(rows, copy_gbps), args.out, meta)
     return 0
 
 

@@ -103,39 +103,28 @@ def measure(net: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]], direc
 
     call(data[0])  # compilation, Triton JIT, allocator warm-up
     turn = itertools.cycle(data)
-    row = dict(ms=common.time_fn(lambda: call(next(turn)), warmup=args.warmup, rep=args.rep))
-    peak = common.peak_mem(lambda: call(data[0]))
-    row["peak_mib"] = peak / 2**20 if peak is not None else None
-    if direction == "fwd+bwd":
-        held = common.held_mem(lambda: forward(data[0]))
-        row["act_mib"] = held / 2**20 if held is not None else None
-    return row
+    return common.measure_row(lambda: call(data[0]), (lambda: forward(data[0])) if direction == "fwd+bwd" else None,
+                              warmup=args.warmup, rep=args.rep, timed=lambda: call(next(turn)))
 
 
-def run_case(stage: int, img: int, batch: int, dtype: str, direction: str, impl: str, mode: str,
+def measure_case(stage: int, img: int, batch: int, dtype: str, direction: str, impl: str, mode: str,
              args: argparse.Namespace, device: torch.device, peaks: dict) -> dict:
-    row = dict(stage=stage, img=img, batch=batch, dtype=dtype, direction=direction, impl=impl, mode=mode)
-    try:
-        torch.manual_seed(0)
-        module = Stage(stage, fused=impl == "fused").to(device)
-        net = torch.compile(module) if mode == "compile" else module
-        (c, h, w), t, _ = geometry(stage, img)
-        in_dtype = torch.bfloat16 if dtype == "bf16" and stage == 2 else torch.float32
-        out_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-        count = max(2, min(8, ROTATE_BYTES // (batch * c * h * w * 4)))
-        data = [(torch.randn(batch, c, h, w, device=device, dtype=in_dtype).requires_grad_(stage == 2),
-                 torch.randn(batch, t, TOKEN_DIM, device=device, dtype=out_dtype)) for _ in range(count)]
-        row.update(measure(net, data, direction, dtype, device, args))
-        flops, nbytes = flops_and_bytes(stage, img, batch, direction, 2 if dtype == "bf16" else 4)
-        rate, bw = peaks.get(f"matmul_tflops_{dtype}"), peaks.get("copy_gbps")
-        if rate and bw:
-            roof_ms = max(flops / (rate * 1e12), nbytes / (bw * 1e9)) * 1e3
-            row.update(roofline_ms=roof_ms, roofline_pct=100 * roof_ms / row["ms"])
-        row["status"] = "ok"
-    except Exception as e:  # noqa: BLE001  (a failure, OOM included, is a result: the run goes on)
-        row["status"] = common.describe_error(e)
-    module = net = data = None  # noqa: F841  (drop the references before freeing)
-    common.free_memory()
+    """Build the stage and its rotated inputs for one case; its measurements and roofline (CUDA only)."""
+    torch.manual_seed(0)
+    module = Stage(stage, fused=impl == "fused").to(device)
+    net = torch.compile(module) if mode == "compile" else module
+    (c, h, w), t, _ = geometry(stage, img)
+    in_dtype = torch.bfloat16 if dtype == "bf16" and stage == 2 else torch.float32
+    out_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    count = max(2, min(8, ROTATE_BYTES // (batch * c * h * w * 4)))
+    data = [(torch.randn(batch, c, h, w, device=device, dtype=in_dtype).requires_grad_(stage == 2),
+             torch.randn(batch, t, TOKEN_DIM, device=device, dtype=out_dtype)) for _ in range(count)]
+    row = measure(net, data, direction, dtype, device, args)
+    flops, nbytes = flops_and_bytes(stage, img, batch, direction, 2 if dtype == "bf16" else 4)
+    rate, bw = peaks.get(f"matmul_tflops_{dtype}"), peaks.get("copy_gbps")
+    if rate and bw:
+        roof_ms = max(flops / (rate * 1e12), nbytes / (bw * 1e9)) * 1e3
+        row.update(roofline_ms=roof_ms, roofline_pct=100 * roof_ms / row["ms"])
     return row
 
 
@@ -198,18 +187,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     name = common.device_name(device)
     peaks = common.roofline_peaks(device)
-    print(f"bench_token_transformer on {name}; " + (f"copy {peaks['copy_gbps']:.0f} GB/s, matmul "
-          f"{peaks['matmul_tflops_bf16']:.0f} TFLOPS bf16, {peaks['matmul_tflops_fp32']:.0f} TFLOPS fp32"
-          if device.type == "cuda" else "no roofline on CPU"), flush=True)
+    print(f"bench_token_transformer on {name}; {common.describe_peaks(peaks)}", flush=True)
     meta = dict(device=name, peaks=peaks, quick=args.quick, smoke=args.smoke, torch=torch.__version__)
-    rows: list[dict] = []
-    for case in cases(args):
-        rows.append(run_case(*case, args=args, device=device, peaks=peaks))
-        r = rows[-1]
-        print(f"  stage {r['stage']} {r['img']}px B={r['batch']} {r['dtype']} {r['direction']} {r['impl']} "
-              f"{r['mode']}: " + (f"{r['ms']:.3f} ms" if r["status"] == "ok" else r["status"]), flush=True)
-        if args.out:
-            common.write_results(args.out, "token_transformer", rows, meta=meta)
+    rows = common.run_cases(("stage", "img", "batch", "dtype", "direction", "impl", "mode"), cases(args),
+                            lambda *case: measure_case(*case, args=args, device=device, peaks=peaks),
+                            "stage {stage} {img}px B={batch} {dtype} {direction} {impl} {mode}", args.out,
+                            "token_transformer", meta)
     for title, table in tables(rows):
         common.print_table(title, table)
     return 0

@@ -1,4 +1,5 @@
-"""Small, generic helpers shared by the benchmarks: timing, memory, copy bandwidth, tables and result files.
+"""Small, generic helpers shared by the benchmarks: timing, memory, copy bandwidth, tables, result files and the
+loop that measures a list of cases.
 
 Timings are medians in milliseconds (``triton.testing.do_bench`` on CUDA: warm-up, L2 flushed between calls;
 a ``perf_counter`` loop on CPU). Memory is measured with the CUDA caching allocator's counters (None on CPU).
@@ -11,7 +12,7 @@ import json
 import os
 import statistics
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -67,6 +68,21 @@ def held_mem(fn: Callable[[], object]) -> Optional[int]:
         held -= out.untyped_storage().nbytes()
     del out
     return held
+
+
+def measure_row(call: Callable[[], object], forward: Optional[Callable[[], object]] = None, warmup: float = 25,
+                rep: float = 100, grad_to_none: Optional[Sequence[torch.Tensor]] = None,
+                timed: Optional[Callable[[], object]] = None) -> dict:
+    """A result row's time and memory fields for one measured ``call``: ``ms`` (``time_fn`` of ``timed``,
+    ``call`` by default, with ``warmup``, ``rep`` and ``grad_to_none``), ``peak_mib`` (``peak_mem(call)``) and,
+    given ``forward`` (the forward of a forward + backward ``call``), ``act_mib`` (``held_mem(forward)``).
+    Memory fields are None on CPU."""
+    mib = lambda b: b / 2**20 if b is not None else None  # noqa: E731
+    row = dict(ms=time_fn(timed or call, warmup=warmup, rep=rep, grad_to_none=grad_to_none),
+               peak_mib=mib(peak_mem(call)))
+    if forward is not None:
+        row["act_mib"] = mib(held_mem(forward))
+    return row
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 2**28) -> Optional[float]:
@@ -146,6 +162,67 @@ def roofline_peaks(device: torch.device) -> dict:
     """The device's measured copy bandwidth (GB/s) and bf16/fp32 matmul rates (TFLOPS); Nones on CPU."""
     return dict(copy_gbps=copy_bandwidth(device), matmul_tflops_bf16=matmul_tflops(device, torch.bfloat16),
                 matmul_tflops_fp32=matmul_tflops(device, torch.float32))
+
+
+def describe_peaks(peaks: dict) -> str:
+    """``roofline_peaks`` as one line for a benchmark's header ('no roofline on CPU' when not measured)."""
+    if peaks["copy_gbps"] is None:
+        return "no roofline on CPU"
+    return (f"copy {peaks['copy_gbps']:.0f} GB/s, matmul {peaks['matmul_tflops_bf16']:.0f} TFLOPS bf16, "
+            f"{peaks['matmul_tflops_fp32']:.0f} TFLOPS fp32")
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    """``a / b``, or None when ``a`` is missing or ``b`` missing or zero."""
+    return a / b if a is not None and b else None
+
+
+def target(value: Optional[float], goal: float, at_most: bool = False, strict: bool = False) -> str:
+    """'pass' or 'miss' of ``value`` against ``goal`` (``>= goal``; ``<=`` with ``at_most``; ``strict``: ``>``),
+    'n/a' when there is no value."""
+    if value is None:
+        return "n/a"
+    met = value <= goal if at_most else value > goal if strict else value >= goal
+    return "pass" if met else "miss"
+
+
+def run_cases(columns: Sequence[str], cases: Iterable[tuple], measure: Callable[..., dict], label: str,
+              out: Optional[str], name: str, meta: dict) -> list[dict]:
+    """Measure every case in turn; the result rows, one per case.
+
+    A case is a tuple of values for ``columns``; its row is those fields, then what ``measure(*case)``
+    returns (``ms`` among it), then ``status``: 'ok', or ``describe_error`` of what ``measure`` raised (a
+    failure, out of memory included, is a result: the run goes on). After each case memory is freed, the line
+    ``  <label>: <ms> ms`` (or the status) is printed, ``label`` formatted with the row's fields, and with
+    ``out`` the rows so far are rewritten to ``out/<name>.{csv,json}`` (a run cut short keeps what it measured).
+    """
+    rows: list[dict] = []
+    for case in cases:
+        row = dict(zip(columns, case))
+        try:
+            row.update(measure(*case))
+            row["status"] = "ok"
+        except Exception as e:  # noqa: BLE001
+            row["status"] = describe_error(e)
+        free_memory()
+        rows.append(row)
+        print(f"  {label.format(**row)}: " + (f"{row['ms']:.3f} ms" if row["status"] == "ok" else row["status"]),
+              flush=True)
+        if out:
+            write_results(out, name, rows, meta=meta)
+    return rows
+
+
+def report_targets(name: str, op: str, title: str, rows: list[dict], table: list[dict], out: Optional[str],
+                   meta: dict) -> None:
+    """Print the measurements (titled '<op>: measurements') and the targets' ``table`` (under ``title``); with
+    ``out``, write ``out/<name>.{csv,json}`` (the summary also in the json's meta) and
+    ``out/<name>_summary.{csv,json}``."""
+    print_table(f"{op}: measurements", rows)
+    print_table(title, table)
+    if out:
+        write_results(out, name, rows, meta=dict(meta, summary=table))
+        write_results(out, f"{name}_summary", table, meta=meta)
 
 
 def bench_device(script: str, smoke: bool) -> Optional[torch.device]:
