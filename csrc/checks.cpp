@@ -3,6 +3,7 @@
 #include "common.h"
 
 #include <cmath>
+#include <vector>
 
 namespace t2t_fast {
 namespace {
@@ -214,6 +215,32 @@ PerformerShape check_performer_backward(const at::Tensor& grad_y, const at::Tens
     check_dtype_is(stats[i].first, at::kFloat, op, names[i]);
   }
   return s;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_split_forward_outputs(const SoftSplitGeometry& g,
+                                                                           const at::Tensor& x) {
+  const auto stats = g.has_norm ? std::vector<int64_t>{g.B, g.L} : std::vector<int64_t>{0};
+  return {new_output({g.B, g.L, g.out}, x.options()), new_output(stats, x.options().dtype(at::kFloat)),
+          new_output(stats, x.options().dtype(at::kFloat))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_split_backward_outputs(
+    const SoftSplitGeometry& g, const at::Tensor& x, const at::Tensor& weight, bool compute_grad_x) {
+  const auto norm_shape = g.has_norm ? std::vector<int64_t>{g.K} : std::vector<int64_t>{0};
+  return {new_output(compute_grad_x ? x.sizes().vec() : std::vector<int64_t>{0}, x.options()),
+          new_output(weight.sizes(), weight.options()), new_output({g.out}, weight.options()),
+          new_output(norm_shape, x.options().dtype(at::kFloat)), new_output(norm_shape, x.options().dtype(at::kFloat))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> performer_forward_outputs(
+    const PerformerShape& s, const at::Tensor& q) {
+  const auto f32 = q.options().dtype(at::kFloat);
+  return {new_output({s.B, s.H, s.T, s.d}, q.options()), new_output({s.B, s.H, s.m, s.d}, f32),
+          new_output({s.B, s.H, s.m}, f32), new_output({s.B, s.H}, f32), new_output({s.B, s.H, s.T}, f32)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> performer_backward_outputs(const at::Tensor& q) {
+  return {new_output(q.sizes(), q.options()), new_output(q.sizes(), q.options()), new_output(q.sizes(), q.options())};
 }
 
 }  // namespace t2t_fast

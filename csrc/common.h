@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
 
 namespace t2t_fast {
 
@@ -60,5 +61,18 @@ PerformerShape check_performer_backward(const at::Tensor& grad_y, const at::Tens
                                         const at::Tensor& v, const at::Tensor& w, const at::Tensor& kv,
                                         const at::Tensor& ksum, const at::Tensor& kmax, const at::Tensor& denom,
                                         Backend backend);
+
+// The operators' outputs, allocated (with new_output) as the contract in t2t_fast/ops/*.py documents them.
+// soft_split_forward: y (B, L, out) in x's dtype; mean, rstd (B, L) float32, or (0,) without norm.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_split_forward_outputs(const SoftSplitGeometry& g,
+                                                                           const at::Tensor& x);
+// soft_split_backward: grad_x (x's shape, or (0,)), grad_weight, grad_bias (out,), norm grads (K,) float32 or (0,).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_split_backward_outputs(
+    const SoftSplitGeometry& g, const at::Tensor& x, const at::Tensor& weight, bool compute_grad_x);
+// performer_forward: y (B, H, T, d) in q's dtype; kv (B, H, m, d), ksum (B, H, m), kmax (B, H), denom (B, H, T).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> performer_forward_outputs(
+    const PerformerShape& s, const at::Tensor& q);
+// performer_backward: grad_q, grad_k, grad_v, each (B, H, T, d) in q's dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> performer_backward_outputs(const at::Tensor& q);
 
 }  // namespace t2t_fast

@@ -330,12 +330,7 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& q, const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> performer_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w, double eps) {
   const auto s = check_performer_forward(q, k, v, w, eps, Backend::CPU);
-  const auto f32 = q.options().dtype(at::kFloat);
-  auto y = new_output({s.B, s.H, s.T, s.d}, q.options());
-  auto kv = new_output({s.B, s.H, s.m, s.d}, f32);
-  auto ksum = new_output({s.B, s.H, s.m}, f32);
-  auto kmax = new_output({s.B, s.H}, f32);
-  auto denom = new_output({s.B, s.H, s.T}, f32);
+  auto [y, kv, ksum, kmax, denom] = performer_forward_outputs(s, q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "performer_forward_cpu", [&] {
     forward_impl<scalar_t>(q, k, v, w, eps, s, y, kv, ksum, kmax, denom);
   });
@@ -346,9 +341,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> performer_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
     const at::Tensor& kv, const at::Tensor& ksum, const at::Tensor& kmax, const at::Tensor& denom) {
   const auto s = check_performer_backward(grad_y, q, k, v, w, kv, ksum, kmax, denom, Backend::CPU);
-  auto gq = new_output(q.sizes(), q.options());
-  auto gk = new_output(q.sizes(), q.options());
-  auto gv = new_output(q.sizes(), q.options());
+  auto [gq, gk, gv] = performer_backward_outputs(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "performer_backward_cpu", [&] {
     backward_impl<scalar_t>(grad_y, q, k, v, w, kv, ksum, kmax, denom, s, gq, gk, gv);
   });

@@ -286,10 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_split_forward_cpu(
     const std::optional<at::Tensor>& norm_bias, double eps) {
   const auto g = check_soft_split_forward(x, kernel_size, stride, padding, weight, bias, norm_weight, norm_bias, eps,
                                           Backend::CPU);
-  auto y = new_output({g.B, g.L, g.out}, x.options());
-  const auto stats = g.has_norm ? std::vector<int64_t>{g.B, g.L} : std::vector<int64_t>{0};
-  auto mean = new_output(stats, x.options().dtype(at::kFloat));
-  auto rstd = new_output(stats, x.options().dtype(at::kFloat));
+  auto [y, mean, rstd] = soft_split_forward_outputs(g, x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "soft_split_forward_cpu", [&] {
     forward_impl<scalar_t>(x, g, weight, bias, norm_weight, norm_bias, eps, y, mean, rstd);
   });
@@ -303,12 +300,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_spli
     bool compute_grad_x) {
   const auto g = check_soft_split_backward(grad_y, x, kernel_size, stride, padding, weight, norm_weight, norm_bias,
                                            mean, rstd, Backend::CPU);
-  auto gx = new_output(compute_grad_x ? x.sizes().vec() : std::vector<int64_t>{0}, x.options());
-  auto gw = new_output(weight.sizes(), weight.options());
-  auto gb = new_output({g.out}, weight.options());
-  const auto norm_shape = g.has_norm ? std::vector<int64_t>{g.K} : std::vector<int64_t>{0};
-  auto gnw = new_output(norm_shape, x.options().dtype(at::kFloat));
-  auto gnb = new_output(norm_shape, x.options().dtype(at::kFloat));
+  auto [gx, gw, gb, gnw, gnb] = soft_split_backward_outputs(g, x, weight, compute_grad_x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "soft_split_backward_cpu", [&] {
     backward_impl<scalar_t>(grad_y, x, g, weight, norm_weight, norm_bias, mean, rstd, compute_grad_x, gx, gw, gb,
                             gnw, gnb);

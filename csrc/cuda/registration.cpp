@@ -62,10 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_split_forward_cuda(
   const auto g = check_soft_split_forward(x, kernel_size, stride, padding, weight, bias, norm_weight, norm_bias, eps,
                                           Backend::CUDA);
   const c10::cuda::CUDAGuard guard(x.device());
-  auto y = new_output({g.B, g.L, g.out}, x.options());
-  const auto stats = g.has_norm ? std::vector<int64_t>{g.B, g.L} : std::vector<int64_t>{0};
-  auto mean = new_output(stats, x.options().dtype(at::kFloat));
-  auto rstd = new_output(stats, x.options().dtype(at::kFloat));
+  auto [y, mean, rstd] = soft_split_forward_outputs(g, x);
   const at::Tensor weight_t = weight.t().contiguous();
   const at::Tensor b = contiguous_or_undefined(bias), nw = contiguous_or_undefined(norm_weight),
                    nb = contiguous_or_undefined(norm_bias);
@@ -86,12 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_spli
   const auto g = check_soft_split_backward(grad_y, x, kernel_size, stride, padding, weight, norm_weight, norm_bias,
                                            mean, rstd, Backend::CUDA);
   const c10::cuda::CUDAGuard guard(x.device());
-  auto gx = new_output(compute_grad_x ? x.sizes().vec() : std::vector<int64_t>{0}, x.options());
-  auto gw = new_output(weight.sizes(), weight.options());
-  auto gb = new_output({g.out}, weight.options());
-  const auto norm_shape = g.has_norm ? std::vector<int64_t>{g.K} : std::vector<int64_t>{0};
-  auto gnw = new_output(norm_shape, x.options().dtype(at::kFloat));
-  auto gnb = new_output(norm_shape, x.options().dtype(at::kFloat));
+  auto [gx, gw, gb, gnw, gnb] = soft_split_backward_outputs(g, x, weight, compute_grad_x);
   const at::Tensor gy = grad_y.contiguous(), w = weight.contiguous(), nw = contiguous_or_undefined(norm_weight),
                    nb = contiguous_or_undefined(norm_bias);
   const at::Tensor mu = g.has_norm ? mean.contiguous() : at::Tensor(), rs = g.has_norm ? rstd.contiguous() : at::Tensor();
@@ -110,12 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> performer
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w, double eps) {
   const auto s = check_performer_forward(q, k, v, w, eps, Backend::CUDA);
   const c10::cuda::CUDAGuard guard(q.device());
-  const auto f32 = q.options().dtype(at::kFloat);
-  auto y = new_output({s.B, s.H, s.T, s.d}, q.options());
-  auto kv = new_output({s.B, s.H, s.m, s.d}, f32);
-  auto ksum = new_output({s.B, s.H, s.m}, f32);
-  auto kmax = new_output({s.B, s.H}, f32);
-  auto denom = new_output({s.B, s.H, s.T}, f32);
+  auto [y, kv, ksum, kmax, denom] = performer_forward_outputs(s, q);
   const gpu::PerformerDims dims{s.B, s.H, s.T, s.d, s.m};
   const at::Tensor wc = w.contiguous();
   const at::Tensor ws = workspace(gpu::performer_forward_workspace(dims), q);
@@ -132,9 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> performer_backward_cuda(
     const at::Tensor& kv, const at::Tensor& ksum, const at::Tensor& kmax, const at::Tensor& denom) {
   const auto s = check_performer_backward(grad_y, q, k, v, w, kv, ksum, kmax, denom, Backend::CUDA);
   const c10::cuda::CUDAGuard guard(q.device());
-  auto gq = new_output(q.sizes(), q.options());
-  auto gk = new_output(q.sizes(), q.options());
-  auto gv = new_output(q.sizes(), q.options());
+  auto [gq, gk, gv] = performer_backward_outputs(q);
   const gpu::PerformerDims dims{s.B, s.H, s.T, s.d, s.m};
   const at::Tensor wc = w.contiguous(), kvc = kv.contiguous(), ksc = ksum.contiguous(), kmc = kmax.contiguous(),
                    dnc = denom.contiguous();
