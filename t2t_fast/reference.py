@@ -159,12 +159,16 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.scale = qk_scale or (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.make_projections(dim, qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         if se:
             self.se_layer = SELayer(dim)
+
+    def make_projections(self, dim: int, bias: bool) -> None:
+        """The input projection(s) that ``qkv_heads`` reads: one packed ``qkv`` Linear(dim, 3*dim)."""
+        self.qkv = nn.Linear(dim, dim * 3, bias=bias)
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, N, C = x.shape
@@ -407,21 +411,18 @@ class T2TViT(nn.Module):
 # in every block. The layout is timm's current (non-legacy) one, the official TNT code's arithmetic: the
 # 7x7 stride-4 convolution runs on each patch by itself (its zero padding is per patch), and the
 # words-to-patch projection is norm2_proj(proj(norm1_proj(flattened words))) with a bias-free proj in blocks.
-class TNTAttention(nn.Module):
+class TNTAttention(Attention):
     """TNT's multi-head attention: separate ``qk`` (dim -> 2*dim) and ``v`` (dim -> dim) projections, scale
     head_dim ** -0.5, explicit (B, heads, N, N) map. (B, N, dim) -> (B, N, dim)."""
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0):
-        super().__init__()
-        self.num_heads = num_heads
+        super().__init__(dim, num_heads, qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
-        self.qk = nn.Linear(dim, dim * 2, bias=qkv_bias)
-        self.v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+
+    def make_projections(self, dim: int, bias: bool) -> None:
+        self.qk = nn.Linear(dim, dim * 2, bias=bias)
+        self.v = nn.Linear(dim, dim, bias=bias)
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, N, dim) -> q, k, v, each (B, heads, N, head_dim); ``qk`` holds q then k."""
@@ -429,15 +430,6 @@ class TNTAttention(nn.Module):
         qk = self.qk(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         v = self.v(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         return qk[0], qk[1], v
-
-    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-        return self.attn_drop(attn) @ v
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        x = self.core(*self.qkv_heads(x)).transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(x))
 
 
 def tnt_words_to_patch(module: nn.Module, words: torch.Tensor, num_patches: int) -> torch.Tensor:
