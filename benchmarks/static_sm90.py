@@ -88,13 +88,10 @@ import tempfile
 from collections import Counter
 from typing import Any, Callable, Iterator, Optional
 
-os.environ.pop("TRITON_INTERPRET", None)  # compile for sm_90, never interpret
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated to silence its warning
-
-import torch  # noqa: E402
-import triton  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.overrides import TorchFunctionMode  # noqa: E402
+import torch
+import triton
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -289,6 +286,9 @@ def compile_only(record: list) -> Iterator[None]:
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("static_sm90 compiles kernels: run it in a process without TRITON_INTERPRET=1 (the "
+                           "kernels must be decorated as compiled JIT functions)")
     original_run = JITFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
@@ -405,19 +405,20 @@ def analyze_sass(instrs: list[tuple[int, str, str]]) -> tuple[Block, list[Block]
     """Split the code into the part outside loops and one block per loop (address order, outer first).
 
     A loop is the range from a backward branch's target to the last backward branch to that target; loops must
-    nest. Subroutines (from a CALL's target to its RET) are counted at every call site. The final self-branch
-    (``BRA`` to itself after ``EXIT``) and the padding ``NOP``s after it are not code.
+    nest. Subroutines (from a CALL's target to its RET) are counted at every call site. Self-branches (the
+    ``BRA`` to itself after ``EXIT``) and the padding ``NOP``s after them are not code.
     """
     for _, op, _ in instrs:
         if op.split(".")[0] in _UNMODELLED:
             raise ValueError(f"static_sm90: {op} (bulk/TMA copy) not modelled")
-    end = len(instrs)
-    for i, (addr, op, rest) in enumerate(instrs):
+    code, padding = [], False
+    for addr, op, rest in instrs:
         m = _TARGET.search(rest)
         if op.startswith("BRA") and m and int(m.group(1), 16) == addr:
-            end = i
-            break
-    code = instrs[:end]
+            padding = True
+        elif not (padding and op == "NOP"):
+            padding = False
+            code.append((addr, op, rest))
     index = {addr: i for i, (addr, _, _) in enumerate(code)}
     # subroutines
     callees: dict[int, tuple[int, int]] = {}
@@ -909,6 +910,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)  # before the kernels are imported: compile them, never interpret
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated to silence its warning
     missing = tools_missing()
     if missing:
         print(f"static_sm90: {missing}", file=sys.stderr)
