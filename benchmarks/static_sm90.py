@@ -559,9 +559,11 @@ def eager_kernels(func, args: tuple, kwargs: dict, out: Any) -> list[EagerKernel
     if func.is_view or name in _FREE_OPS:
         return []
     inputs = {id(t): t for t in _tensors(list(args) + list(kwargs.values()))}
+    outputs = {id(t): t for t in _tensors(out)}
+    if not inputs and not outputs:
+        return []  # no tensor in or out (e.g. aten.promote_types): no kernel
     if name == "copy_":
         inputs.pop(id(args[0]), None)  # the destination is written, not read
-    outputs = {id(t): t for t in _tensors(out)}
     kernels = []
     if name in _CONTIGUOUS_INSIDE:
         for t in inputs.values():
@@ -689,27 +691,31 @@ def run_fused(op: str, case: str, directions: tuple[str, ...]) -> dict[str, list
     return {d: steps[d] for d in directions}
 
 
-def run_reference(op: str, case: str) -> dict[str, list[EagerKernel]]:
-    """direction -> the eager kernels of ``t2t_fast.reference``'s op under (emulated) CUDA autocast to bf16."""
+def run_reference(op: str, case: str, autocast: bool = True) -> dict[str, list[EagerKernel]]:
+    """direction -> the eager kernels of ``t2t_fast.reference``'s op under (emulated) CUDA autocast to bf16, or
+    without autocast on the bf16 tensors (LayerNorm parameters in bf16 too, as bench_soft_split.py runs it)."""
     from t2t_fast import reference
 
     fwd: list[EagerKernel] = []
     bwd: list[EagerKernel] = []
     req = lambda t: t.requires_grad_() if t is not None else None  # noqa: E731
+    mode = _Autocast if autocast else contextlib.nullcontext
     if op == "soft_split":
         inp = _soft_split_inputs(case, "meta", lambda t: t)
+        if not autocast:
+            inp.update((n, inp[n].to(DTYPE)) for n in ("norm_weight", "norm_bias") if inp[n] is not None)
         params = [req(inp[n]) for n in ("weight", "bias", "norm_weight", "norm_bias")]
         leaf = req(inp["leaf"]) if inp["grad_x"] else inp["leaf"]
         x = _image(inp, leaf)
         wrt = ([x] if inp["grad_x"] else []) + [t for t in params if t is not None]
-        with _RecordEager(fwd), _Autocast():
+        with _RecordEager(fwd), mode():
             y = reference.soft_split(x, inp["k"], inp["s"], inp["p"], *params)
     else:
         inp = _performer_inputs(case, "meta", lambda t: t)
         req(inp["kqv"])
         k, q, v = (t.unsqueeze(1) for t in torch.split(inp["kqv"], PERFORMER_D, dim=-1))
         wrt = [q, k, v]
-        with _RecordEager(fwd), _Autocast():
+        with _RecordEager(fwd), mode():
             y = reference.performer_attention(q, k, v, inp["w"])
     with _RecordEager(bwd):
         torch.autograd.grad(y, wrt, torch.empty_like(y))
@@ -779,16 +785,21 @@ def reference_row(kernels: list[EagerKernel]) -> dict:
                 ops=[dict(name=k.name, bytes=k.bytes, flops=k.flops, us=round(k.roofline_us, 3)) for k in kernels])
 
 
-def model(op: str, case: str, directions: tuple[str, ...]) -> list[dict]:
-    """Rows of one op and case: every fused launch and eager host op, then the reference, per direction."""
+def model(op: str, case: str, directions: tuple[str, ...], sass_dir: Optional[str] = None) -> list[dict]:
+    """Rows of one op and case: every fused launch and eager host op, then the reference, per direction.
+    With ``sass_dir``, each launch's SASS is written there as ``<op>_<case>_<direction>_<n>_<kernel>.sass``."""
     fused = run_fused(op, case, directions)
-    ref = run_reference(op, case)
+    ref, plain = run_reference(op, case), run_reference(op, case, autocast=False)
     rows = []
     for d in directions:
-        for step in fused[d]:
+        for n, step in enumerate(fused[d]):
+            if sass_dir and isinstance(step, Launch):
+                with open(os.path.join(sass_dir, f"{op}_{case}_{d}_{n}_{step.kernel}.sass"), "w") as f:
+                    f.write(_cubin_facts(step.cubin)[1])
             row = launch_row(step) if isinstance(step, Launch) else eager_row(step)
             rows.append(dict(op=op, case=case, direction=d, **row))
-        rows.append(dict(op=op, case=case, direction=d, **reference_row(ref[d])))
+        rows.append(dict(op=op, case=case, direction=d, **reference_row(ref[d]),
+                         no_autocast_us=round(sum(k.roofline_us for k in plain[d]), 3)))
     return rows
 
 
@@ -797,18 +808,22 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for key in dict.fromkeys((r["op"], r["case"], r["direction"]) for r in rows):
         mine = [r for r in rows if (r["op"], r["case"], r["direction"]) == key]
-        fused = sum(r["predicted_us"] for r in mine if r["kernel"] != "reference")
-        ref = sum(r["predicted_us"] for r in mine if r["kernel"] == "reference")
-        issue_bound = [r["kernel"] for r in mine if r.get("bound") == "issue"]
-        out.append(dict(op=key[0], case=key[1], direction=key[2], fused_us=round(fused, 3),
-                        reference_us=round(ref, 3), speedup=round(ref / fused, 3) if fused else None,
-                        issue_bound=issue_bound))
+        ref = next(r for r in mine if r["kernel"] == "reference")
+        out.append(dict(op=key[0], case=key[1], direction=key[2],
+                        fused_us=sum(r["predicted_us"] for r in mine if r["kernel"] != "reference"),
+                        reference_us=ref["predicted_us"], no_autocast_us=ref["no_autocast_us"],
+                        issue_bound=[r["kernel"] for r in mine if r.get("bound") == "issue"]))
     for op, case in dict.fromkeys((s["op"], s["case"]) for s in out):
         both = [s for s in out if (s["op"], s["case"]) == (op, case)]
         if len(both) == 2:
-            fused, ref = sum(s["fused_us"] for s in both), sum(s["reference_us"] for s in both)
-            out.append(dict(op=op, case=case, direction="fwd+bwd", fused_us=round(fused, 3),
-                            reference_us=round(ref, 3), speedup=round(ref / fused, 3), issue_bound=[]))
+            out.append(dict(op=op, case=case, direction="fwd+bwd",
+                            **{k: sum(s[k] for s in both) for k in ("fused_us", "reference_us", "no_autocast_us")},
+                            issue_bound=list(dict.fromkeys(k for s in both for k in s["issue_bound"]))))
+    for s in out:
+        for k in ("fused_us", "reference_us", "no_autocast_us"):
+            s[k] = round(s[k], 3)
+        s["speedup"] = round(s["reference_us"] / s["fused_us"], 3)
+        s["speedup_no_autocast"] = round(s["no_autocast_us"] / s["fused_us"], 3)
     return out
 
 
@@ -845,14 +860,21 @@ def markdown(rows: list[dict], summary: list[dict], meta: dict) -> str:
         f"memory ({SMEM_PER_BLOCK // 1024} KB per block, {SMEM_RESERVED_PER_BLOCK // 1024} KB reserved per block), "
         f"{MAX_WARPS_PER_SM} warps, {MAX_BLOCKS_PER_SM} blocks per SM. B={B}, bf16.",
         "",
-        "## Predicted time per case: fused vs eager reference (autocast bf16, each eager kernel at its roofline)",
+        "## Predicted time per case: fused vs the eager reference",
         "",
-        "| op | case | direction | fused us | reference us | predicted speedup | issue-bound fused kernels |",
-        "|---|---|---|---:|---:|---:|---|",
+        "The reference as autocast (bf16) runs it in the model, and (last two columns) the same on bf16 tensors "
+        "without autocast, as `bench_soft_split.py`/`bench_performer.py` time it; each eager kernel at its "
+        "roofline (optimistic for the reference). Fused: the sum of its launches' predicted times and of its "
+        "host code's eager ops at their roofline.",
+        "",
+        "| op | case | direction | fused us | reference us (autocast) | predicted speedup | reference us (no "
+        "autocast) | speedup | issue-bound fused kernels |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for s in summary:
         lines.append(f"| {s['op']} | {s['case']} | {s['direction']} | {s['fused_us']:.1f} | {s['reference_us']:.1f} "
-                     f"| {s['speedup']:.2f}x | {', '.join(s['issue_bound']) or '-'} |")
+                     f"| {s['speedup']:.2f}x | {s['no_autocast_us']:.1f} | {s['speedup_no_autocast']:.2f}x | "
+                     f"{', '.join(s['issue_bound']) or '-'} |")
     lines += [
         "",
         "## Per kernel",
@@ -864,7 +886,18 @@ def markdown(rows: list[dict], summary: list[dict], meta: dict) -> str:
         "| M warp-instr | issue us | min MB | touched MB | TC GFLOP | roofline us | predicted us | bound |",
         "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for r in rows:
+    shown: list[dict] = []
+    for r in rows:  # the fused side's eager host ops: one line per case and direction
+        if r["kernel"].startswith("torch:") and shown and shown[-1]["kernel"].startswith("torch:") \
+                and (shown[-1]["case"], shown[-1]["direction"]) == (r["case"], r["direction"]):
+            last = shown[-1]
+            names = list(dict.fromkeys(last["kernel"][6:].split(", ") + [r["kernel"][6:]]))
+            shown[-1] = dict(last, kernel="torch:" + ", ".join(names), min_bytes=last["min_bytes"] + r["min_bytes"],
+                             roofline_us=last["roofline_us"] + r["roofline_us"],
+                             predicted_us=last["predicted_us"] + r["predicted_us"])
+        else:
+            shown.append(r)
+    for r in shown:
         if r["kernel"] == "reference":
             lines.append(f"| {r['op']} | {r['case']} | {r['direction']} | **reference** ({r['eager_kernels']} eager "
                          f"kernels) | | | | | | | | | | | {_mb(r['min_bytes'])} | | {r['tc_flops'] / 1e9:.1f} | "
@@ -905,6 +938,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--op", choices=["soft_split", "performer"], help="one op only (default: both)")
     p.add_argument("--quick", action="store_true", help="the first case of each op, forward only")
     p.add_argument("--json", metavar="PATH", help="also write the rows and the summary as JSON")
+    p.add_argument("--sass", metavar="DIR", help="also write every launch's SASS listing into DIR")
     return p.parse_args(argv)
 
 
@@ -917,12 +951,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"static_sm90: {missing}", file=sys.stderr)
         return 2
     argv_text = "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]) if a)
+    if args.sass:
+        os.makedirs(args.sass, exist_ok=True)
     meta = dict(argv=argv_text, commit=_commit(), triton=triton.__version__, torch=torch.__version__,
                 constants=CONSTANTS, batch=B, dtype="bf16")
     rows = []
     for op, case, directions in plan(args):
         print(f"static_sm90: compiling {op} {case} {'+'.join(directions)}", file=sys.stderr, flush=True)
-        rows += model(op, case, directions)
+        rows += model(op, case, directions, args.sass)
     summary = summarize(rows)
     print(markdown(rows, summary, meta), end="")
     if args.json:
