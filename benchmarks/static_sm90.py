@@ -50,7 +50,10 @@ internally (``contiguous()`` of a strided input of im2col, col2im and the LayerN
 LayerNorm backward is two kernels (input gradient; gamma and beta gradients) as in PyTorch's CUDA code. No
 eager kernel is charged an instruction or launch cost: optimistic for the reference, so the predicted speedup
 errs against the fused kernels. The gradient of a token input stops at the op's own input (the view that
-feeds it), on both sides.
+feeds it), on both sides. ``no_autocast_us`` is the same reference run on the bf16 tensors without autocast (the
+soft split's LayerNorm parameters in bf16), as ``bench_soft_split.py`` and ``bench_performer.py`` time it: fewer
+casts, so a smaller predicted speedup. The input and weight casts that autocast adds in front of both paths in
+the model (fp32 parameters to bf16) are left out of both.
 
 Cases (B=64, bf16, T2T-ViT-14): soft split stage 1 (x (64, 3, 224, 224), k7 s4 p2, LayerNorm(147) + Linear(147,
 192), backward without grad_x), stage 2 ((64, 3136, 64) tokens viewed as (64, 64, 56, 56), k3 s2 p1,
