@@ -71,6 +71,9 @@ Adding or changing a kernel
 2. ``sm90_host()`` holds every patch that lets the host code compile CPU tensors as if they were on an sm_90
    GPU. Kernel authors: keep the names it lists, or update the list.
 3. New cases: ``SOFT_SPLIT_CASES`` / ``PERFORMER_CASES``.
+4. ``--sass DIR`` writes every launch's SASS, to see the loops the tool finds. A loop that ptxas unrolls by
+   itself (a short body with a runtime trip count) shows up as two loops, the unrolled one and a remainder
+   (see ``_pf_combine``).
 Kernels must launch through ``kernel[grid](...)`` (no autotuner: it would try to time them).
 """
 from __future__ import annotations
