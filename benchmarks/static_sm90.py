@@ -606,13 +606,15 @@ class _RecordEager(TorchDispatchMode):
         return out
 
 
-_LOW = {"linear", "matmul", "__matmul__", "mm", "bmm", "addmm", "baddbmm", "einsum", "conv2d"}
-_FP32 = {"layer_norm", "exp", "log", "softmax", "log_softmax"}
+_LOW = {"linear", "matmul", "__matmul__", "mm", "bmm", "addmm", "baddbmm", "einsum", "conv2d"}  # einsum: its bmm
+_FP32 = {"layer_norm", "exp", "log"}
+_FP32_RESULT = {"sum", "softmax", "log_softmax", "cumsum", "prod"}
 
 
 class _Autocast(TorchFunctionMode):
     """What CUDA autocast to bf16 does to the ops the references use: matmul-like ops cast their floating inputs
-    to bf16, the fp32-list ops to fp32, and sum gives an fp32 result for a low-precision input."""
+    to bf16, the fp32-list ops to fp32, and sum (softmax, ...) reads a low-precision input as it is and gives an
+    fp32 result."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
@@ -620,7 +622,7 @@ class _Autocast(TorchFunctionMode):
         target = DTYPE if name in _LOW else torch.float32 if name in _FP32 else None
         if target is not None:
             args = tuple(a.to(target) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
-        if name == "sum" and isinstance(args[0], torch.Tensor) and args[0].dtype in (torch.bfloat16, torch.float16) \
+        if name in _FP32_RESULT and args and isinstance(args[0], torch.Tensor) and args[0].dtype in (torch.bfloat16, torch.float16) \
                 and kwargs.get("dtype") is None:
             kwargs["dtype"] = torch.float32
         return func(*args, **kwargs)
@@ -777,15 +779,18 @@ def launch_row(a: Launch) -> dict:
         "tensor cores" if tc_time > min_bytes / HBM_BYTES_PER_S else "memory")
 
 
+_NOT_COMPILED = dict(warps=None, stages=None, regs=None, spills=None, smem_bytes=None, ctas_per_sm=None)
+
+
 def eager_row(k: EagerKernel) -> dict:
-    return dict(kernel=f"torch:{k.name}", warp_instructions=0, issue_floor_us=0.0, min_bytes=k.bytes,
+    return dict(kernel=f"torch:{k.name}", **_NOT_COMPILED, warp_instructions=0, issue_floor_us=0.0, min_bytes=k.bytes,
                 touched_bytes=k.bytes, tc_flops=k.flops, roofline_us=_us(k.roofline_us / 1e6),
                 predicted_us=_us(k.roofline_us / 1e6), bound="memory" if k.flops == 0 else "eager")
 
 
 def reference_row(kernels: list[EagerKernel]) -> dict:
     total = sum(k.roofline_us for k in kernels)
-    return dict(kernel="reference", eager_kernels=len(kernels), warp_instructions=0, issue_floor_us=0.0,
+    return dict(kernel="reference", eager_kernels=len(kernels), **_NOT_COMPILED, warp_instructions=0, issue_floor_us=0.0,
                 min_bytes=sum(k.bytes for k in kernels), touched_bytes=sum(k.bytes for k in kernels),
                 tc_flops=sum(k.flops for k in kernels), roofline_us=round(total, 3), predicted_us=round(total, 3),
                 ops=[dict(name=k.name, bytes=k.bytes, flops=k.flops, us=round(k.roofline_us, 3)) for k in kernels])
