@@ -107,7 +107,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMS = 132
 ISSUE_PER_CLOCK = 4  # warp-instructions per SM per clock: one per sub-partition
 CLOCK_HZ = 1.98e9  # boost clock
-HBM_BYTES_PER_S = 3.35e12  # H100 SXM HBM3
+HBM_BYTES_PER_S = 3.35e12  # H100 SXM HBM3 (an H200 has 4.8 TB/s: memory-bound kernels would be faster there)
 TC_FLOPS_PER_S = {"bf16": 990e12, "f16": 990e12, "tf32": 495e12, "fp8": 1979e12, "fp32": 67e12}
 REGS_PER_SM = 65536
 REG_ALLOC_UNIT = 256  # registers, per warp
@@ -249,7 +249,7 @@ def sm90_host() -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Triton internals (private API, checked with triton 3.6-3.9): a compile-only driver for sm_90
+# Triton internals (private API, written for triton 3.6-3.9, run with 3.9): a compile-only driver for sm_90
 # ----------------------------------------------------------------------------------------------------------
 def _bin(tool: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
@@ -507,6 +507,10 @@ def _elements(t: torch.Tensor) -> int:
     return math.prod(s for s, st in zip(t.shape, t.stride()) if st != 0) if t.numel() else 0
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return _elements(t) * t.element_size()
+
+
 def distinct_bytes(tensors: list[torch.Tensor]) -> int:
     """Bytes of memory the tensors cover together, each byte once (aliases and overlapping views merged)."""
     groups: dict[int, list[torch.Tensor]] = {}
@@ -516,7 +520,7 @@ def distinct_bytes(tensors: list[torch.Tensor]) -> int:
     total = 0
     for group in groups.values():
         if len(group) == 1:
-            total += _elements(group[0]) * group[0].element_size()
+            total += _nbytes(group[0])
             continue
         marks = torch.zeros(group[0].untyped_storage().nbytes(), dtype=torch.uint8)
         for t in group:
@@ -536,7 +540,7 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
 
 
 _FREE_OPS = {"empty", "empty_like", "empty_strided", "_unsafe_view", "detach", "lift_fresh", "alias", "set_",
-             "resize_", "copy_of_meta"}
+             "resize_"}
 _CONTIGUOUS_INSIDE = {"im2col", "col2im", "native_layer_norm", "native_layer_norm_backward"}
 _MATMULS = {"mm", "addmm", "bmm", "baddbmm"}
 
@@ -553,10 +557,6 @@ class EagerKernel:
     @property
     def roofline_us(self) -> float:
         return 1e6 * max(self.bytes / HBM_BYTES_PER_S, self.flops / TC_FLOPS_PER_S[self.flop_type])
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return _elements(t) * t.element_size()
 
 
 def eager_kernels(func, args: tuple, kwargs: dict, out: Any) -> list[EagerKernel]:
@@ -583,10 +583,9 @@ def eager_kernels(func, args: tuple, kwargs: dict, out: Any) -> list[EagerKernel
     if name == "native_layer_norm_backward" and args[-1][0] and any(args[-1][1:]):
         dy, x, _, mean, rstd, gamma = args[:6]
         dx, dgamma, dbeta = out
-        reads = [_nbytes(t) for t in (dy, x, mean, rstd)]
-        kernels.append(EagerKernel(f"{name}:input", sum(reads) + _nbytes(gamma) + _nbytes(dx)))
-        kernels.append(EagerKernel(f"{name}:gamma_beta", sum(reads) + sum(_nbytes(t) for t in (dgamma, dbeta)
-                                                                           if t is not None)))
+        reads = sum(_nbytes(t) for t in (dy, x, mean, rstd))
+        kernels.append(EagerKernel(f"{name}:input", reads + sum(_nbytes(t) for t in _tensors([gamma, dx]))))
+        kernels.append(EagerKernel(f"{name}:gamma_beta", reads + sum(_nbytes(t) for t in _tensors([dgamma, dbeta]))))
         return kernels
     total = sum(_nbytes(t) for t in inputs.values()) + sum(_nbytes(t) for t in outputs.values())
     return kernels + [EagerKernel(name, total, flops, kind)]
@@ -622,8 +621,8 @@ class _Autocast(TorchFunctionMode):
         target = DTYPE if name in _LOW else torch.float32 if name in _FP32 else None
         if target is not None:
             args = tuple(a.to(target) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
-        if name in _FP32_RESULT and args and isinstance(args[0], torch.Tensor) and args[0].dtype in (torch.bfloat16, torch.float16) \
-                and kwargs.get("dtype") is None:
+        low = args and isinstance(args[0], torch.Tensor) and args[0].dtype in (torch.bfloat16, torch.float16)
+        if name in _FP32_RESULT and low and kwargs.get("dtype") is None:
             kwargs["dtype"] = torch.float32
         return func(*args, **kwargs)
 
@@ -783,16 +782,18 @@ _NOT_COMPILED = dict(warps=None, stages=None, regs=None, spills=None, smem_bytes
 
 
 def eager_row(k: EagerKernel) -> dict:
-    return dict(kernel=f"torch:{k.name}", **_NOT_COMPILED, warp_instructions=0, issue_floor_us=0.0, min_bytes=k.bytes,
-                touched_bytes=k.bytes, tc_flops=k.flops, roofline_us=_us(k.roofline_us / 1e6),
-                predicted_us=_us(k.roofline_us / 1e6), bound="memory" if k.flops == 0 else "eager")
+    """An eager op of the fused side's host code, at its roofline."""
+    return dict(kernel=f"torch:{k.name}", **_NOT_COMPILED, warp_instructions=0, issue_floor_us=0.0,
+                min_bytes=k.bytes, touched_bytes=k.bytes, tc_flops=k.flops, roofline_us=round(k.roofline_us, 3),
+                predicted_us=round(k.roofline_us, 3), bound="memory" if k.flops == 0 else "tensor cores")
 
 
 def reference_row(kernels: list[EagerKernel]) -> dict:
-    total = sum(k.roofline_us for k in kernels)
-    return dict(kernel="reference", eager_kernels=len(kernels), **_NOT_COMPILED, warp_instructions=0, issue_floor_us=0.0,
-                min_bytes=sum(k.bytes for k in kernels), touched_bytes=sum(k.bytes for k in kernels),
-                tc_flops=sum(k.flops for k in kernels), roofline_us=round(total, 3), predicted_us=round(total, 3),
+    """The eager reference of one case and direction: its kernels, each at its roofline, summed."""
+    total, moved = sum(k.roofline_us for k in kernels), sum(k.bytes for k in kernels)
+    return dict(kernel="reference", eager_kernels=len(kernels), **_NOT_COMPILED, warp_instructions=0,
+                issue_floor_us=0.0, min_bytes=moved, touched_bytes=moved, tc_flops=sum(k.flops for k in kernels),
+                roofline_us=round(total, 3), predicted_us=round(total, 3),
                 ops=[dict(name=k.name, bytes=k.bytes, flops=k.flops, us=round(k.roofline_us, 3)) for k in kernels])
 
 
