@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from t2t_fast.ops._library import empty
+from t2t_fast.runtime import empty
 
 MAX_D = 128
 MAX_M = 256

@@ -35,8 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from t2t_fast.backends import triton_interpret
-from t2t_fast.ops._library import empty
+from t2t_fast.runtime import empty, triton_interpret
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_K = 8192  # C*kh*kw: bounds the weight-gradient partial buffers
