@@ -1,4 +1,4 @@
-"""Process-wide runtime switches shared by the op layer and the Triton kernels.
+"""What the op layer and the Triton kernels share: runtime switches, output allocation, limit messages.
 
 This module imports nothing from ``t2t_fast`` (the C++ extension only lazily, to flip its poison flag), so
 ``t2t_fast.kernels`` can use it without importing the op layer that dispatches to them.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -46,3 +46,12 @@ def poisoned_outputs() -> Iterator[None]:
     finally:
         _poison = False
         _set_extension_poison(False)
+
+
+def first_exceeded(*limits: tuple[str, int, int]) -> Optional[str]:
+    """For (name, value, most) triples, ``"name=value exceeds most"`` for the first value over its limit, else
+    None: the reason a backend's ``verify`` gives."""
+    for name, value, most in limits:
+        if value > most:
+            return f"{name}={value} exceeds {most}"
+    return None

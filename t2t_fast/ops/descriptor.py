@@ -78,6 +78,18 @@ def kernel_verify(prefix: str) -> Optional[Verify]:
     return importlib.import_module(f"t2t_fast.kernels.{prefix}").verify
 
 
+def every_backend(prefix: str, cuda_verify: Verify) -> tuple[Backend, ...]:
+    """The backends of an op that every implementation has: the Triton kernels of ``kernels/<prefix>.py``
+    (limits: their ``verify``), the extension's CUDA kernels (limits: ``cuda_verify``) and CPU kernels (float64
+    too, no limits), and the reference."""
+    return (
+        Backend("triton", TRITON_DEVICES, FLOATS, TRITON, kernel_verify(prefix)),
+        Backend("cuda", ("cuda",), FLOATS, EXTENSION, cuda_verify),
+        Backend("cpu", ("cpu",), FLOATS_AND_DOUBLE, EXTENSION),
+        Backend("reference", None, FLOATS_AND_DOUBLE),
+    )
+
+
 def _declare_triton(prefix: str, kind: str, schema: str) -> torch.library.CustomOpDef:
     module = f"t2t_fast.kernels.{prefix}"
 

@@ -30,8 +30,14 @@ from torch import Tensor
 
 from t2t_fast import reference
 from t2t_fast.ops.checks import check_eps, check_floating_tensor, check_same_device
-from t2t_fast.ops.descriptor import EXTENSION, FLOATS, FLOATS_AND_DOUBLE, TRITON, TRITON_DEVICES, Backend, \
-    OpDescriptor, kernel_verify
+from t2t_fast.ops.descriptor import OpDescriptor, every_backend
+from t2t_fast.runtime import first_exceeded
+
+SCHEMAS = (  # as csrc/ops.cpp defines them (tests/test_op_contracts.py)
+    "(Tensor q, Tensor k, Tensor v, Tensor w, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "(Tensor grad_y, Tensor q, Tensor k, Tensor v, Tensor w, Tensor kv, Tensor ksum, Tensor kmax, "
+    "Tensor denom) -> (Tensor, Tensor, Tensor)",
+)
 
 
 def _fake_forward(q: Tensor, k: Tensor, v: Tensor, w: Tensor, eps: float) -> tuple[Tensor, ...]:
@@ -92,33 +98,13 @@ CUDA_MAX_FEATURES = 64  # csrc/common.h: kCudaMaxFeatures
 
 def cuda_verify(q: Tensor, k: Tensor, v: Tensor, w: Tensor, eps: float) -> Optional[str]:
     """The CUDA kernels' limits (csrc/common.h): None when they take the call, else the limit it passes."""
-    d, m = q.shape[-1], w.shape[0]
-    if d > CUDA_MAX_HEAD_DIM:
-        return f"d={d} exceeds {CUDA_MAX_HEAD_DIM}"
-    if m > CUDA_MAX_FEATURES:
-        return f"m={m} exceeds {CUDA_MAX_FEATURES}"
-    return None
+    return first_exceeded(("d", q.shape[-1], CUDA_MAX_HEAD_DIM), ("m", w.shape[0], CUDA_MAX_FEATURES))
 
 
 PERFORMER = OpDescriptor(
-    name="performer_attention",
-    prefix="performer",
-    schemas=(
-        "(Tensor q, Tensor k, Tensor v, Tensor w, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-        "(Tensor grad_y, Tensor q, Tensor k, Tensor v, Tensor w, Tensor kv, Tensor ksum, Tensor kmax, "
-        "Tensor denom) -> (Tensor, Tensor, Tensor)",
-    ),
-    fake_forward=_fake_forward,
-    fake_backward=_fake_backward,
-    setup_context=_setup_context,
-    backward=_backward,
-    arguments=_arguments,
-    backends=(
-        Backend("triton", TRITON_DEVICES, FLOATS, TRITON, kernel_verify("performer")),
-        Backend("cuda", ("cuda",), FLOATS, EXTENSION, cuda_verify),
-        Backend("cpu", ("cpu",), FLOATS_AND_DOUBLE, EXTENSION),
-        Backend("reference", None, FLOATS_AND_DOUBLE),
-    ),
+    name="performer_attention", prefix="performer", schemas=SCHEMAS,
+    fake_forward=_fake_forward, fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward,
+    arguments=_arguments, backends=every_backend("performer", cuda_verify),
 )
 
 

@@ -23,9 +23,17 @@ from torch import Tensor
 
 from t2t_fast import reference
 from t2t_fast.ops.checks import check_eps, check_floating_tensor, check_same_device
-from t2t_fast.ops.descriptor import EXTENSION, FLOATS, FLOATS_AND_DOUBLE, TRITON, TRITON_DEVICES, Backend, \
-    OpDescriptor, kernel_verify
+from t2t_fast.ops.descriptor import OpDescriptor, every_backend
 from t2t_fast.reference import IntPair, to_pair
+from t2t_fast.runtime import first_exceeded
+
+SCHEMAS = (  # as csrc/ops.cpp defines them (tests/test_op_contracts.py)
+    "(Tensor x, int[] kernel_size, int[] stride, int[] padding, Tensor weight, Tensor? bias, "
+    "Tensor? norm_weight, Tensor? norm_bias, float eps) -> (Tensor, Tensor, Tensor)",
+    "(Tensor grad_y, Tensor x, int[] kernel_size, int[] stride, int[] padding, Tensor weight, "
+    "Tensor? norm_weight, Tensor? norm_bias, Tensor mean, Tensor rstd, bool compute_grad_x) -> (Tensor, "
+    "Tensor, Tensor, Tensor, Tensor)",
+)
 
 
 def output_size(size: int, k: int, s: int, p: int) -> int:
@@ -133,34 +141,13 @@ def cuda_verify(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], pa
                 eps: float) -> Optional[str]:
     """The CUDA kernels' limits (csrc/common.h): None when they take the call, else the limit it passes."""
     out, K = weight.shape
-    if K > CUDA_MAX_PATCH_LEN:
-        return f"C*kh*kw={K} exceeds {CUDA_MAX_PATCH_LEN}"
-    if out > CUDA_MAX_OUT:
-        return f"out={out} exceeds {CUDA_MAX_OUT}"
-    return None
+    return first_exceeded(("C*kh*kw", K, CUDA_MAX_PATCH_LEN), ("out", out, CUDA_MAX_OUT))
 
 
 SOFT_SPLIT = OpDescriptor(
-    name="soft_split",
-    prefix="soft_split",
-    schemas=(
-        "(Tensor x, int[] kernel_size, int[] stride, int[] padding, Tensor weight, Tensor? bias, "
-        "Tensor? norm_weight, Tensor? norm_bias, float eps) -> (Tensor, Tensor, Tensor)",
-        "(Tensor grad_y, Tensor x, int[] kernel_size, int[] stride, int[] padding, Tensor weight, "
-        "Tensor? norm_weight, Tensor? norm_bias, Tensor mean, Tensor rstd, bool compute_grad_x) -> (Tensor, "
-        "Tensor, Tensor, Tensor, Tensor)",
-    ),
-    fake_forward=_fake_forward,
-    fake_backward=_fake_backward,
-    setup_context=_setup_context,
-    backward=_backward,
-    arguments=_arguments,
-    backends=(
-        Backend("triton", TRITON_DEVICES, FLOATS, TRITON, kernel_verify("soft_split")),
-        Backend("cuda", ("cuda",), FLOATS, EXTENSION, cuda_verify),
-        Backend("cpu", ("cpu",), FLOATS_AND_DOUBLE, EXTENSION),
-        Backend("reference", None, FLOATS_AND_DOUBLE),
-    ),
+    name="soft_split", prefix="soft_split", schemas=SCHEMAS,
+    fake_forward=_fake_forward, fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward,
+    arguments=_arguments, backends=every_backend("soft_split", cuda_verify),
 )
 
 
