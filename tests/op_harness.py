@@ -143,18 +143,19 @@ def soft_split_inputs(geometry, variant: str, layout: str, dtype: torch.dtype, d
 def check_soft_split(backend: str, inputs: tuple, dtype: torch.dtype) -> None:
     """Forward and every gradient of the front door on ``backend`` against the float64 reference."""
     x, (k, s, p), *params = inputs
+    gpu = x.is_cuda  # T2T-ViT's full shapes: longer fp32 reductions
     _compare(backend, lambda impl, x, *params: impl.soft_split(x, k, s, p, *params), [x, *params], dtype,
-             ("x", "weight", "bias", "norm_weight", "norm_bias"), tolerance(dtype, fp32=1e-5),
-             tolerance(dtype, low=3e-2))
+             ("x", "weight", "bias", "norm_weight", "norm_bias"), tolerance(dtype, fp32=1e-4 if gpu else 1e-5),
+             tolerance(dtype, low=3e-2, fp32=1e-4 if gpu else 2e-5))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # performer_attention
 # ---------------------------------------------------------------------------------------------------------
 PERFORMER_SHAPES = ((1, 8, 3), (7, 17, 9), (100, 64, 32), (100, 33, 7))  # (T, d, m)
-PERFORMER_LAYOUTS = ("bthd", "bhtd", "packed")
+PERFORMER_LAYOUTS = ("bthd", "bhtd", "packed", "packed_heads")
 PERFORMER_CASES = list(itertools.product(PERFORMER_SHAPES, PERFORMER_LAYOUTS))
-PERFORMER_INTERPRETED = [(shape, PERFORMER_LAYOUTS[i % 3]) for i, shape in enumerate(PERFORMER_SHAPES)]
+PERFORMER_INTERPRETED = [(shape, PERFORMER_LAYOUTS[i % 4]) for i, shape in enumerate(PERFORMER_SHAPES)]
 # on a GPU: the token performer's first layer at 224 px (T=3136) and smaller, q/k/v views of one projection
 PERFORMER_GPU_CASES = [((3136, 64, 32), "packed"), ((784, 64, 32), "packed"), ((7, 64, 32), "packed")]
 
@@ -164,10 +165,11 @@ def performer_inputs(T: int, d: int, m: int, layout: str, dtype: torch.dtype, de
     """(bases, w): the tensors q, k, v come from, and the random features (as TokenPerformer draws them).
 
     layout 'bthd': q, k, v (B, T, d); 'bhtd': (B, H, T, d); 'packed': one (B, T, 3d) projection that q, k, v are
-    torch.split views of (strided, as in TokenPerformer) -- see qkv_of.
+    torch.split views of (strided, as in TokenPerformer) -- see qkv_of; 'packed_heads': the same, (B, H, T, 3d).
     """
-    if layout == "packed":
-        bases = [(0.5 * torch.randn(B, T, 3 * d, device=device)).to(dtype)]
+    if layout.startswith("packed"):
+        shape = (B, T, 3 * d) if layout == "packed" else (B, H, T, 3 * d)
+        bases = [(0.5 * torch.randn(shape, device=device)).to(dtype)]
     else:
         shape = (B, T, d) if layout == "bthd" else (B, H, T, d)
         bases = [(0.5 * torch.randn(shape, device=device)).to(dtype) for _ in range(3)]
@@ -186,6 +188,7 @@ def qkv_of(bases: list) -> tuple:
 def check_performer(backend: str, inputs: tuple, dtype: torch.dtype) -> None:
     """Forward and the gradients of q, k, v through the front door on ``backend`` against float64 reference."""
     bases, w = inputs
+    gpu = w.is_cuda  # T2T-ViT's full shapes: longer fp32 reductions
     _compare(backend, lambda impl, *bases: impl.performer_attention(*qkv_of(list(bases)), w), bases, dtype,
-             ("q", "k", "v") if len(bases) == 3 else ("kqv",), tolerance(dtype, fp32=1e-5),
-             tolerance(dtype, low=3e-2, fp32=5e-5))
+             ("q", "k", "v") if len(bases) == 3 else ("kqv",), tolerance(dtype, fp32=1e-4 if gpu else 1e-5),
+             tolerance(dtype, low=3e-2, fp32=2e-4 if gpu else 5e-5))
