@@ -65,7 +65,8 @@ def _backward(backward_op, ctx, grad_y, *_grad_stats):
 
 
 def _arguments(q: Tensor, k: Tensor, v: Tensor, w: Tensor, eps: float = 1e-8) -> tuple:
-    """The forward operator's arguments for a front-door call ((B, T, d) inputs get H = 1), after checking them.
+    """The forward operator's arguments for a front-door call, after checking them: (B, T, d) inputs get
+    H = 1, w is taken as frozen float32.
 
     TypeError: an argument of the wrong Python type, or a tensor that is not floating point; ValueError:
     shapes, devices, dtypes that disagree, or eps negative or not finite."""
@@ -89,7 +90,7 @@ def _arguments(q: Tensor, k: Tensor, v: Tensor, w: Tensor, eps: float = 1e-8) ->
         check_same_device("performer_attention", name, t, "q", q)
     if q.dim() == 3:
         q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
-    return q, k, v, w, eps
+    return q, k, v, w.detach().float(), eps
 
 
 CUDA_MAX_HEAD_DIM = 128  # csrc/common.h: kCudaMaxHeadDim
@@ -119,6 +120,5 @@ def performer_attention(q: Tensor, k: Tensor, v: Tensor, w: Tensor, eps: float =
     name = PERFORMER.resolve(*args)
     if name == "reference":
         return reference.performer_attention(q, k, v, w, eps)
-    q4, k4, v4, _, _ = args
-    y = PERFORMER.forward_op(name)(q4, k4, v4, w.detach().float(), eps)[0]
+    y = PERFORMER.forward_op(name)(*args)[0]
     return y.squeeze(1) if q.dim() == 3 else y

@@ -86,7 +86,8 @@ def _backward(backward_op, ctx, grad_y, _grad_mean, _grad_rstd):
 def _arguments(x: Tensor, kernel_size: IntPair, stride: IntPair, padding: IntPair, weight: Tensor,
                bias: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None,
                norm_bias: Optional[Tensor] = None, eps: float = 1e-5) -> tuple:
-    """The forward operator's arguments for a front-door call (autocast applied), after checking them.
+    """The forward operator's arguments for a front-door call, after checking them: autocast applied, the
+    LayerNorm parameters in float32.
 
     TypeError: an argument of the wrong Python type, or a tensor that is not floating point; ValueError:
     shapes, sizes, devices, dtypes that disagree, or eps negative or not finite."""
@@ -129,6 +130,7 @@ def _arguments(x: Tensor, kernel_size: IntPair, stride: IntPair, padding: IntPai
         if t is not None and t.dtype != x.dtype:
             raise ValueError(f"soft_split: {name} dtype {t.dtype} differs from x dtype {x.dtype} "
                              "(cast the model, or run under torch.autocast)")
+    norm_weight, norm_bias = (t.float() if t is not None else None for t in (norm_weight, norm_bias))
     return x, k, s, p, weight, bias, norm_weight, norm_bias, eps
 
 
@@ -175,10 +177,10 @@ def soft_split(
     """
     args = _arguments(x, kernel_size, stride, padding, weight, bias, norm_weight, norm_bias, eps)
     name = SOFT_SPLIT.resolve(*args)
-    x, k, s, p, weight, bias, norm_weight, norm_bias, eps = args
-    # LayerNorm parameters: float32 for the operators (their contract), at least float32 for the reference
-    norm_dtype = torch.promote_types(x.dtype, torch.float32) if name == "reference" else torch.float32
-    norm_weight, norm_bias = (t.to(norm_dtype) if t is not None else None for t in (norm_weight, norm_bias))
-    if name == "reference":
-        return reference.soft_split(x, k, s, p, weight, bias, norm_weight, norm_bias, eps)
-    return SOFT_SPLIT.forward_op(name)(x, k, s, p, weight, bias, norm_weight, norm_bias, eps)[0]
+    if name != "reference":
+        return SOFT_SPLIT.forward_op(name)(*args)[0]
+    # the reference takes the LayerNorm parameters as given, in at least float32 (float64 for float64 x)
+    x, k, s, p, weight, bias, _, _, eps = args
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    norm_weight, norm_bias = (t.to(dtype) if t is not None else None for t in (norm_weight, norm_bias))
+    return reference.soft_split(x, k, s, p, weight, bias, norm_weight, norm_bias, eps)
