@@ -131,8 +131,10 @@ class CheckpointMismatchError(ValueError):
 
 
 def _mismatch_error(model: nn.Module, sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
-                    source: str, saved_for: Optional[str]) -> Optional[CheckpointMismatchError]:
-    """The error for loading ``sd`` into ``model`` (``own`` is its state_dict), or None when it fits."""
+                    raw: dict[str, torch.Tensor], source: str,
+                    saved_for: Optional[str]) -> Optional[CheckpointMismatchError]:
+    """The error for loading ``sd`` (``raw`` before the model's checkpoint_filter) into ``model`` (``own`` is
+    its state_dict), or None when it fits."""
     mismatched = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items()
                   if k in own and v.shape != own[k].shape}
     missing = sorted(set(own) - set(sd), key=_natural)
@@ -155,7 +157,7 @@ def _mismatch_error(model: nn.Module, sd: dict[str, torch.Tensor], own: dict[str
                      + first([f"{k} {mismatched[k][0]} vs {mismatched[k][1]}" for k in names]))
     origin = f" (saved for {saved_for!r})" if saved_for else ""
     message = (f"{source} does not fit {type(model).__name__}: " + "; ".join(parts) + ". Its shapes suggest "
-               f"{describe_state_dict(sd)}{origin}; the model is {describe_state_dict(own)}. The full lists are the "
+               f"{describe_state_dict(raw)}{origin}; the model is {describe_state_dict(own)}. The full lists are the "
                "exception's .missing, .unexpected and .mismatched.")
     return CheckpointMismatchError(message, missing, unexpected, mismatched)
 
@@ -178,7 +180,7 @@ def load_checkpoint(model: nn.Module, path_or_dict: Union[str, os.PathLike, dict
     shapes suggest; without, they are skipped. Keys starting with a prefix in ``exclude`` are ignored on both
     sides (``exclude=("head.",)`` keeps the model's own classifier). Returns ``model``."""
     ckpt = read_checkpoint(path_or_dict)
-    sd = unwrap_state_dict(ckpt, use_ema)
+    sd = raw = unwrap_state_dict(ckpt, use_ema)
     if hasattr(model, "checkpoint_filter"):
         sd = model.checkpoint_filter(sd)
     own = model.state_dict()
@@ -188,7 +190,7 @@ def load_checkpoint(model: nn.Module, path_or_dict: Union[str, os.PathLike, dict
         own = {k: v for k, v in own.items() if not k.startswith(prefixes)}
     if strict:
         source = "checkpoint" if isinstance(path_or_dict, dict) else f"checkpoint {os.fspath(path_or_dict)!r}"
-        error = _mismatch_error(model, sd, own, source, _saved_for(ckpt))
+        error = _mismatch_error(model, sd, own, raw, source, _saved_for(ckpt))
         if error is not None:
             raise error
     model.load_state_dict({k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}, strict=False)
