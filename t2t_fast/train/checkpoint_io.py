@@ -76,8 +76,6 @@ def latest_checkpoint(directory: str) -> Optional[str]:
 
 def load(path: str) -> dict:
     """A training checkpoint (``weights_only`` loading); ConfigError when missing, unreadable or not ours."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"--resume: no checkpoint file at {path!r}")
     try:
         ckpt = read_checkpoint(path)
     except ValueError as e:

@@ -381,7 +381,11 @@ class Trainer:
                                   f"({os.path.basename(existing)}): pass --resume auto to continue that run, or "
                                   "choose another --output")
             return None
-        return existing if cfg.resume == "auto" else cfg.resume
+        if cfg.resume == "auto":
+            return existing
+        if not os.path.isfile(cfg.resume):
+            raise ConfigError(f"--resume: no checkpoint file at {cfg.resume!r}")
+        return cfg.resume
 
     def _build_data(self) -> None:
         """The datasets (transforms are attached by ``_build_model``, from the model's pretrained_cfg)."""
@@ -453,8 +457,9 @@ class Trainer:
     def _restore(self, path: str) -> list[str]:
         """Load a training checkpoint into every part of the run (the RNG streams last, in ``_open_output``);
         returns what to tell the user."""
+        ckpt = checkpoint_io.load(path)
         try:
-            notes = self.state.load_state_dict(checkpoint_io.load(path))
+            notes = self.state.load_state_dict(ckpt)
         except ConfigError as e:
             raise ConfigError(f"--resume {path!r}: {e}") from None
         state = self.state
