@@ -73,7 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "info":
         print(info())
         return 0
-    from t2t_fast.train import TrainingDiverged, finetune, train
+    from t2t_fast.train import ConfigError, TrainingDiverged, finetune, train
 
     settings = {k: v for k, v in vars(args).items() if k != "command"}
     try:
@@ -81,7 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TrainingDiverged as e:
         print(f"t2t-fast {args.command}: {e}", file=sys.stderr)
         return 1
-    except ValueError as e:
+    except ConfigError as e:  # bad input; any other exception is a bug and keeps its traceback
         print(f"t2t-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -73,3 +73,27 @@ def test_python_m_entry_point():
 def test_console_script():
     proc = subprocess.run(["t2t-fast", "finetune", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "usage: t2t-fast finetune" in proc.stdout
+
+
+def test_start_up_errors_exit_2_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["train", "--model", "no_such_model", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("t2t-fast train: error: --model 'no_such_model' is not a model here") and not out.exists()
+    assert main(["train", "--resume", str(tmp_path / "missing.pth")]) == 2
+    captured = capsys.readouterr()
+    assert "no checkpoint file" in captured.err and captured.out == ""  # no banner before the error
+
+
+def test_an_error_deep_in_training_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only bad input (ConfigError) is 'error + exit 2'; a ValueError inside training is a bug and propagates."""
+    from t2t_fast.train import engine
+
+    def broken_fit(self):
+        raise ValueError("a bug inside the training loop")
+
+    monkeypatch.setattr(engine.Trainer, "fit", broken_fit)
+    with pytest.raises(ValueError, match="a bug inside the training loop"):
+        main(["train", "--train-samples", "16", "--val-samples", "8", "-b", "8", "--epochs", "1", "--output",
+              str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "run.lock").exists()  # the lock is released on the way out

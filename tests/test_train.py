@@ -411,3 +411,146 @@ def test_gpu_run_with_memory_knobs(tmp_path, precision):
     resumed = train(TINY + ["--device", "cuda", "--precision", precision, "--epochs", "2", "--model-ema",
                             "--output", str(tmp_path), "--resume", "auto"])
     assert resumed["epochs"] == 2
+
+
+# ------------------------------------------------------------------------------------------------------------
+# start-up: everything checked before anything is written; the run folder's lock; short-run schedules; EMA
+# ------------------------------------------------------------------------------------------------------------
+def _build(args, capsys=None):
+    """A Trainer built (checked, folder opened, banner printed) but not run; closed again."""
+    import time
+
+    trainer = engine.Trainer(resolve(args), engine.setup_distributed("cpu"), time.time())
+    trainer.close()
+    return trainer
+
+
+def test_bad_input_fails_before_the_run_folder_or_the_banner(tmp_path, monkeypatch, capsys):
+    from t2t_fast.train import ConfigError
+
+    monkeypatch.chdir(tmp_path)  # the default output/train/<time>-... would be created here
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"\x00\x01 not a checkpoint")
+    cases = [
+        (["--model", "no_such_model"], "--model 'no_such_model' is not a model here; available: .*t2t_vit_14"),
+        (["--resume", str(tmp_path / "missing.pth")], "no checkpoint file"),
+        (["--resume", str(garbage)], "garbage.pth.*not a PyTorch checkpoint"),
+        (["--data", str(tmp_path / "nowhere")], "is not a directory"),
+        (["--num-classes", "3", "--dataset", "builtin", "-b", "64", "--train-samples", "32"], "smaller than one"),
+    ]
+    for args, match in cases:
+        with pytest.raises(ConfigError, match=match):
+            train(TINY + args)
+        with pytest.raises(ConfigError, match=match):  # the same with an explicit --output
+            train(TINY + args + ["--output", str(tmp_path / "out")])
+    with pytest.raises(ConfigError, match=r"--checkpoint: checkpoint .*garbage.pth.* cannot be read"):
+        finetune(TINY + ["--checkpoint", str(garbage), "--output", str(tmp_path / "out")])
+    assert sorted(os.listdir(tmp_path)) == ["garbage.pth"]  # no output/ and no out/ folder
+    assert capsys.readouterr().out == ""  # no banner
+
+
+def test_lock_refuses_a_second_run_and_recognizes_a_stale_one(tmp_path, capsys):
+    import socket
+
+    from t2t_fast.train import ConfigError, rundir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    live = {"pid": os.getpid(), "host": socket.gethostname(), "started": "2026-01-01T00:00:00+00:00"}
+    (out / "run.lock").write_text(json.dumps(live))
+    with pytest.raises(ConfigError, match=rf"in use by another run \(pid {os.getpid()} on {socket.gethostname()}, "
+                                          r"started 2026-01-01T00:00:00\+00:00.*delete the lock file"):
+        train(TINY + ["--output", str(out)])
+    assert os.listdir(out) == ["run.lock"]
+    other_host = dict(live, host="elsewhere", pid=1)
+    (out / "run.lock").write_text(json.dumps(other_host))
+    with pytest.raises(ConfigError, match="pid 1 on elsewhere"):
+        rundir.RunDir(str(out)).open()
+    (out / "run.lock").write_text("{torn")
+    with pytest.raises(ConfigError, match="unreadable lock file"):
+        rundir.RunDir(str(out)).open()
+    # a run killed on this host leaves its lock behind: its pid is gone, so the lock is stale and taken over
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / "run.lock").write_text(json.dumps(dict(live, pid=dead.pid)))
+    d = rundir.RunDir(str(out))
+    assert d.lock_owner() is None
+    assert f"stale lock of a run that is gone (pid {dead.pid}" in d.open()
+    assert json.loads((out / "run.lock").read_text())["pid"] == os.getpid()
+    with pytest.raises(ConfigError, match="in use"):  # held now
+        rundir.RunDir(str(out)).open()
+    d.close()
+    assert not (out / "run.lock").exists()
+    # a finished run releases its lock
+    train(TINY + ["--output", str(tmp_path / "done")])
+    assert not (tmp_path / "done" / "run.lock").exists()
+
+
+def test_short_runs_scale_the_presets_warmup_and_cooldown(tmp_path, capsys):
+    short = resolve(["--data", "/x", "--epochs", "2"])
+    assert (short.warmup_epochs, short.cooldown_epochs) == (0.067, 0)  # 10 x 2/300, int(10 x 2/300)
+    assert "warmup 10 -> 0.067 and cooldown 10 -> 0 epochs, scaled to --epochs 2 of its 300" in short.adjusted[0]
+    mid = resolve(["--data", "/x", "--epochs", "150"])
+    assert (mid.warmup_epochs, mid.cooldown_epochs) == (5, 5)
+    given = resolve(["--data", "/x", "--epochs", "2", "--warmup-epochs", "1", "--cooldown-epochs", "3"])
+    assert (given.warmup_epochs, given.cooldown_epochs, given.adjusted) == (1, 3, ())
+    full = resolve(["--data", "/x"])
+    assert (full.warmup_epochs, full.cooldown_epochs, full.adjusted) == (10, 10, ())
+    with pytest.raises(ValueError, match="--warmup-epochs 3 exceeds --epochs 2"):  # an explicit value is kept
+        resolve(["--data", "/x", "--epochs", "2", "--warmup-epochs", "3"])
+    # the banner prints the total and the warmup in updates (builtin preset: 8 epochs with 1 warmup epoch)
+    trainer = _build(TINY + ["--epochs", "2", "--output", str(tmp_path)])
+    banner = " ".join(capsys.readouterr().out.split())
+    assert trainer.total_epochs == 2 and trainer.schedule.warmup_steps == 1  # 0.25 epochs of 4 updates
+    assert "schedule: 2 epochs in all (2 cosine + 0 cooldown at 1e-05) of 4 updates; warmup 0.25 epochs = 1 update;" \
+        " the preset's warmup 1 -> 0.25 epochs, scaled to --epochs 2 of its 8" in banner
+
+
+def test_fp16_on_cpu_warns_and_points_to_bf16(tmp_path, capsys):
+    _build(TINY + ["--precision", "fp16", "--output", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert "--precision fp16 on the CPU runs far slower" in err and "--precision bf16" in err
+    _build(TINY + ["--precision", "bf16", "--output", str(tmp_path / "b")])
+    assert "fp16" not in capsys.readouterr().err
+
+
+def test_ema_warmup_is_on_by_default_and_follows_recent_weights():
+    from t2t_fast.train.ema import ModelEMA
+
+    assert resolve(["--data", "/x"]).model_ema_warmup and resolve([]).model_ema_warmup
+    assert not resolve(["--data", "/x", "--no-model-ema-warmup"]).model_ema_warmup
+    model = torch.nn.Linear(4, 4)
+    ema = ModelEMA(model, decay=0.99996)
+    decays = []
+    for step in range(1, 301):
+        decays.append(ema.current_decay())
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        ema.update(model)
+    assert decays[0] == 0.0 and all(a < b for a, b in zip(decays, decays[1:])) and decays[-1] < 0.99996
+    assert decays[99] == pytest.approx(1 - 100 ** (-2 / 3))
+    # after 300 updates the average sits among the recent weights (~n^(2/3) = 45 updates back), far from the start
+    assert 230 < ema.module.weight[0, 0].item() < 300
+    plain = ModelEMA(torch.nn.Linear(4, 4), decay=0.99996, warmup=False)
+    assert plain.current_decay() == 0.99996
+
+
+def test_run_state_round_trip(tmp_path):
+    """The checkpoint format has one owner: a state_dict loaded into another run's RunState gives it back."""
+    a = _build(TINY + ["--output", str(tmp_path / "a")])
+    a.state.epoch, a.state.global_step, a.state.samples_done, a.state.best_top1 = 3, 12, 16, 55.5
+    a.state.history = [{"epoch": 1, "top1": 50.0}]
+    a.state.epoch_stats.loss_sum = 4.5
+    a.state.rngs = [checkpoint_io.rng_state()]
+    sd = a.state.state_dict()
+    b = _build(TINY + ["--output", str(tmp_path / "b"), "--seed", "7"])
+    assert not torch.equal(b.model.cls_token, a.model.cls_token)
+    assert b.state.load_state_dict(sd) == []
+    again = b.state.state_dict()
+    assert torch.equal(b.model.cls_token, a.model.cls_token)
+    assert set(again) == set(sd)
+    for key in ("epoch", "global_step", "samples_done", "best_top1", "history", "epoch_stats", "model", "img_size"):
+        assert again[key] == sd[key], key
+    c = _build(TINY + ["--output", str(tmp_path / "c"), "--num-classes", "4"])
+    with pytest.raises(ValueError, match=r"belongs to another run: it has num_classes 8 \(this run: 4\)"):
+        c.state.load_state_dict(sd)

@@ -44,9 +44,13 @@ def create_model(name: str, pretrained: Union[None, str, os.PathLike, dict] = No
 
 def register_timm(names: Optional[list[str]] = None) -> None:
     """Register our models with timm's ``create_model`` (imports timm; timm is optional)."""
-    from timm.models import register_model as timm_register
-
-    from timm.models import is_model
+    try:
+        from timm.models import is_model, register_model as timm_register
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "timm":
+            raise  # timm is there but one of its own imports failed
+        raise ModuleNotFoundError("register_timm() needs timm, which is not installed: pip install timm",
+                                  name="timm") from e
 
     for name in names or list_models():
         fn = _MODELS[name]

@@ -2,14 +2,16 @@
 
 Both take CLI-style arguments (``train(["--epochs", "3"])``), an ``argparse.Namespace``, a dict of settings
 (``train({"epochs": 3})``, keys are the flags' dest names) or a ``TrainConfig``, and return the run summary
-(the content of OUTPUT/summary.json). See ``t2t_fast.train.config`` for every setting and its default.
+(the content of OUTPUT/summary.json). See ``t2t_fast.train.config`` for every setting and its default. Bad input
+(a setting, a path, the data, a checkpoint that does not fit) raises ``ConfigError`` (a ValueError) before the run
+folder is created.
 """
 from __future__ import annotations
 
 import argparse
 from typing import Sequence, Union
 
-from t2t_fast.train.config import PRESETS, TrainConfig, build_parser, resolve
+from t2t_fast.train.config import PRESETS, ConfigError, TrainConfig, build_parser, resolve
 from t2t_fast.train.engine import TrainingDiverged
 
 Settings = Union[Sequence[str], argparse.Namespace, dict, TrainConfig, None]
@@ -29,4 +31,4 @@ def finetune(args_or_config: Settings = None) -> dict:
     return run(resolve(args_or_config, "finetune"))
 
 
-__all__ = ["train", "finetune", "TrainConfig", "TrainingDiverged", "build_parser", "resolve", "PRESETS"]
+__all__ = ["train", "finetune", "TrainConfig", "ConfigError", "TrainingDiverged", "build_parser", "resolve", "PRESETS"]

@@ -6,7 +6,6 @@ old file or the new one, never a torn one. Stray ``.tmp`` files of a killed writ
 """
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import shutil
@@ -14,6 +13,9 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+
+from t2t_fast.checkpoint import read_checkpoint
+from t2t_fast.train.config import ConfigError
 
 LAST, BEST = "last.pth", "best.pth"
 
@@ -73,18 +75,14 @@ def latest_checkpoint(directory: str) -> Optional[str]:
 
 
 def load(path: str) -> dict:
-    """A training checkpoint (``weights_only`` loading); ValueError when missing, torn or not ours."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--resume: no checkpoint file at {path!r}")
+    """A training checkpoint (``weights_only`` loading); ConfigError when missing, unreadable or not ours."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"--resume: cannot read checkpoint {path!r} (truncated or corrupt?): "
-                         f"{type(e).__name__}: {e}") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "optimizer" not in ckpt:
-        raise ValueError(f"--resume: {path!r} is not a t2t-fast training checkpoint (no state_dict/optimizer); "
-                         "to start from weights only, use `t2t-fast finetune --checkpoint`")
+        ckpt = read_checkpoint(path)
+    except ValueError as e:
+        raise ConfigError(f"--resume: {e}") from None
+    if "state_dict" not in ckpt or "optimizer" not in ckpt:
+        raise ConfigError(f"--resume: {path!r} is not a t2t-fast training checkpoint (no state_dict/optimizer); "
+                          "to start from weights only, use `t2t-fast finetune --checkpoint`")
     return ckpt
 
 

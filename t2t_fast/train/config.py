@@ -1,7 +1,9 @@
 """Training configuration: the paper's recipe as defaults, timm-style flags, and the quick built-in preset.
 
 A setting comes from, in order of precedence: the flag given by the user, the preset (``builtin`` when no
---data/--dataset is given, ``finetune`` for ``t2t-fast finetune``), the paper's ImageNet recipe (SPEC.md).
+--data/--dataset is given, ``finetune`` for ``t2t-fast finetune``), the paper's ImageNet recipe (see
+docs/training.md). A run shorter than its preset keeps the preset's warmup and cooldown in proportion (see
+``resolve``).
 """
 from __future__ import annotations
 
@@ -12,7 +14,14 @@ from typing import Any, Optional, Sequence, Union
 
 DEFAULT_CIFAR_ROOT = "data"  # --dataset cifar10/cifar100 without --data: ./data/cifar-10-batches-py etc.
 
-# Weight decay of the published commands, per model family (SPEC.md); others use 0.05.
+# Weight decay of the published training commands, per model family; others use 0.05.
+
+
+class ConfigError(ValueError):
+    """Bad input to a training run (a setting, a path, the data, a checkpoint that does not fit): the CLI prints
+    the message and exits with status 2. Any other exception is a bug and keeps its traceback."""
+
+
 _MODEL_WEIGHT_DECAY = {"t2t_vit_7": 0.03, "t2t_vit_10": 0.03, "t2t_vit_12": 0.03, "t2t_vit_19": 0.065,
                        "t2t_vit_24": 0.065, "t2t_vit_t_19": 0.065, "t2t_vit_t_24": 0.065}
 
@@ -46,7 +55,7 @@ class TrainConfig:
     cooldown_epochs: int = 10
     lr: float = 1e-3
     min_lr: float = 1e-5
-    warmup_epochs: int = 10
+    warmup_epochs: float = 10
     warmup_lr: float = 1e-6
     weight_decay: Optional[float] = None  # None: the published value for the model
     momentum: float = 0.9
@@ -70,7 +79,7 @@ class TrainConfig:
     # EMA
     model_ema: bool = True
     model_ema_decay: float = 0.99996
-    model_ema_warmup: bool = False
+    model_ema_warmup: bool = True
     # run
     seed: int = 42
     deterministic: bool = False
@@ -80,6 +89,8 @@ class TrainConfig:
     save_every: int = 1000
     log_interval: int = 50
     max_bad_steps: int = 20
+    # what resolve() changed from the preset for this run, in words (printed in the banner; not a setting)
+    adjusted: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -89,7 +100,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # `t2t-fast train` with no data: a few CPU minutes on the built-in dataset
     "builtin": dict(model="t2t_vit_7", img_size=32, num_classes=8, batch_size=64, epochs=8, cooldown_epochs=0,
                     lr=1e-3, warmup_epochs=1, drop_path=0.0, aa="none", color_jitter=0.0, reprob=0.0, mixup=0.0,
-                    cutmix=0.0, scale=(0.6, 1.0), crop_pct=1.0, model_ema_decay=0.99, model_ema_warmup=True,
+                    cutmix=0.0, scale=(0.6, 1.0), crop_pct=1.0, model_ema_decay=0.99,
                     workers=0, save_every=0, log_interval=10),
     # `t2t-fast finetune`: the paper's CIFAR transfer (SGD 0.05, wd 5e-4, 60 epochs cosine, backbone lr x0.01)
     "finetune": dict(opt="sgd", lr=0.05, weight_decay=5e-4, momentum=0.9, backbone_lr_scale=0.01, epochs=60,
@@ -161,10 +172,12 @@ def build_parser(command: str = "train", prog: Optional[str] = None,
     add(g, "--opt", dest="opt", choices=("adamw", "sgd"))
     add(g, "-b", "--batch-size", dest="batch_size", type=int, help="per process (GPU)")
     add(g, "--epochs", dest="epochs", type=int, help="epochs of the cosine schedule (cooldown comes after)")
-    add(g, "--cooldown-epochs", dest="cooldown_epochs", type=int, help="epochs at --min-lr after the cosine")
+    add(g, "--cooldown-epochs", dest="cooldown_epochs", type=int,
+        help="epochs at --min-lr after the cosine; a preset's value shrinks in proportion with a shorter --epochs")
     add(g, "--lr", dest="lr", type=float, help="peak learning rate (published: 1e-3 for 4x128 images)")
     add(g, "--min-lr", dest="min_lr", type=float)
-    add(g, "--warmup-epochs", dest="warmup_epochs", type=int)
+    add(g, "--warmup-epochs", dest="warmup_epochs", type=float,
+        help="linear warmup (may be fractional); a preset's value shrinks in proportion with a shorter --epochs")
     add(g, "--warmup-lr", dest="warmup_lr", type=float)
     add(g, "--weight-decay", "--wd", dest="weight_decay", type=float,
         help="None: 0.03 for t2t_vit_7/10/12, 0.065 for 19/24, else 0.05")
@@ -197,7 +210,9 @@ def build_parser(command: str = "train", prog: Optional[str] = None,
     add(g, "--no-model-ema", dest="model_ema", action="store_false", help="no EMA")
     add(g, "--model-ema-decay", dest="model_ema_decay", type=float)
     add(g, "--model-ema-warmup", dest="model_ema_warmup", action="store_true",
-        help="cap the decay at (1+n)/(10+n) after n updates (for short runs; on in the builtin preset)")
+        help="cap the decay at 1 - (1+n)^(-2/3) after n updates, so short runs average recent weights (on)")
+    add(g, "--no-model-ema-warmup", dest="model_ema_warmup", action="store_false",
+        help="the plain decay from the first update (the published recipe)")
 
     g = parser.add_argument_group("run")
     add(g, "--seed", dest="seed", type=int)
@@ -217,7 +232,12 @@ def build_parser(command: str = "train", prog: Optional[str] = None,
 
 def resolve(given: Union[argparse.Namespace, dict, Sequence[str], TrainConfig, None] = None,
             command: str = "train") -> TrainConfig:
-    """A complete ``TrainConfig`` from CLI args, a namespace, or a dict of overrides (see module doc)."""
+    """A complete, validated ``TrainConfig`` from CLI args, a namespace, or a dict of overrides (see module doc).
+
+    A preset's warmup and cooldown are sized for its own number of epochs (the ImageNet recipe: 10 and 10 of
+    300). When --epochs is shorter and --warmup-epochs/--cooldown-epochs are not given, each keeps its share
+    of the run (warmup may become fractional; cooldown is rounded down to whole epochs); ``adjusted`` says so.
+    """
     if isinstance(given, TrainConfig):
         return given
     if given is None:
@@ -229,10 +249,10 @@ def resolve(given: Union[argparse.Namespace, dict, Sequence[str], TrainConfig, N
     if not isinstance(given, dict):
         raise TypeError(f"train: expected CLI args, an argparse.Namespace, a dict or a TrainConfig, "
                         f"got {type(given).__name__}")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(given) - known)
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"adjusted"}
+    unknown = sorted(set(given) - known - {"command"})
     if unknown:
-        raise ValueError(f"unknown training settings: {unknown}")
+        raise ConfigError(f"unknown training settings: {unknown}")
     given = {k: v for k, v in given.items() if k != "command"}
     dataset = given.get("dataset") or ("folder" if given.get("data") else "builtin")
     values: dict[str, Any] = {}
@@ -246,6 +266,7 @@ def resolve(given: Union[argparse.Namespace, dict, Sequence[str], TrainConfig, N
         values.update(PRESETS["builtin"])
     else:
         preset = "imagenet"
+    preset_epochs = values.get("epochs", TrainConfig.epochs)
     values.update(given)
     values.update(command=command, preset=preset, dataset=dataset)
     if dataset in ("cifar10", "cifar100") and values.get("data") is None:
@@ -256,38 +277,70 @@ def resolve(given: Union[argparse.Namespace, dict, Sequence[str], TrainConfig, N
     cfg = TrainConfig(**values)
     if cfg.weight_decay is None:
         cfg.weight_decay = _MODEL_WEIGHT_DECAY.get(cfg.model, 0.05)
+    cfg.adjusted = _fit_schedule(cfg, preset_epochs, given)
     validate(cfg)
     return cfg
 
 
+def _fit_schedule(cfg: TrainConfig, preset_epochs: int, given: dict) -> tuple[str, ...]:
+    """Shrink the preset's warmup and cooldown for a run shorter than the preset (in place); what changed."""
+    if not 0 < cfg.epochs < preset_epochs:
+        return ()
+    share = cfg.epochs / preset_epochs
+    changes = []
+    if "warmup_epochs" not in given and cfg.warmup_epochs > 0:
+        new = round(cfg.warmup_epochs * share, 3)
+        changes.append(f"warmup {cfg.warmup_epochs:g} -> {new:g}")
+        cfg.warmup_epochs = new
+    if "cooldown_epochs" not in given and cfg.cooldown_epochs > 0:
+        new = int(cfg.cooldown_epochs * share)
+        changes.append(f"cooldown {cfg.cooldown_epochs} -> {new}")
+        cfg.cooldown_epochs = new
+    if not changes:
+        return ()
+    return (f"the preset's {' and '.join(changes)} epochs, scaled to --epochs {cfg.epochs} of its {preset_epochs}",)
+
+
 def validate(cfg: TrainConfig) -> None:
-    """ValueError naming the first setting that cannot work."""
+    """ConfigError naming the first setting that cannot work (the model name included). Files and data are
+    checked by the trainer, which reads them all before it creates anything."""
     positive = ("batch_size", "accum_steps", "img_size", "train_samples", "val_samples")
     for k in positive:
         if getattr(cfg, k) < 1:
-            raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(cfg, k)}")
+            raise ConfigError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(cfg, k)}")
     for k in ("epochs", "cooldown_epochs", "warmup_epochs", "workers", "save_every", "max_bad_steps"):
         if getattr(cfg, k) < 0:
-            raise ValueError(f"--{k.replace('_', '-')} must be >= 0, got {getattr(cfg, k)}")
+            raise ConfigError(f"--{k.replace('_', '-')} must be >= 0, got {getattr(cfg, k)}")
     if cfg.epochs + cfg.cooldown_epochs < 1:
-        raise ValueError("--epochs plus --cooldown-epochs must be at least 1")
+        raise ConfigError("--epochs plus --cooldown-epochs must be at least 1")
     if cfg.warmup_epochs > cfg.epochs:
-        raise ValueError(f"--warmup-epochs {cfg.warmup_epochs} exceeds --epochs {cfg.epochs}")
+        raise ConfigError(f"--warmup-epochs {cfg.warmup_epochs:g} exceeds --epochs {cfg.epochs}")
     if cfg.img_size % 16:
-        raise ValueError(f"--img-size must be a multiple of 16, got {cfg.img_size}")
+        raise ConfigError(f"--img-size must be a multiple of 16, got {cfg.img_size}")
     for k in ("reprob", "hflip", "smoothing", "mixup_switch_prob", "drop_path"):
         if not 0.0 <= getattr(cfg, k) <= 1.0:
-            raise ValueError(f"--{k.replace('_', '-')} must be in [0, 1], got {getattr(cfg, k)}")
+            raise ConfigError(f"--{k.replace('_', '-')} must be in [0, 1], got {getattr(cfg, k)}")
     if cfg.lr <= 0:
-        raise ValueError(f"--lr must be positive, got {cfg.lr}")
+        raise ConfigError(f"--lr must be positive, got {cfg.lr}")
     if cfg.crop_pct is not None and not 0 < cfg.crop_pct <= 1:
-        raise ValueError(f"--crop-pct must be in (0, 1], got {cfg.crop_pct}")
+        raise ConfigError(f"--crop-pct must be in (0, 1], got {cfg.crop_pct}")
+    if cfg.model_ema and not 0.0 <= cfg.model_ema_decay < 1.0:
+        raise ConfigError(f"--model-ema-decay must be in [0, 1), got {cfg.model_ema_decay}")
     if cfg.dataset == "builtin" and cfg.num_classes is not None and not 2 <= cfg.num_classes <= 8:
-        raise ValueError(f"--num-classes: the builtin dataset has 2..8 classes, got {cfg.num_classes}")
-    if cfg.command == "finetune" and not cfg.checkpoint:
-        raise ValueError("finetune needs --checkpoint PATH (the weights to start from)")
+        raise ConfigError(f"--num-classes: the builtin dataset has 2..8 classes, got {cfg.num_classes}")
     if cfg.dataset != "builtin" and cfg.data is None:
-        raise ValueError(f"--dataset {cfg.dataset} needs --data DIR")
+        raise ConfigError(f"--dataset {cfg.dataset} needs --data DIR")
+    from t2t_fast.models import list_models
+
+    if cfg.model not in list_models():
+        raise ConfigError(f"--model {cfg.model!r} is not a model here; available: {', '.join(list_models())}")
+    if cfg.command == "finetune" and not cfg.checkpoint:
+        raise ConfigError("finetune needs --checkpoint PATH (the weights to start from)")
+    if cfg.resume == "auto" and cfg.output is None:
+        raise ConfigError("--resume auto needs --output DIR (the run directory to look in)")
     from t2t_fast.train.augment import parse_rand_augment
 
-    parse_rand_augment(cfg.aa)
+    try:
+        parse_rand_augment(cfg.aa)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from t2t_fast.train import synthetic
+from t2t_fast.train.config import ConfigError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 _MASK64 = (1 << 64) - 1
@@ -52,12 +53,12 @@ class ImageFolder(Dataset):
 
     def __init__(self, root: str, transform: Optional[Transform], classes: Optional[list[str]] = None):
         if not os.path.isdir(root):
-            raise ValueError(f"data: {root!r} is not a directory")
+            raise ConfigError(f"data: {root!r} is not a directory")
         found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
         if not found:
-            raise ValueError(f"data: {root!r} has no class sub-directories (expected {root}/<class>/<images>)")
+            raise ConfigError(f"data: {root!r} has no class sub-directories (expected {root}/<class>/<images>)")
         if classes is not None and set(found) - set(classes):
-            raise ValueError(f"data: {root!r} has classes that the train split lacks: "
+            raise ConfigError(f"data: {root!r} has classes that the train split lacks: "
                              f"{sorted(set(found) - set(classes))[:5]}")
         self.root, self.transform = root, transform
         self.classes = classes if classes is not None else found
@@ -68,7 +69,7 @@ class ImageFolder(Dataset):
                 self.samples += [(os.path.join(dirpath, f), index[c]) for f in sorted(files)
                                  if f.lower().endswith(IMG_EXTENSIONS)]
         if not self.samples:
-            raise ValueError(f"data: no images ({', '.join(IMG_EXTENSIONS)}) under {root!r}")
+            raise ConfigError(f"data: no images ({', '.join(IMG_EXTENSIONS)}) under {root!r}")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -107,9 +108,9 @@ def _unpickle(path: str) -> dict:
         with open(path, "rb") as f:
             return pickle.load(f, encoding="bytes")
     except FileNotFoundError:
-        raise ValueError(f"data: missing CIFAR file {path!r}") from None
+        raise ConfigError(f"data: missing CIFAR file {path!r}") from None
     except Exception as e:
-        raise ValueError(f"data: cannot read CIFAR file {path!r} ({type(e).__name__}: {e})") from None
+        raise ConfigError(f"data: cannot read CIFAR file {path!r} ({type(e).__name__}: {e})") from None
 
 
 def find_cifar_dir(root: str, name: str) -> str:
@@ -119,7 +120,7 @@ def find_cifar_dir(root: str, name: str) -> str:
         marker = "data_batch_1" if name == "cifar10" else "train"
         if os.path.isfile(os.path.join(cand, marker)):
             return cand
-    raise ValueError(f"data: no {folder} folder at {root!r} (expected {os.path.join(root, folder)} with the "
+    raise ConfigError(f"data: no {folder} folder at {root!r} (expected {os.path.join(root, folder)} with the "
                      f"python-pickle files; download it from https://www.cs.toronto.edu/~kriz/cifar.html and "
                      "extract it there)")
 
@@ -137,7 +138,7 @@ def load_cifar(root: str, name: str, split: str) -> tuple[torch.Tensor, torch.Te
     for f in files:
         batch = _unpickle(os.path.join(d, f))
         if b"data" not in batch or label_key not in batch:
-            raise ValueError(f"data: {os.path.join(d, f)!r} is not a CIFAR batch (keys {sorted(batch)[:5]})")
+            raise ConfigError(f"data: {os.path.join(d, f)!r} is not a CIFAR batch (keys {sorted(batch)[:5]})")
         data.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels += list(batch[label_key])
     num = 10 if name == "cifar10" else 100
@@ -161,7 +162,7 @@ class DataSpec:
 
 def build_datasets(spec: DataSpec, train_tf: Optional[Transform] = None,
                    eval_tf: Optional[Transform] = None) -> tuple[Dataset, Dataset]:
-    """(train, val) datasets, each with ``classes`` and a settable ``transform``; ValueError naming what is
+    """(train, val) datasets, each with ``classes`` and a settable ``transform``; ConfigError naming what is
     missing or wrong."""
     if spec.dataset == "builtin":
         n_cls = spec.num_classes or len(synthetic.CLASSES)
@@ -170,19 +171,19 @@ def build_datasets(spec: DataSpec, train_tf: Optional[Transform] = None,
         classes = list(synthetic.CLASSES[:n_cls])
         return TensorImages(*tr, train_tf, classes), TensorImages(*va, eval_tf, classes)
     if spec.root is None:
-        raise ValueError(f"--dataset {spec.dataset} needs --data DIR")
+        raise ConfigError(f"--dataset {spec.dataset} needs --data DIR")
     if not os.path.isdir(spec.root):
-        raise ValueError(f"data: --data {spec.root!r} is not a directory")
+        raise ConfigError(f"data: --data {spec.root!r} is not a directory")
     if spec.dataset in ("cifar10", "cifar100"):
         x, y, classes = load_cifar(spec.root, spec.dataset, "train")
         xv, yv, _ = load_cifar(spec.root, spec.dataset, "test")
         return TensorImages(x, y, train_tf, classes), TensorImages(xv, yv, eval_tf, classes)
     if spec.dataset != "folder":
-        raise ValueError(f"--dataset must be builtin, folder, cifar10 or cifar100, got {spec.dataset!r}")
+        raise ConfigError(f"--dataset must be builtin, folder, cifar10 or cifar100, got {spec.dataset!r}")
     splits = {s: os.path.join(spec.root, s) for s in ("train", "val")}
     missing = [s for s, p in splits.items() if not os.path.isdir(p)]
     if missing:
-        raise ValueError(f"data: --data {spec.root!r} must hold train/ and val/ ImageFolder trees; missing: "
+        raise ConfigError(f"data: --data {spec.root!r} must hold train/ and val/ ImageFolder trees; missing: "
                          f"{', '.join(m + '/' for m in missing)}")
     train = ImageFolder(splits["train"], train_tf)
     return train, ImageFolder(splits["val"], eval_tf, classes=train.classes)

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -26,12 +25,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import t2t_fast
-from t2t_fast.checkpoint import load_checkpoint, read_checkpoint, unwrap_state_dict
+from t2t_fast.checkpoint import CheckpointMismatchError, load_checkpoint
 from t2t_fast.train import checkpoint_io, data
 from t2t_fast.train.augment import EvalTransform, MixupCutmix, TrainTransform
-from t2t_fast.train.config import TrainConfig
+from t2t_fast.train.config import ConfigError, TrainConfig
 from t2t_fast.train.ema import ModelEMA
 from t2t_fast.train.optim import CosineSchedule, build_optimizer, param_groups
+from t2t_fast.train.rundir import RunDir
 
 CHECKPOINT_FORMAT = "t2t-fast-train-1"
 _MAX_SKIP_WARNINGS = 10
@@ -62,7 +62,7 @@ def setup_distributed(device: str) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+        raise ConfigError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     dev = torch.device("cuda", local % max(1, torch.cuda.device_count())) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -174,37 +174,19 @@ def peak_memory_mib(device: torch.device) -> float:
     return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10
 
 
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _tensorboard(output: str):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard not installed: optional
-        return None
-    return SummaryWriter(os.path.join(output, "tensorboard"))
-
-
 # ------------------------------------------------------------------------------------------------------------
 # model
 # ------------------------------------------------------------------------------------------------------------
 def load_pretrained(model: nn.Module, path: str, use_ema: bool, model_name: str) -> None:
-    """Backbone weights from a checkpoint into ``model``, keeping ``model``'s fresh head (new classes)."""
-    sd = unwrap_state_dict(read_checkpoint(path), use_ema)
-    sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-    sd.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
+    """Backbone weights from a checkpoint into ``model``, keeping ``model``'s fresh head (new classes).
+    ConfigError when the file cannot be read or does not fit."""
     try:
-        load_checkpoint(model, sd)
+        load_checkpoint(model, path, use_ema=use_ema, exclude=("head.",))
+    except CheckpointMismatchError as e:
+        raise ConfigError(f"--checkpoint {path!r} is not a {model_name} checkpoint (choose the matching --model): "
+                          f"{e}") from None
     except ValueError as e:
-        raise ValueError(f"--checkpoint {path!r} is not a {model_name} checkpoint (choose the matching --model): "
-                         f"{e}") from None
+        raise ConfigError(f"--checkpoint: {e}") from None
 
 
 def _loss_fn(mixup: MixupCutmix, smoothing: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -255,53 +237,93 @@ class EpochStats:
     seconds: float = 0.0
 
 
-@dataclass
 class RunState:
-    epoch: int = 0  # the epoch in progress (= epochs completed)
-    samples_done: int = 0  # of this epoch's global order, by all ranks
-    global_step: int = 0  # optimizer updates (skipped ones included)
-    best_top1: float = -1.0
-    best_epoch: int = 0
-    seconds: float = 0.0  # wall time of earlier sessions of this run
-    history: list = field(default_factory=list)
-    epoch_stats: EpochStats = field(default_factory=EpochStats)
+    """Everything a training checkpoint holds, and the one place that knows its format.
+
+    The stateful parts (model, EMA, optimizer, GradScaler, schedule) are referenced, not copied; the run's
+    progress (epoch, position in the epoch, updates, best accuracy, history, running sums) lives here.
+    ``identity`` (model, num_classes, img_size) must match for a resume; ``info`` (fused, world_size,
+    dataset_len, config) is recorded for information. ``rngs`` holds every rank's RNG state: the trainer gathers
+    it before ``state_dict()`` (a collective) and reads it after ``load_state_dict()``.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: CosineSchedule,
+                 scaler: torch.amp.GradScaler, ema: Optional[ModelEMA], identity: dict[str, Any],
+                 info: dict[str, Any], session_start: float):
+        self.model, self.optimizer, self.schedule, self.scaler, self.ema = model, optimizer, schedule, scaler, ema
+        self.identity, self.info, self.session_start = identity, info, session_start
+        self.epoch = 0  # the epoch in progress (= epochs completed)
+        self.samples_done = 0  # of this epoch's global order, by all ranks
+        self.global_step = 0  # optimizer updates (skipped ones included)
+        self.best_top1, self.best_epoch = -1.0, 0
+        self.seconds_before = 0.0  # wall time of earlier sessions of this run
+        self.history: list[dict] = []
+        self.epoch_stats = EpochStats()
+        self.rngs: list[dict] = []
+
+    def seconds(self) -> float:
+        """Wall time of the whole run, earlier sessions included."""
+        return self.seconds_before + time.time() - self.session_start
+
+    def state_dict(self) -> dict:
+        """The checkpoint: weights under ``state_dict`` (and ``state_dict_ema``), so ``load_checkpoint`` reads
+        it like a published one, beside everything a resume needs."""
+        ema = self.ema
+        return {
+            "format": CHECKPOINT_FORMAT, **self.identity, **self.info,
+            "state_dict": self.model.state_dict(),
+            **({"state_dict_ema": ema.module.state_dict(), "ema_updates": ema.updates} if ema else {}),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "scheduler": self.schedule.state_dict(),
+            "epoch": self.epoch, "samples_done": self.samples_done, "global_step": self.global_step,
+            "best_top1": self.best_top1, "best_epoch": self.best_epoch, "seconds": self.seconds(),
+            "history": self.history, "epoch_stats": dataclasses.asdict(self.epoch_stats), "rng": self.rngs,
+        }
+
+    def load_state_dict(self, ckpt: dict) -> list[str]:
+        """Restore every part from a ``state_dict()``; returns warnings about what could not be continued exactly.
+        ConfigError when the checkpoint belongs to another run (model, num_classes or img_size differ)."""
+        wrong = [f"{k} {ckpt.get(k)!r} (this run: {v!r})" for k, v in self.identity.items() if ckpt.get(k) != v]
+        if wrong:
+            raise ConfigError("the checkpoint belongs to another run: it has " + ", ".join(wrong)
+                              + "; resume with the same --model/--img-size/data, or start a new --output")
+        notes = []
+        load_checkpoint(self.model, {"state_dict": ckpt["state_dict"]}, use_ema=False)
+        if self.ema is not None:
+            if "state_dict_ema" in ckpt:
+                self.ema.module.load_state_dict(ckpt["state_dict_ema"])
+                self.ema.updates = int(ckpt.get("ema_updates", 0))
+            else:
+                notes.append("the checkpoint has no EMA weights; the EMA starts from the model's")
+                self.ema.module.load_state_dict(self.model.state_dict())
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.schedule.load_state_dict(ckpt["scheduler"])
+        self.epoch, self.samples_done, self.global_step = ckpt["epoch"], ckpt["samples_done"], ckpt["global_step"]
+        self.best_top1, self.best_epoch = ckpt["best_top1"], ckpt["best_epoch"]
+        self.seconds_before, self.history = ckpt["seconds"], ckpt["history"]
+        self.epoch_stats = EpochStats(**ckpt["epoch_stats"])
+        self.rngs = ckpt["rng"]
+        if ckpt.get("dataset_len") != self.info["dataset_len"]:
+            notes.append(f"the training set had {ckpt.get('dataset_len')} images, now {self.info['dataset_len']}: "
+                         "the data order differs from the interrupted run")
+        if len(self.rngs) != self.info["world_size"]:
+            notes.append(f"checkpoint written by {len(self.rngs)} processes, now {self.info['world_size']}: data "
+                         "position kept, random streams re-seeded (not an exact continuation)")
+        return notes
 
 
-def _resolve_output(cfg: TrainConfig, d: Dist) -> str:
-    out = cfg.output
-    if out is None and cfg.resume not in (None, "auto"):
-        out = os.path.dirname(os.path.abspath(cfg.resume))
-    if out is None:
-        if cfg.resume == "auto":
-            raise ValueError("--resume auto needs --output DIR (the run directory to look in)")
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        out = os.path.join("output", cfg.command, f"{stamp}-{cfg.model}-{cfg.dataset}")
-    out = _broadcast(out, d)
-    if d.main:
-        os.makedirs(out, exist_ok=True)
-    return out
-
-
-def _find_resume(cfg: TrainConfig, out: str, log: Log) -> Optional[str]:
-    if cfg.resume is None:
-        existing = checkpoint_io.latest_checkpoint(out)
-        if existing:
-            raise ValueError(f"--output {out!r} already holds a checkpoint ({os.path.basename(existing)}): pass "
-                             "--resume auto to continue that run, or choose another --output")
-        return None
-    if cfg.resume == "auto":
-        path = checkpoint_io.latest_checkpoint(out)
-        if path is None:
-            log.info(f"--resume auto: no checkpoint in {out} yet, starting a new run")
-        return path
-    return cfg.resume
-
-
-def _check_compatible(ckpt: dict, path: str, expect: dict[str, Any]) -> None:
-    wrong = [f"{k} {ckpt.get(k)!r} (this run: {v!r})" for k, v in expect.items() if ckpt.get(k) != v]
-    if wrong:
-        raise ValueError(f"--resume {path!r} belongs to another run: checkpoint has " + ", ".join(wrong)
-                         + "; resume with the same --model/--img-size/data, or start a new --output")
+def _output_dir(cfg: TrainConfig, d: Dist) -> str:
+    """The run folder (not created here): --output, else the folder of --resume PATH, else a new
+    output/<command>/<YYYYmmdd-HHMMSS>-<model>-<dataset> (rank 0's clock decides under DDP)."""
+    if cfg.output is not None:
+        return cfg.output
+    if cfg.resume not in (None, "auto"):
+        return os.path.dirname(os.path.abspath(cfg.resume))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return _broadcast(os.path.join("output", cfg.command, f"{stamp}-{cfg.model}-{cfg.dataset}"), d)
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -311,36 +333,78 @@ def run(cfg: TrainConfig) -> dict:
     try:
         with determinism(cfg.deterministic, d.device):
             trainer = Trainer(cfg, d, t_start)
-            trainer.fit()
-            return trainer.finish()
+            try:
+                trainer.fit()
+                return trainer.finish()
+            finally:
+                trainer.close()
     finally:
         if d.owns_group:
             dist.destroy_process_group()
 
 
 class Trainer:
-    """One training run: built from a config, restored from a checkpoint if asked, then ``fit`` and ``finish``."""
+    """One training run: ``Trainer(cfg, d, t_start)`` builds it (restored from a checkpoint if asked), then
+    ``fit()``, ``finish()`` and ``close()``.
+
+    The build reads and checks everything first (data, model, weights to start from, the checkpoint to resume)
+    and only then creates the run folder, takes its lock and prints the banner: bad input fails with a
+    ConfigError before anything is written.
+    """
 
     def __init__(self, cfg: TrainConfig, d: Dist, t_start: float):
-        self.cfg, self.d, self.t_start = cfg, d, t_start
+        self.cfg, self.d = cfg, d
         self.log = Log(d.main, cfg.log_interval, d.rank)
         self._skip_warnings = 0
+        self.consecutive_bad = 0
+        self.run_dir = RunDir(_output_dir(cfg, d), d.main)
+        resume_path = self._resume_path()
+        self._build_data()
+        self._build_model(load_weights=cfg.command == "finetune" and resume_path is None)
+        self._build_optimization()
+        self.state = RunState(self.model, self.optimizer, self.schedule, self.scaler, self.ema,
+                              identity={"model": cfg.model, "num_classes": self.num_classes, "img_size": cfg.img_size},
+                              info={"fused": cfg.fused, "world_size": d.world, "dataset_len": len(self.train_ds),
+                                    "config": cfg.to_dict()},
+                              session_start=t_start)
+        notes = self._restore(resume_path) if resume_path is not None else []
+        self._open_output(resume_path, notes)
 
-        # data first (a missing directory fails before anything is written); transforms come from the model
+    # ---- build steps ----
+    def _resume_path(self) -> Optional[str]:
+        """The checkpoint to continue from, or None for a new run; a new run refuses a folder holding one."""
+        cfg = self.cfg
+        existing = self.run_dir.latest_checkpoint()
+        if cfg.resume is None:
+            if existing:
+                raise ConfigError(f"--output {self.run_dir.path!r} already holds a checkpoint "
+                                  f"({os.path.basename(existing)}): pass --resume auto to continue that run, or "
+                                  "choose another --output")
+            return None
+        if cfg.resume == "auto":
+            return existing
+        if not os.path.isfile(cfg.resume):
+            raise ConfigError(f"--resume: no checkpoint file at {cfg.resume!r}")
+        return cfg.resume
+
+    def _build_data(self) -> None:
+        """The datasets (transforms are attached by ``_build_model``, from the model's pretrained_cfg)."""
+        cfg = self.cfg
         spec = data.DataSpec(cfg.dataset, cfg.data, cfg.num_classes, min(cfg.img_size, 64),  # builtin: <= 64 px
                              cfg.train_samples, cfg.val_samples)
         self.train_ds, self.val_ds = data.build_datasets(spec)
         self.num_classes = len(self.train_ds.classes)
         if cfg.num_classes is not None and cfg.num_classes != self.num_classes:
-            raise ValueError(f"--num-classes {cfg.num_classes}, but the data has {self.num_classes} classes")
-        self.out = _resolve_output(cfg, d)
-        resume_path = _find_resume(cfg, self.out, self.log)
+            raise ConfigError(f"--num-classes {cfg.num_classes}, but the data has {self.num_classes} classes")
 
-        # the model: identical initial weights on every rank, then per-rank randomness
+    def _build_model(self, load_weights: bool) -> None:
+        """The model (identical initial weights on every rank, then per-rank randomness), the finetune weights,
+        the EMA and the DDP wrapper."""
+        cfg, d = self.cfg, self.d
         seed_everything(cfg.seed)
         model = t2t_fast.create_model(cfg.model, img_size=cfg.img_size, num_classes=self.num_classes,
                                       drop_path_rate=cfg.drop_path, fused=cfg.fused)
-        if cfg.command == "finetune" and resume_path is None:
+        if load_weights:
             load_pretrained(model, cfg.checkpoint, cfg.checkpoint_ema, cfg.model)
         seed_everything(cfg.seed + d.rank)
         if cfg.grad_checkpoint != "none":
@@ -354,12 +418,23 @@ class Trainer:
                 model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
                 gradient_as_bucket_view=True)
 
-        # loaders, optimizer, schedule, precision
+    def _attach_transforms(self, pcfg: dict) -> None:
+        cfg = self.cfg
+        size = (cfg.img_size, cfg.img_size)
+        crop_pct = cfg.crop_pct if cfg.crop_pct is not None else (pcfg["crop_pct"] if cfg.dataset == "folder"
+                                                                  else 1.0)
+        self.train_ds.transform = TrainTransform(size, pcfg["mean"], pcfg["std"], cfg.scale, cfg.ratio, cfg.hflip,
+                                                 cfg.aa, cfg.color_jitter, cfg.reprob, cfg.interpolation)
+        self.val_ds.transform = EvalTransform(size, pcfg["mean"], pcfg["std"], crop_pct, cfg.interpolation)
+
+    def _build_optimization(self) -> None:
+        """Sampler and loaders, optimizer, schedule, precision, mixup and loss."""
+        cfg, d, model = self.cfg, self.d, self.model
         self.sampler = data.TrainSampler(len(self.train_ds), cfg.batch_size, d.rank, d.world, cfg.seed)
         self.updates_per_epoch = self.sampler.batches_per_epoch // cfg.accum_steps
         if self.updates_per_epoch < 1:
-            raise ValueError(f"the training set ({len(self.train_ds)} images) is smaller than one update: batch "
-                             f"{cfg.batch_size} x {d.world} processes x {cfg.accum_steps} accumulation steps")
+            raise ConfigError(f"the training set ({len(self.train_ds)} images) is smaller than one update: batch "
+                              f"{cfg.batch_size} x {d.world} processes x {cfg.accum_steps} accumulation steps")
         self.per_update = cfg.batch_size * d.world * cfg.accum_steps  # images per update, all ranks
         pin = d.device.type == "cuda"
         self.train_loader = data.make_loader(self.train_ds, self.sampler, cfg.batch_size, cfg.workers, pin, cfg.seed)
@@ -370,7 +445,7 @@ class Trainer:
         groups = param_groups(model, cfg.weight_decay, model.no_weight_decay(), lr_scale)
         self.optimizer = build_optimizer(cfg.opt, groups, cfg.lr, cfg.momentum)
         self.schedule = CosineSchedule(self.optimizer, cfg.lr, cfg.min_lr, cfg.warmup_lr,
-                                       cfg.warmup_epochs * self.updates_per_epoch,
+                                       round(cfg.warmup_epochs * self.updates_per_epoch),
                                        cfg.epochs * self.updates_per_epoch)
         self.total_epochs = cfg.epochs + cfg.cooldown_epochs
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
@@ -378,28 +453,49 @@ class Trainer:
         self.mixup = MixupCutmix(self.num_classes, cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob, cfg.smoothing)
         self.criterion = _loss_fn(self.mixup, cfg.smoothing)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.identity = {"model": cfg.model, "num_classes": self.num_classes, "img_size": cfg.img_size}
 
-        self._banner()
-        self.state = RunState()
-        self.consecutive_bad = 0
-        rng = self._restore(resume_path) if resume_path is not None else None
-        if d.main:  # metrics.jsonl holds exactly the finished epochs of this run
-            with open(os.path.join(self.out, "metrics.jsonl"), "w") as f:
-                f.writelines(json.dumps(rec) + "\n" for rec in self.state.history)
-        self.tb = _tensorboard(self.out) if d.main else None
-        if rng is not None:  # last: nothing may draw from the restored streams before training does
-            checkpoint_io.set_rng_state(rng)
+    def _restore(self, path: str) -> list[str]:
+        """Load a training checkpoint into every part of the run (the RNG streams last, in ``_open_output``);
+        returns what to tell the user."""
+        ckpt = checkpoint_io.load(path)
+        try:
+            notes = self.state.load_state_dict(ckpt)
+        except ConfigError as e:
+            raise ConfigError(f"--resume {path!r}: {e}") from None
+        state = self.state
+        if state.epoch >= self.total_epochs:
+            done = f"resumed from {path}: all {self.total_epochs} epochs are done (raise --epochs to go on)"
+        else:
+            done = (f"resumed from {path}: epoch {state.epoch + 1}, update {state.global_step}"
+                    + (f", {state.samples_done} images into the epoch" if state.samples_done else ""))
+        return [f"--resume: {n}" for n in notes] + [done]
 
-    # ---- setup helpers ----
-    def _attach_transforms(self, pcfg: dict) -> None:
-        cfg = self.cfg
-        size = (cfg.img_size, cfg.img_size)
-        crop_pct = cfg.crop_pct if cfg.crop_pct is not None else (pcfg["crop_pct"] if cfg.dataset == "folder"
-                                                                  else 1.0)
-        self.train_ds.transform = TrainTransform(size, pcfg["mean"], pcfg["std"], cfg.scale, cfg.ratio, cfg.hflip,
-                                                 cfg.aa, cfg.color_jitter, cfg.reprob, cfg.interpolation)
-        self.val_ds.transform = EvalTransform(size, pcfg["mean"], pcfg["std"], crop_pct, cfg.interpolation)
+    def _open_output(self, resume_path: Optional[str], notes: list[str]) -> None:
+        """Everything is checked: create the folder and take its lock (rank 0; every rank fails if it cannot),
+        print the banner, write metrics.jsonl, and set the restored RNG streams last (nothing may draw from
+        them before training does)."""
+        d = self.d
+        error = taken_over = None
+        if d.main:
+            try:
+                taken_over = self.run_dir.open()
+            except ConfigError as e:
+                error = str(e)
+        error = _broadcast(error, d)
+        if error is not None:
+            raise ConfigError(error)
+        try:
+            self._banner()
+            for line in ([taken_over] if taken_over else []) + notes:
+                self.log.info(line)
+            if self.cfg.resume == "auto" and resume_path is None:
+                self.log.info(f"--resume auto: no checkpoint in {self.run_dir.path} yet, starting a new run")
+            self.run_dir.write_metrics(self.state.history)
+        except BaseException:
+            self.run_dir.close()
+            raise
+        if len(self.state.rngs) == d.world:
+            checkpoint_io.set_rng_state(self.state.rngs[d.rank])
 
     def _banner(self) -> None:
         cfg, d = self.cfg, self.d
@@ -416,45 +512,24 @@ class Trainer:
         avail = ", ".join(n for n, info in t2t_fast.backends().items() if info)
         ops = f"fused ops, backends available: {avail}" if cfg.fused else "reference path (--no-fused)"
         accum = f" x {cfg.accum_steps} accum" if cfg.accum_steps > 1 else ""
-        ema = f"{cfg.model_ema_decay:g}" if self.ema else "off"
+        ema = "off"
+        if self.ema:
+            ema = f"{cfg.model_ema_decay:g}" + (" with warmup" if cfg.model_ema_warmup else "")
         self.log.info(f"model {cfg.model} ({n_params / 1e6:.2f}M params, img {cfg.img_size}, {ops}); {d.world} "
                       f"process(es) on {d.device.type}, {cfg.precision}; batch {cfg.batch_size} x {d.world}{accum}, "
-                      f"{cfg.opt} lr {cfg.lr:g} wd {cfg.weight_decay:g}, {cfg.epochs}+{cfg.cooldown_epochs} epochs "
-                      f"of {self.updates_per_epoch} updates; EMA {ema}; output {self.out}")
+                      f"{cfg.opt} lr {cfg.lr:g} wd {cfg.weight_decay:g}; EMA {ema}; output {self.run_dir.path}")
+        warmup = self.schedule.warmup_steps
+        self.log.info(f"schedule: {self.total_epochs} epochs in all ({cfg.epochs} cosine + {cfg.cooldown_epochs} "
+                      f"cooldown at {cfg.min_lr:g}) of {self.updates_per_epoch} updates; warmup {cfg.warmup_epochs:g} "
+                      f"epochs = {warmup} update{'s' if warmup != 1 else ''}"
+                      + "".join(f"; {note}" for note in cfg.adjusted))
+        if cfg.precision == "fp16" and d.device.type == "cpu":
+            self.log.warn("--precision fp16 on the CPU runs far slower than fp32 (few CPU kernels are fast in "
+                          "float16); use --precision bf16 (same memory savings, no GradScaler) or fp32")
 
-    def _restore(self, path: str) -> Optional[dict]:
-        """Load a training checkpoint into every part of the run; returns this rank's RNG state (or None)."""
-        ckpt = checkpoint_io.load(path)
-        _check_compatible(ckpt, path, self.identity)
-        load_checkpoint(self.model, {"state_dict": ckpt["state_dict"]}, use_ema=False)
-        if self.ema is not None:
-            if "state_dict_ema" in ckpt:
-                self.ema.module.load_state_dict(ckpt["state_dict_ema"])
-                self.ema.updates = int(ckpt.get("ema_updates", 0))
-            else:
-                self.log.info("--resume: the checkpoint has no EMA weights; the EMA starts from the model's")
-                self.ema.module.load_state_dict(self.model.state_dict())
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.schedule.load_state_dict(ckpt["scheduler"])
-        state = self.state
-        for k in ("epoch", "samples_done", "global_step", "best_top1", "best_epoch", "seconds", "history"):
-            setattr(state, k, ckpt[k])
-        state.epoch_stats = EpochStats(**ckpt["epoch_stats"])
-        if ckpt.get("dataset_len") != len(self.train_ds):
-            self.log.warn(f"--resume: the training set had {ckpt.get('dataset_len')} images, now "
-                          f"{len(self.train_ds)}: the data order differs from the interrupted run")
-        if state.epoch >= self.total_epochs:
-            self.log.info(f"resumed from {path}: all {self.total_epochs} epochs are done (raise --epochs to go on)")
-        else:
-            self.log.info(f"resumed from {path}: epoch {state.epoch + 1}, update {state.global_step}"
-                          + (f", {state.samples_done} images into the epoch" if state.samples_done else ""))
-        if len(ckpt["rng"]) == self.d.world:
-            return ckpt["rng"][self.d.rank]
-        self.log.warn(f"--resume: checkpoint written by {len(ckpt['rng'])} processes, now {self.d.world}: data "
-                      "position kept, random streams re-seeded (not an exact continuation)")
-        return None
+    def close(self) -> None:
+        """Release the run folder (its lock, TensorBoard)."""
+        self.run_dir.close()
 
     # ---- pieces of the loop ----
     def _autocast(self):
@@ -469,36 +544,15 @@ class Trainer:
                               + (" (further skips are only counted)" if last else ""), every_rank=True)
 
     def save(self, best: bool = False) -> None:
-        """Checkpoint everything (rank 0 writes; every rank contributes its RNG state)."""
-        d, state = self.d, self.state
+        """Checkpoint everything (every rank contributes its RNG state; rank 0 writes)."""
         mine = checkpoint_io.rng_state()
         rngs = [mine]
-        if d.world > 1:
-            rngs = [None] * d.world
+        if self.d.world > 1:
+            rngs = [None] * self.d.world
             dist.all_gather_object(rngs, mine)
-        if not d.main:
-            return
-        ema = self.ema
-        ckpt = {
-            "format": CHECKPOINT_FORMAT, **self.identity, "fused": self.cfg.fused,
-            "state_dict": self.model.state_dict(),
-            **({"state_dict_ema": ema.module.state_dict(), "ema_updates": ema.updates} if ema else {}),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "scheduler": self.schedule.state_dict(),
-            "epoch": state.epoch, "samples_done": state.samples_done, "global_step": state.global_step,
-            "best_top1": state.best_top1, "best_epoch": state.best_epoch, "seconds": self.seconds(),
-            "history": state.history, "epoch_stats": dataclasses.asdict(state.epoch_stats), "rng": rngs,
-            "world_size": d.world, "dataset_len": len(self.train_ds), "config": self.cfg.to_dict(),
-        }
-        last = os.path.join(self.out, checkpoint_io.LAST)
-        checkpoint_io.atomic_save(ckpt, last)
-        if best:
-            checkpoint_io.atomic_copy(last, os.path.join(self.out, checkpoint_io.BEST))
-
-    def seconds(self) -> float:
-        """Wall time of the whole run, earlier sessions included."""
-        return self.state.seconds + time.time() - self.t_start
+        self.state.rngs = rngs
+        if self.d.main:
+            self.run_dir.save_checkpoint(self.state.state_dict(), best)
 
     def _forward_backward(self, epoch: int, update: int, micro_batches: list) -> tuple[float, float, float]:
         """Accumulate gradients over the micro-batches of one update; returns (loss sum, micro-batches with
@@ -540,7 +594,7 @@ class Trainer:
         self.log.warn(f"non-finite loss at epoch {epoch + 1} update {update + 1}: update skipped "
                       f"({self.consecutive_bad} in a row, limit --max-bad-steps {cfg.max_bad_steps})")
         if self.consecutive_bad >= cfg.max_bad_steps:
-            last = os.path.join(self.out, checkpoint_io.LAST)
+            last = self.run_dir.last
             keep = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written yet"
             raise TrainingDiverged(
                 f"stopped: the loss was not finite for {self.consecutive_bad} updates in a row (epoch {epoch + 1}, "
@@ -609,7 +663,7 @@ class Trainer:
                                                               self.cfg.channels_last, self._on_skipped)
         record.update(lr=lr, img_per_s=stats.images / max(stats.seconds, 1e-9),
                       peak_mem_mib=peak_memory_mib(d.device), skipped_steps=stats.bad_steps,
-                      skipped_images=int(_all_sum([stats.skipped_images], d)[0]), seconds=self.seconds())
+                      skipped_images=int(_all_sum([stats.skipped_images], d)[0]), seconds=state.seconds())
         state.history.append(record)
         improved = top1 > state.best_top1
         if improved:
@@ -619,14 +673,8 @@ class Trainer:
         self.log.info(f"epoch {epoch + 1}/{self.total_epochs}  train_loss {record['train_loss']:.4f}  top1 "
                       f"{top1:.2f}  top5 {top5:.2f}{ema_text}  lr {lr:.3g}  {record['img_per_s']:.0f} img/s  "
                       f"peak {record['peak_mem_mib']:.0f} MiB  ({record['seconds']:.0f} s)")
-        if d.main:
-            with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if self.tb is not None:
-                for k, v in record.items():
-                    if k != "epoch":
-                        self.tb.add_scalar(k, v, epoch + 1)
-                self.tb.flush()
+        self.run_dir.write_metrics(state.history)
+        self.run_dir.add_scalars(record, epoch + 1)
         if self.consecutive_bad == 0:
             self.save(best=improved)
 
@@ -642,19 +690,16 @@ class Trainer:
         summary = {
             "top1": final["top1"], "top5": final["top5"], "best_top1": state.best_top1,
             "best_epoch": state.best_epoch, "epochs": state.epoch, "world_size": d.world, "model": cfg.model,
-            "fused": cfg.fused, "seconds": self.seconds(), "preset": cfg.preset, "dataset": cfg.dataset,
+            "fused": cfg.fused, "seconds": state.seconds(), "preset": cfg.preset, "dataset": cfg.dataset,
             "num_classes": self.num_classes, "img_size": cfg.img_size, "precision": cfg.precision,
             "skipped_steps": sum(r["skipped_steps"] for r in state.history),
-            "skipped_images": sum(r["skipped_images"] for r in state.history), "output": self.out,
+            "skipped_images": sum(r["skipped_images"] for r in state.history), "output": self.run_dir.path,
         }
         if "ema_top1" in final:
             summary["ema_top1"], summary["ema_top5"] = final["ema_top1"], final["ema_top5"]
-        if d.main:
-            _write_json(os.path.join(self.out, "summary.json"), summary)
-            if self.tb is not None:
-                self.tb.close()
+        self.run_dir.write_summary(summary)
         ema_text = f", EMA top-1 {summary['ema_top1']:.2f}%" if "ema_top1" in summary else ""
         self.log.info(f"done in {summary['seconds']:.0f} s: top-1 {summary['top1']:.2f}%  top-5 "
                       f"{summary['top5']:.2f}% (best {state.best_top1:.2f} at epoch {state.best_epoch}){ema_text}; "
-                      f"chance is {100 / self.num_classes:.1f}%. Results in {self.out}/summary.json")
+                      f"chance is {100 / self.num_classes:.1f}%. Results in {self.run_dir.path}/summary.json")
         return summary
