@@ -24,7 +24,7 @@ from torch import Tensor
 from t2t_fast import reference
 from t2t_fast.backends import resolve
 from t2t_fast.ops import _library
-from t2t_fast.reference import IntPair, to_pair
+from t2t_fast.utils import IntPair, to_pair
 
 SUPPORTED = {  # backend -> dtypes it takes
     "triton": (torch.float32, torch.float16, torch.bfloat16),
