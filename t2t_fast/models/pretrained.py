@@ -29,7 +29,7 @@ def _cfg(file: Optional[str] = None, **kwargs: Any) -> dict[str, Any]:
     cfg = {
         "url": RELEASES + file if file else None, "file": None, "sha256": None, "num_classes": 1000,
         "input_size": (3, 224, 224), "crop_pct": 0.9, "interpolation": "bicubic", "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD, "first_conv": "tokens_to_token.soft_split0", "classifier": "head", "qk_scale": None,
+        "std": IMAGENET_STD, "classifier": "head", "qk_scale": None,
     }
     cfg.update(kwargs)
     return cfg
