@@ -178,8 +178,8 @@ def main() -> None:
           f"max relative output difference {rel_err:.1e}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "batch": args.batch, "img": args.img, "threads": args.threads, "torch": torch.__version__,
-                       "results": results, "max_rel_output_diff": rel_err}, f, indent=2)
+            json.dump({"model": args.model, "batch": args.batch, "img": args.img, "threads": args.threads,
+                       "torch": torch.__version__, "results": results, "max_rel_output_diff": rel_err}, f, indent=2)
 
 
 if __name__ == "__main__":

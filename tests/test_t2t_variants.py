@@ -36,14 +36,16 @@ def published_dense_shapes() -> dict[str, tuple]:
     for stage, count in enumerate((3, 6, 6, 4)):
         for _ in range(count):
             p = f"blocks.{index}."
-            shapes.update({p + "norm1.weight": (dim,), p + "norm1.bias": (dim,), p + "attn.qkv.weight": (3 * dim, dim),
-                           p + "attn.proj.weight": (dim, dim), p + "attn.proj.bias": (dim,), p + "norm2.weight": (dim,),
-                           p + "norm2.bias": (dim,), p + "mlp.fc1.weight": (2 * dim, dim), p + "mlp.fc1.bias": (2 * dim,),
+            shapes.update({p + "norm1.weight": (dim,), p + "norm1.bias": (dim,),
+                           p + "attn.qkv.weight": (3 * dim, dim), p + "attn.proj.weight": (dim, dim),
+                           p + "attn.proj.bias": (dim,), p + "norm2.weight": (dim,), p + "norm2.bias": (dim,),
+                           p + "mlp.fc1.weight": (2 * dim, dim), p + "mlp.fc1.bias": (2 * dim,),
                            p + "mlp.fc2.weight": (dim, 2 * dim), p + "mlp.fc2.bias": (dim,),
                            p + "dense_linear.weight": (64, dim), p + "dense_linear.bias": (64,)})
             index, dim = index + 1, dim + 64
         if stage < 3:
-            shapes.update({f"blocks.{index}.linear.weight": (dim // 2, dim), f"blocks.{index}.linear.bias": (dim // 2,)})
+            p = f"blocks.{index}.linear."
+            shapes.update({p + "weight": (dim // 2, dim), p + "bias": (dim // 2,)})
             index, dim = index + 1, dim // 2
     assert index == 22 and dim == 584
     return {**shapes, **published_head_shapes(dim)}
