@@ -6,6 +6,11 @@ kernels (``cpu`` backend): each soft split runs with its token layer's norm1 and
 performer core as another. ``fused_recompute`` is the fused module with T2T gradient checkpointing (the token
 layers recompute their activations in the backward; ``model.set_grad_checkpointing(True, 't2t')``).
 
+``--model t2t_vit_14`` measures the whole model instead (forward + backward of the logits): the reference
+``t2t_fast.reference.T2TViT`` against ``create_model("t2t_vit_14")`` (fused T2T module and SDPA attention in the
+blocks) on the same weights; ``fused_recompute`` adds ``set_grad_checkpointing(True, 'all')``. The 1024 px row:
+``--model t2t_vit_14 --batch 1 --img 1024 --iters 1 --rounds 1`` (the reference side needs about 8 GB).
+
 Both run in eval mode (dropout off, so they compute the same function). Each side runs in its own subprocess,
 the sides alternating over several rounds (so load from other processes hits both alike): per round, time is
 the median of several forward+backward passes after a warm-up, and peak RSS growth is the process's peak
@@ -14,7 +19,8 @@ one single-image pass done so one-time imports and initialization are not counte
 The table gives the median over rounds (min: the fastest pass of all); "saved for backward" adds up the storages
 autograd keeps between forward and backward (weights and the image included).
 
-    python benchmarks/bench_cpu.py [--batch 8] [--img 224] [--iters 5] [--rounds 3] [--threads 2] [--json out.json]
+    python benchmarks/bench_cpu.py [--model t2t|t2t_vit_14] [--batch 8] [--img 224] [--iters 5] [--rounds 3]
+                                   [--threads 2] [--json out.json]
 """
 from __future__ import annotations
 
@@ -30,35 +36,50 @@ import time
 import torch
 
 
-def build(batch: int, img: int):
-    from t2t_fast.reference import T2TModule
+MODELS = ("t2t", "t2t_vit_14")
+
+
+def build(batch: int, img: int, model: str = "t2t"):
+    """The reference module (``model`` 't2t': the T2T module of t2t_vit_14; 't2t_vit_14': the whole model)."""
+    from t2t_fast import reference
 
     torch.manual_seed(0)
-    module = T2TModule(img, "performer", embed_dim=384).eval()
+    if model == "t2t":
+        module = reference.T2TModule(img, "performer", embed_dim=384)
+    else:
+        module = reference.T2TViT(img, "performer", embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0)
     image = torch.randn(batch, 3, img, img)
-    return module, image
+    return module.eval(), image
 
 
 SIDES = ("reference", "fused", "fused_recompute")
 
 
-def build_side(side: str, batch: int, img: int):
+def build_side(side: str, batch: int, img: int, model: str = "t2t"):
     """The module of one side and its input (the image needs no gradient, as in training)."""
+    import t2t_fast
     from t2t_fast.models import FusedT2TModule
 
-    module, image = build(batch, img)
-    if side != "reference":
+    module, image = build(batch, img, model)
+    if side == "reference":
+        return module, image
+    if model == "t2t":
         module = FusedT2TModule(module)
         module.grad_checkpointing = side == "fused_recompute"
-    return module, image
+        return module, image
+    fused = t2t_fast.create_model("t2t_vit_14", img_size=img).eval()
+    fused.load_state_dict(module.state_dict())
+    if side == "fused_recompute":
+        fused.set_grad_checkpointing(True, "all")
+    return fused, image
 
 
-def run_side(side: str, batch: int, img: int, iters: int, threads: int) -> dict:
+def run_side(side: str, batch: int, img: int, iters: int, threads: int, model: str = "t2t") -> dict:
     """Child process: time fwd+bwd of one side and measure its peak RSS growth."""
     import t2t_fast
 
     torch.set_num_threads(threads)
-    module, image = build_side(side, batch, img)
+    module, image = build_side(side, batch, img, model)
 
     def step(x: torch.Tensor = image):
         with t2t_fast.backend("reference" if side == "reference" else "cpu"):
@@ -90,21 +111,25 @@ def run_side(side: str, batch: int, img: int, iters: int, threads: int) -> dict:
             "saved_for_backward_mb": sum(saved.values()) / 2**20, "iters": iters}
 
 
-def check_same_function(img: int, threads: int) -> float:
-    """Max |fused - reference| of the T2T output at batch 2 (sanity check that both sides compute the same)."""
+def check_same_function(img: int, threads: int, model: str = "t2t") -> float:
+    """Max |fused - reference| of the output at batch 2 (1 for the whole model; a sanity check that both
+    sides compute the same)."""
     import t2t_fast
 
     torch.set_num_threads(threads)
-    module, image = build(2, img)
+    batch = 2 if model == "t2t" else 1
+    module, image = build(batch, img, model)
     with torch.no_grad():
         ref = module(image)
         with t2t_fast.backend("cpu"):
-            fused = build_side("fused", 2, img)[0](image)
+            fused = build_side("fused", batch, img, model)[0](image)
     return (fused - ref).abs().max().item() / ref.abs().max().item()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, default="t2t",
+                        help="the T2T module of t2t_vit_14 (default) or the whole t2t_vit_14")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--img", type=int, default=224)
     parser.add_argument("--iters", type=int, default=5, help="timed passes per round")
@@ -114,7 +139,7 @@ def main() -> None:
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args()
     if args.side:
-        print(json.dumps(run_side(args.side, args.batch, args.img, args.iters, args.threads)))
+        print(json.dumps(run_side(args.side, args.batch, args.img, args.iters, args.threads, args.model)))
         return
 
     import t2t_fast
@@ -125,13 +150,13 @@ def main() -> None:
     rounds = {side: [] for side in SIDES}
     for _ in range(args.rounds):
         for side in rounds:
-            cmd = [sys.executable, __file__, "--side", side, "--batch", str(args.batch), "--img", str(args.img),
-                   "--iters", str(args.iters), "--threads", str(args.threads)]
+            cmd = [sys.executable, __file__, "--side", side, "--model", args.model, "--batch", str(args.batch),
+                   "--img", str(args.img), "--iters", str(args.iters), "--threads", str(args.threads)]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if out.returncode != 0:
                 sys.exit(f"bench_cpu: the {side} run failed:\n{out.stderr}")
             rounds[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    rel_err = check_same_function(args.img, args.threads)
+    rel_err = check_same_function(args.img, args.threads, args.model)
 
     results = {side: {"side": side, "median_s": statistics.median(r["median_s"] for r in runs),
                       "min_s": min(r["min_s"] for r in runs),
@@ -139,7 +164,8 @@ def main() -> None:
                       "saved_for_backward_mb": runs[0]["saved_for_backward_mb"], "rounds": runs}
                for side, runs in rounds.items()}
     ref = results["reference"]
-    print(f"T2T module of t2t_vit_14 (performer), fp32, batch {args.batch}, {args.img} px, forward+backward, "
+    what = "T2T module of t2t_vit_14 (performer)" if args.model == "t2t" else "t2t_vit_14 (whole model)"
+    print(f"{what}, fp32, batch {args.batch}, {args.img} px, forward+backward, "
           f"{args.threads} CPU threads, torch {torch.__version__}; median of {args.rounds} alternating rounds of "
           f"{args.iters} passes")
     print(f"{'side':<16} {'median s':>9} {'min s':>7} {'peak RSS growth MB':>19} {'saved for backward MB':>22} "
@@ -152,8 +178,8 @@ def main() -> None:
           f"max relative output difference {rel_err:.1e}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"batch": args.batch, "img": args.img, "threads": args.threads, "torch": torch.__version__,
-                       "results": results, "max_rel_output_diff": rel_err}, f, indent=2)
+            json.dump({"model": args.model, "batch": args.batch, "img": args.img, "threads": args.threads,
+                       "torch": torch.__version__, "results": results, "max_rel_output_diff": rel_err}, f, indent=2)
 
 
 if __name__ == "__main__":

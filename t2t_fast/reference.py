@@ -1,34 +1,25 @@
-"""The oracle: T2T-ViT written plainly from SPEC.md, with the published code's layer names and arithmetic.
+"""The oracle: the two fused ops and every model, written plainly with the published code's layer names and
+arithmetic (docs/models.md holds the conventions: state_dict keys, the k, q, v order, the attention scales).
 
 Every test and benchmark compares against this file. Nothing here is optimized: soft splits materialize
-the unfolded tensor (``nn.Unfold``), the token performer materializes its (B, T, m) features and the token
-transformer its (B, T, T) attention map, exactly as the published code does. The only departure is that
-the T2T module carries (H, W) through its re-structurizations, so non-square images work too.
+the unfolded tensor (``nn.Unfold``), the token performer materializes its (B, T, m) features and every
+attention its (B, heads, T, T) map, as the published code does. The only departure is that the T2T module
+carries (H, W) through its re-structurizations, so non-square images work too.
+
+This file imports nothing from the rest of the package but the shape helpers of ``t2t_fast.utils``: the
+production models (``t2t_fast.models``) are a second, independent implementation with the same keys, and
+the tests compare the two.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IntPair = Union[int, Sequence[int]]
-
-
-def to_pair(v: IntPair, name: str = "value") -> tuple[int, int]:
-    """``3 -> (3, 3)``; ``(3, 4) -> (3, 4)``; anything else is a TypeError naming ``name``."""
-    if isinstance(v, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
-    if isinstance(v, int):
-        return (v, v)
-    if isinstance(v, (tuple, list, torch.Size)) and len(v) == 2 and all(
-        isinstance(i, int) and not isinstance(i, bool) for i in v
-    ):
-        return (int(v[0]), int(v[1]))
-    raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
-
+from t2t_fast.utils import IntPair, to_pair, tokens_to_image
 
 # ----------------------------------------------------------------------------------------------------------
 # Functional oracles of the two fused ops
@@ -152,7 +143,11 @@ class SELayer(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with an explicit (B, heads, N, N) map. (B, N, C) -> (B, N, C)."""
+    """Multi-head self-attention with an explicit (B, heads, N, N) map. (B, N, C) -> (B, N, C).
+
+    ``qkv`` packs q, k, v (in that order) for all heads; ``se`` adds the squeeze-excitation ablation after
+    ``proj``.
+    """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: Optional[float] = None,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, se: bool = False):
@@ -171,40 +166,107 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=bias)
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N, C) -> q, k, v, each (B, heads, N, C / heads)."""
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 
-    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-        return self.attn_drop(attn) @ v
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        x = self.core(*self.qkv_heads(x)).transpose(1, 2).reshape(B, N, C)
-        x = self.proj(x)
+        q, k, v = self.qkv_heads(x)
+        attn = self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1))
+        x = self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
         if hasattr(self, "se_layer"):
             x = self.se_layer(x)
         return self.proj_drop(x)
 
 
+class GhostAttention(Attention):
+    """``Attention`` of the published t2t_vit_ghost: separate ``q``, ``k``, ``v`` Linear(dim, dim/2), each
+    widened back to dim by ``cheap_operation_q/k/v`` (depthwise 1x1 Conv1d, no bias). (B, N, dim) -> same."""
+
+    def make_projections(self, dim: int, bias: bool) -> None:
+        half = dim // 2
+        for name in ("q", "k", "v"):
+            setattr(self, name, nn.Linear(dim, half, bias=bias))
+        for name in ("q", "k", "v"):
+            setattr(self, f"cheap_operation_{name}", nn.Conv1d(half, half, kernel_size=1, groups=half, bias=False))
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, N, C = x.shape
+
+        def widened(name: str) -> torch.Tensor:  # [linear half, its cheap copy], split into heads
+            y = getattr(self, name)(x)
+            y = torch.cat((y, getattr(self, f"cheap_operation_{name}")(y.transpose(1, 2)).transpose(1, 2)), dim=2)
+            return y.reshape(B, N, self.num_heads, C // self.num_heads).transpose(1, 2)
+
+        return widened("q"), widened("k"), widened("v")
+
+
+class GhostMlp(nn.Module):
+    """The published Mlp_ghost: x1 = GELU(fc1(x)) (dim -> dim), x2, x3 = GELU(cheap_operation2/3(x1)) (depthwise
+    1x1 Conv1d), fc2 over [x1, x2, x3] (3*dim -> dim). Only mlp_ratio 3 fits. (B, N, dim) -> (B, N, dim)."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+        self.cheap_operation2 = nn.Conv1d(dim, dim, kernel_size=1, groups=dim, bias=False)
+        self.cheap_operation3 = nn.Conv1d(dim, dim, kernel_size=1, groups=dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = self.act(self.fc1(x))
+        x2 = self.act(self.cheap_operation2(x1.transpose(1, 2)).transpose(1, 2))
+        x3 = self.act(self.cheap_operation3(x1.transpose(1, 2)).transpose(1, 2))
+        return self.drop(self.fc2(self.drop(torch.cat((x1, x2, x3), dim=2))))
+
+
 class Block(nn.Module):
-    """Pre-norm ViT block: x + attn(norm1(x)), then x + mlp(norm2(x)). (B, N, C) -> (B, N, C)."""
+    """Pre-norm ViT block: x + attn(norm1(x)), then x + mlp(norm2(x)). (B, N, C) -> (B, N, C).
+
+    ``ghost``: the ghost ablation's attention and MLP.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
                  qk_scale: Optional[float] = None, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
-                 se: bool = False, attn_layer: type = Attention):
+                 se: bool = False, ghost: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = attn_layer(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
-                               proj_drop=drop, se=se)
+        attn = GhostAttention if ghost else Attention
+        self.attn = attn(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
+                         proj_drop=drop, se=se)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.mlp = (GhostMlp if ghost else Mlp)(dim, int(dim * mlp_ratio), drop=drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class DenseBlock(Block):
+    """The published t2t_vit_dense block: a ViT block whose output goes through ``dense_linear`` (dim ->
+    growth) and is concatenated to its input. (B, N, dim) -> (B, N, dim + growth)."""
+
+    def __init__(self, dim: int, growth: int, num_heads: int, **kwargs):
+        super().__init__(dim, num_heads, **kwargs)
+        self.dense_linear = nn.Linear(dim, growth)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat((x, self.dense_linear(super().forward(x))), dim=2)
+
+
+class Transition(nn.Module):
+    """Between two dense stages: GELU(linear(x)), (B, N, in) -> (B, N, out)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.linear(x))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -294,14 +356,6 @@ class TokenTransformer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Tokens-to-Token module and the whole model
 # ----------------------------------------------------------------------------------------------------------
-def tokens_to_image(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """Re-structurize (B, L, C) tokens into a (B, C, H, W) image view (no copy); L must equal H*W."""
-    B, L, C = x.shape
-    if L != hw[0] * hw[1]:
-        raise ValueError(f"tokens: expected H*W = {hw[0]}*{hw[1]} = {hw[0] * hw[1]} tokens, got {L}")
-    return x.transpose(1, 2).reshape(B, C, hw[0], hw[1])
-
-
 class T2TModule(nn.Module):
     """Tokens-to-Token module, stride 16 in total: (B, in_chans, H, W) -> (B, H*W/256, embed_dim).
 
@@ -346,14 +400,14 @@ class T2TModule(nn.Module):
 class T2TViT(nn.Module):
     """The published T2T_ViT: T2T module, class token, frozen sinusoid position table, ViT blocks, head.
 
-    (B, in_chans, H, W) -> (B, num_classes).
+    (B, in_chans, H, W) -> (B, num_classes). ``se``, ``ghost``: the blocks of those ablations.
     """
 
     def __init__(self, img_size: IntPair = 224, tokens_type: str = "performer", in_chans: int = 3,
                  num_classes: int = 1000, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = False, qk_scale: Optional[float] = None,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 token_dim: int = 64, se: bool = False, attn_layer: type = Attention):
+                 token_dim: int = 64, se: bool = False, ghost: bool = False):
         super().__init__()
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim
@@ -362,10 +416,10 @@ class T2TViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(sinusoid_table(num_patches + 1, embed_dim), requires_grad=False)
         self.pos_drop = nn.Dropout(p=drop_rate)
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # cpu: also under a meta device
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate, dpr[i], se=se,
-                  attn_layer=attn_layer)
+                  ghost=ghost)
             for i in range(depth)
         ])
         self.norm = nn.LayerNorm(embed_dim)
@@ -401,6 +455,38 @@ class T2TViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
+
+
+class T2TViTDense(T2TViT):
+    """The published T2T_ViT_Dense: stages of ``DenseBlock`` (each adds ``growth_rate`` channels) with a
+    ``Transition`` halving the width between stages, all in one ``blocks`` list; ``norm`` and ``head`` on the
+    final width. Drop-path: every block of stage i gets linspace(0, drop_path_rate, 12)[i], as published.
+    """
+
+    def __init__(self, img_size: IntPair = 224, tokens_type: str = "performer", in_chans: int = 3,
+                 num_classes: int = 1000, embed_dim: int = 128, growth_rate: int = 64,
+                 block_config: tuple[int, ...] = (3, 6, 6, 4), num_heads: int = 8, mlp_ratio: float = 2.0,
+                 qkv_bias: bool = False, qk_scale: Optional[float] = None, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, token_dim: int = 64):
+        super().__init__(img_size, tokens_type, in_chans, num_classes, embed_dim, 0, num_heads, mlp_ratio, qkv_bias,
+                         qk_scale, drop_rate, attn_drop_rate, drop_path_rate, token_dim)
+        dpr = torch.linspace(0, drop_path_rate, 12, device="cpu").tolist()
+        blocks, dim = [], embed_dim
+        for stage, n in enumerate(block_config):
+            for _ in range(n):
+                blocks.append(DenseBlock(dim, growth_rate, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                                         qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
+                                         drop_path=dpr[stage]))
+                dim += growth_rate
+            if stage < len(block_config) - 1:
+                blocks.append(Transition(dim, dim // 2))
+                dim //= 2
+        self.blocks = nn.ModuleList(blocks)
+        self.num_features = dim
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.blocks.apply(self._init_weights)
+        self.head.apply(self._init_weights)
 
 
 # ==========================================================================================================
@@ -450,29 +536,25 @@ class TNTBlock(nn.Module):
 
     def __init__(self, dim: int, inner_dim: int, num_words: int, num_heads: int, inner_num_heads: int = 4,
                  mlp_ratio: float = 4.0, qkv_bias: bool = False, drop: float = 0.0, attn_drop: float = 0.0,
-                 drop_path: float = 0.0, attn_layer: type = TNTAttention):
+                 drop_path: float = 0.0):
         super().__init__()
         self.norm_in = nn.LayerNorm(inner_dim)
-        self.attn_in = attn_layer(inner_dim, inner_num_heads, qkv_bias, attn_drop, drop)
+        self.attn_in = TNTAttention(inner_dim, inner_num_heads, qkv_bias, attn_drop, drop)
         self.norm_mlp_in = nn.LayerNorm(inner_dim)
         self.mlp_in = Mlp(inner_dim, inner_dim * 4, drop=drop)
         self.norm1_proj = nn.LayerNorm(num_words * inner_dim)
         self.proj = nn.Linear(num_words * inner_dim, dim, bias=False)
         self.norm2_proj = nn.LayerNorm(dim)
         self.norm_out = nn.LayerNorm(dim)
-        self.attn_out = attn_layer(dim, num_heads, qkv_bias, attn_drop, drop)
+        self.attn_out = TNTAttention(dim, num_heads, qkv_bias, attn_drop, drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
-    def words_to_patch(self, words: torch.Tensor, num_patches: int) -> torch.Tensor:
-        """(B*N, W, inner_dim) -> (B, N, dim)."""
-        return tnt_words_to_patch(self, words, num_patches)
-
     def forward(self, words: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         words = words + self.drop_path(self.attn_in(self.norm_in(words)))
         words = words + self.drop_path(self.mlp_in(self.norm_mlp_in(words)))
-        patches = tokens[:, 1:] + self.words_to_patch(words, tokens.shape[1] - 1)
+        patches = tokens[:, 1:] + tnt_words_to_patch(self, words, tokens.shape[1] - 1)
         tokens = torch.cat((tokens[:, :1], patches), dim=1)
         tokens = tokens + self.drop_path(self.attn_out(self.norm_out(tokens)))
         return words, tokens + self.drop_path(self.mlp(self.norm_mlp(tokens)))
@@ -511,16 +593,14 @@ class TNT(nn.Module):
     def __init__(self, img_size: IntPair = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 768, inner_dim: int = 48, depth: int = 12, num_heads: int = 12,
                  inner_num_heads: int = 4, mlp_ratio: float = 4.0, qkv_bias: bool = False, drop_rate: float = 0.0,
-                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, first_stride: int = 4,
-                 attn_layer: type = TNTAttention, block_layer: type = TNTBlock,
-                 embed_layer: type = TNTPixelEmbed):
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, first_stride: int = 4):
         super().__init__()
         size = to_pair(img_size, "img_size")
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim
         self.grid_size = (size[0] // patch_size, size[1] // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.pixel_embed = embed_layer(patch_size, in_chans, inner_dim, first_stride)
+        self.pixel_embed = TNTPixelEmbed(patch_size, in_chans, inner_dim, first_stride)
         word_grid = self.pixel_embed.word_grid
         num_words = word_grid[0] * word_grid[1]
         self.norm1_proj = nn.LayerNorm(num_words * inner_dim)
@@ -532,8 +612,8 @@ class TNT(nn.Module):
         self.pos_drop = nn.Dropout(p=drop_rate)
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # cpu: also under a meta device
         self.blocks = nn.ModuleList([
-            block_layer(embed_dim, inner_dim, num_words, num_heads, inner_num_heads, mlp_ratio, qkv_bias, drop_rate,
-                        attn_drop_rate, dpr[i], attn_layer=attn_layer)
+            TNTBlock(embed_dim, inner_dim, num_words, num_heads, inner_num_heads, mlp_ratio, qkv_bias, drop_rate,
+                     attn_drop_rate, dpr[i])
             for i in range(depth)
         ])
         self.norm = nn.LayerNorm(embed_dim)
@@ -547,14 +627,10 @@ class TNT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"patch_pos", "pixel_pos", "cls_token"}
 
-    def words_to_patch(self, words: torch.Tensor, num_patches: int) -> torch.Tensor:
-        """(B*N, W, inner_dim) -> (B, N, D), the stem's projection (its ``proj`` has a bias)."""
-        return tnt_words_to_patch(self, words, num_patches)
-
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, H, W) -> words (B*N, W, inner_dim) and tokens (B, N+1, D) with class token and positions."""
         words = self.pixel_embed(x, self.pixel_pos)
-        tokens = self.words_to_patch(words, self.num_patches)
+        tokens = tnt_words_to_patch(self, words, self.num_patches)  # the stem's proj has a bias
         tokens = torch.cat((self.cls_token.expand(tokens.shape[0], -1, -1), tokens), dim=1)
         return words, self.pos_drop(tokens + self.patch_pos)
 

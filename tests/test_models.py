@@ -7,22 +7,16 @@ import torch
 import t2t_fast
 from t2t_fast import reference
 from t2t_fast.models import FusedT2TModule
+from t2t_fast.utils import tokens_to_image
+from reference_models import models_with_same_weights
 
 T2T_NAMES = [n for n in t2t_fast.list_models("t2t_vit*")]
-
-
-def _pair(name, **kwargs):
-    """A reference model and a fused model holding the same weights, in eval mode."""
-    ref = t2t_fast.create_model(name, fused=False, **kwargs).eval()
-    fused = t2t_fast.create_model(name, **kwargs).eval()
-    fused.load_state_dict(ref.state_dict())
-    return ref, fused
 
 
 def test_registry_lists_every_variant():
     expect = {"t2t_vit_7", "t2t_vit_10", "t2t_vit_12", "t2t_vit_14", "t2t_vit_19", "t2t_vit_24", "t2t_vit_t_14",
               "t2t_vit_t_19", "t2t_vit_t_24", "t2t_vit_c_14", "t2t_vit_14_wide", "t2t_vit_14_resnext",
-              "t2t_vit_14_se"}
+              "t2t_vit_14_se", "t2t_vit_dense", "t2t_vit_16_ghost"}
     assert expect <= set(t2t_fast.list_models())
     with pytest.raises(ValueError, match="unknown model"):
         t2t_fast.create_model("t2t_vit_99")
@@ -44,34 +38,44 @@ def test_parameter_counts_published(name, millions):
 
 @pytest.mark.parametrize("name", T2T_NAMES)
 def test_fused_matches_reference_logits(name):
-    ref, fused = _pair(name)
+    """The reference model (t2t_fast.reference) against the production model, fused and not."""
+    ref, fused, unfused = models_with_same_weights(name)
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
-        torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+        expect = ref(x)
+        torch.testing.assert_close(fused(x), expect, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(unfused(x), expect, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("img_size", [384, (160, 224)])
 def test_fused_matches_reference_other_sizes(img_size):
-    ref, fused = _pair("t2t_vit_7", img_size=img_size)
+    ref, fused, unfused = models_with_same_weights("t2t_vit_7", img_size=img_size)
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
     x = torch.randn(1, 3, h, w)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(unfused(x), ref(x), rtol=1e-5, atol=1e-5)
     assert fused.pos_embed.shape[1] == (h // 16) * (w // 16) + 1
 
 
-def test_fused_training_step_matches_reference_grads():
-    ref, fused = _pair("t2t_vit_t_14", img_size=(48, 32), num_classes=10)
+@pytest.mark.parametrize("name", ["t2t_vit_t_14", "t2t_vit_7", "t2t_vit_16_ghost", "t2t_vit_dense"])
+def test_fused_training_step_matches_reference_grads(name):
+    kw = dict(img_size=(48, 32), num_classes=10)
+    if name != "t2t_vit_dense":
+        kw["depth"] = 2
+    models = models_with_same_weights(name, **kw)
     x = torch.randn(2, 3, 48, 32)
-    for m in (ref, fused):
+    for m in models:
         m.train()
-        for mod in m.modules():  # dropout off so both see the same function
+        for mod in m.modules():  # dropout off so all see the same function
             if isinstance(mod, torch.nn.Dropout):
                 mod.p = 0.0
         m(x).logsumexp(-1).sum().backward()
-    for (name, a), (_, b) in zip(ref.named_parameters(), fused.named_parameters()):
-        if a.requires_grad:
-            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+    ref_params = dict(models[0].named_parameters())
+    for model in models[1:]:
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, ref_params[n].grad, rtol=1e-4, atol=1e-5, msg=n)
 
 
 def test_published_layout_state_dict_keys():
@@ -180,8 +184,6 @@ def test_checkpoint_pos_embed_resize_and_errors():
     other = t2t_fast.create_model("t2t_vit_7", num_classes=9)
     t2t_fast.load_checkpoint(other, sd, strict=False)  # head skipped, the rest loaded
     torch.testing.assert_close(other.norm.weight, src.norm.weight)
-    with pytest.raises(ValueError, match="pretrained=True"):
-        t2t_fast.create_model("t2t_vit_7", pretrained=True)
 
 
 @pytest.mark.parametrize("tokens_type", ["performer", "transformer"])
@@ -220,7 +222,7 @@ def test_model_bad_input(fused):
     with pytest.raises(ValueError, match="multiple of 16"):
         t2t_fast.create_model("t2t_vit_7", img_size=40)
     with pytest.raises(ValueError, match="tokens"):
-        reference.tokens_to_image(torch.randn(1, 10, 4), (3, 3))
+        tokens_to_image(torch.randn(1, 10, 4), (3, 3))
 
 
 def test_autocast_forward_runs_in_bf16():

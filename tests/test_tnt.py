@@ -13,7 +13,8 @@ import t2t_fast
 from t2t_fast import reference
 from t2t_fast.backends import backends
 from t2t_fast.models.registry import _MODELS
-from t2t_fast.models.tnt import TNT
+from t2t_fast.models.tnt import TNT, PixelEmbed
+from reference_models import models_with_same_weights
 
 NAMES = ("tnt_s_patch16_224", "tnt_b_patch16_224")
 SPEC_PARAMS = {"tnt_s_patch16_224": 23.8e6, "tnt_b_patch16_224": 65.6e6}
@@ -28,14 +29,6 @@ def _soft_split_backends() -> list[str]:
     if backends()["triton"] and importlib.util.find_spec("t2t_fast.kernels.soft_split") is not None:
         names.append("triton")
     return names
-
-
-def _pair(name="tnt_s_patch16_224", img_size=(32, 48), **kw):
-    """A fused model and a reference (fused=False) model holding the same weights."""
-    fused = t2t_fast.create_model(name, img_size=img_size, **kw)
-    ref = t2t_fast.create_model(name, img_size=img_size, fused=False, **kw)
-    ref.load_state_dict(fused.state_dict())
-    return fused, ref
 
 
 @pytest.fixture(scope="module")
@@ -94,31 +87,35 @@ def test_pixel_embedding_pads_each_patch():
             torch.testing.assert_close(words[:, i, j], expect, rtol=1e-5, atol=1e-5)
     whole = (embed.proj(x)[:, :, 4:8, 4:8] + pos).flatten(2).transpose(1, 2)  # the whole-image conv leaks
     assert not torch.allclose(words[:, 1, 1], whole, atol=1e-3)
-    fused = t2t_fast.models.tnt.FusedTNTPixelEmbed(16, 3, 8, 4)
-    fused.load_state_dict(embed.state_dict())
-    torch.testing.assert_close(fused(x, pos), embed(x, pos), rtol=1e-5, atol=1e-5)
+    for fused in (True, False):
+        ours = PixelEmbed(16, 3, 8, 4, fused=fused)
+        ours.load_state_dict(embed.state_dict())
+        torch.testing.assert_close(ours(x, pos), embed(x, pos), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name,depth", [("tnt_s_patch16_224", 2), ("tnt_b_patch16_224", 1)])
 def test_fused_matches_reference_fwd_bwd(name, depth):
-    fused, ref = _pair(name, img_size=(32, 48), depth=depth, num_classes=10)
+    """t2t_fast.reference's TNT against the production model, fused and not: logits and every gradient."""
+    ref, *ours = models_with_same_weights(name, img_size=(32, 48), depth=depth, num_classes=10)
     x = torch.randn(2, 3, 32, 48)
-    out, out_ref = fused(x), ref(x)
-    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(out)
-    out.backward(g)
+    out_ref = ref(x)
+    g = torch.randn_like(out_ref)
     out_ref.backward(g)
     ref_grads = dict(ref.named_parameters())
-    for n, p in fused.named_parameters():
-        torch.testing.assert_close(p.grad, ref_grads[n].grad, rtol=1e-4, atol=1e-5, msg=n)
+    for model in ours:
+        out = model(x)
+        torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+        out.backward(g)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, ref_grads[n].grad, rtol=1e-4, atol=1e-5, msg=n)
 
 
 @pytest.mark.parametrize("backend", _soft_split_backends())
 def test_fused_on_soft_split_backends(backend, poisoned):
     """The fused TNT on every soft split implementation (tiny widths: Triton's CPU interpreter is slow)."""
     kw = dict(img_size=(32, 16), embed_dim=32, inner_dim=8, depth=1, num_heads=2, num_classes=5)
-    fused, ref = TNT(**kw), TNT(**kw, fused=False)
-    ref.load_state_dict(fused.state_dict())
+    fused, ref = TNT(**kw), reference.TNT(**kw)
+    fused.load_state_dict(ref.state_dict())
     x = torch.randn(2, 3, 32, 16)
     with t2t_fast.backend(backend):
         out = fused(x)
@@ -255,7 +252,7 @@ def test_autocast_bf16_close_to_fp32(small):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", NAMES)
 def test_gpu_fused_matches_reference(name):
-    fused, ref = _pair(name, img_size=224, num_classes=10)
+    ref, fused, _ = models_with_same_weights(name, img_size=224, num_classes=10)
     fused, ref = fused.cuda(), ref.cuda()
     x = torch.randn(4, 3, 224, 224, device="cuda")
     out, out_ref = fused(x), ref(x)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import sys
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch.nn as nn
 
@@ -24,21 +24,48 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
 
 
-def create_model(name: str, pretrained: Union[None, str, os.PathLike, dict] = None, **kwargs) -> nn.Module:
-    """Build a registered model; ``pretrained``: a checkpoint path or dict to load with ``load_checkpoint``.
+def create_model(name: str, pretrained: Union[bool, str, os.PathLike, dict] = False,
+                 pretrained_cfg: Optional[dict] = None, pretrained_cfg_overlay: Optional[dict] = None,
+                 features_only: bool = False, out_indices: Optional[Union[int, Sequence[int]]] = None,
+                 **kwargs) -> nn.Module:
+    """Build a registered model, timm style.
 
-    kwargs go to the model class (img_size, num_classes, in_chans, drop_path_rate, fused, ...).
+    ``name``: a registered name, optionally with a pretrained tag (``"t2t_vit_14.in1k_384"``). The model's
+    ``pretrained_cfg`` (``t2t_fast.models.pretrained``; ``pretrained_cfg`` replaces it,
+    ``pretrained_cfg_overlay`` updates it) gives the defaults of ``num_classes``, ``img_size`` and
+    ``qk_scale``; kwargs win (img_size, num_classes, in_chans, drop_path_rate, fused, ...).
+    ``pretrained``: True loads the cfg's weights (its ``file``, else its ``url`` through torch.hub's cache);
+    a checkpoint path or dict is loaded with ``load_checkpoint`` as it is.
+    ``features_only``: a ``FeatureNet`` returning the feature maps at ``out_indices`` of the model's
+    ``feature_info`` (None: the model's default, for T2T-ViT one map per stride 4, 8, 16), with
+    ``feature_info`` (channels, reduction, module).
     """
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    from t2t_fast.models.pretrained import load_pretrained, resolve_pretrained_cfg, split_model_name
+
+    arch, tag = split_model_name(name)
+    if arch not in _MODELS:
+        raise ValueError(f"unknown model {arch!r}; available: {', '.join(list_models())}")
+    cfg = resolve_pretrained_cfg(arch, tag, pretrained_cfg, pretrained_cfg_overlay)
+    if "num_classes" in cfg:
+        kwargs.setdefault("num_classes", cfg["num_classes"])
+    if "input_size" in cfg:
+        kwargs.setdefault("img_size", tuple(cfg["input_size"][-2:]))
+    if cfg.get("qk_scale") is not None:
+        kwargs.setdefault("qk_scale", cfg["qk_scale"])
+    model = _MODELS[arch](**kwargs)
+    model.pretrained_cfg = model.default_cfg = {
+        **getattr(model, "pretrained_cfg", {}), **cfg, "num_classes": model.num_classes,
+        "input_size": (getattr(model, "in_chans", 3), *model.img_size)}
     if pretrained is True:
-        raise ValueError("pretrained=True needs a download, which t2t-fast does not do: pass the path of a "
-                         "checkpoint (e.g. pretrained='81.5_T2T_ViT_14.pth.tar')")
-    model = _MODELS[name](**kwargs)
-    if pretrained not in (None, False):
+        load_pretrained(model, cfg)
+    elif pretrained not in (None, False):
         from t2t_fast.checkpoint import load_checkpoint
 
         load_checkpoint(model, pretrained)
+    if features_only:
+        from t2t_fast.models.features import FeatureNet
+
+        return FeatureNet(model, out_indices)
     return model
 
 

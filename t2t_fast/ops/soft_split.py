@@ -24,8 +24,8 @@ from torch import Tensor
 from t2t_fast import reference
 from t2t_fast.ops.checks import check_eps, check_floating_tensor, check_same_device
 from t2t_fast.ops.descriptor import OpDescriptor, every_backend
-from t2t_fast.reference import IntPair, to_pair
 from t2t_fast.runtime import first_exceeded
+from t2t_fast.utils import IntPair, to_pair
 
 SCHEMAS = (  # as csrc/ops.cpp defines them (tests/test_op_contracts.py)
     "(Tensor x, int[] kernel_size, int[] stride, int[] padding, Tensor weight, Tensor? bias, "

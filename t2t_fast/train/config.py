@@ -60,6 +60,7 @@ class TrainConfig:
     weight_decay: Optional[float] = None  # None: the published value for the model
     momentum: float = 0.9
     backbone_lr_scale: float = 1.0
+    layer_decay: Optional[float] = None  # layer-wise lr decay through the model's group_matcher
     clip_grad: Optional[float] = None
     accum_steps: int = 1
     precision: str = "fp32"
@@ -184,6 +185,9 @@ def build_parser(command: str = "train", prog: Optional[str] = None,
     add(g, "--momentum", dest="momentum", type=float, help="SGD momentum")
     add(g, "--backbone-lr-scale", dest="backbone_lr_scale", type=float,
         help="learning-rate multiplier of every parameter but the head")
+    add(g, "--layer-decay", dest="layer_decay", type=float,
+        help="layer-wise learning-rate decay (e.g. 0.75): block i of L gets decay ** (L - i), "
+             "the stem decay ** (L + 1)")
     add(g, "--clip-grad", dest="clip_grad", type=float, help="max global gradient norm")
     add(g, "--accum-steps", dest="accum_steps", type=int, help="micro-batches per optimizer update")
     add(g, "--precision", dest="precision", choices=("fp32", "bf16", "fp16"),

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import t2t_fast
 from t2t_fast.checkpoint import CheckpointMismatchError, load_checkpoint
+from t2t_fast.models.layers import layer_decay_lr_scale
 from t2t_fast.train import checkpoint_io, data
 from t2t_fast.train.augment import EvalTransform, MixupCutmix, TrainTransform
 from t2t_fast.train.config import ConfigError, TrainConfig
@@ -442,6 +443,8 @@ class Trainer:
                                            cfg.batch_size, cfg.workers, pin, cfg.seed)
         lr_scale = (lambda n: 1.0 if n.startswith("head.") else cfg.backbone_lr_scale) \
             if cfg.backbone_lr_scale != 1.0 else None
+        if cfg.layer_decay is not None:
+            lr_scale = layer_decay_lr_scale(model, cfg.layer_decay, lr_scale)
         groups = param_groups(model, cfg.weight_decay, model.no_weight_decay(), lr_scale)
         self.optimizer = build_optimizer(cfg.opt, groups, cfg.lr, cfg.momentum)
         self.schedule = CosineSchedule(self.optimizer, cfg.lr, cfg.min_lr, cfg.warmup_lr,
