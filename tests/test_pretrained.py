@@ -125,3 +125,29 @@ def test_model_without_published_weights(hub_dir):
     assert tnt.pretrained_cfg["mean"] == (0.5, 0.5, 0.5) and tnt.pretrained_cfg["url"] is None
     with pytest.raises(ValueError, match="no published weights are known for tnt_s_patch16_224"):
         t2t_fast.create_model("tnt_s_patch16_224", pretrained=True, img_size=32, depth=1)
+
+
+def test_finetune_from_published_weights(hub_dir, published_file, tmp_path, monkeypatch):
+    """``t2t-fast finetune --pretrained [TAG]``: the published weights through the hub cache, a new head."""
+    from t2t_fast.train import finetune
+    from t2t_fast.train.config import ConfigError, resolve
+
+    src, path = published_file
+    monkeypatch.setitem(PRETRAINED_CFGS["t2t_vit_7"], "in1k", dict(PRETRAINED_CFGS["t2t_vit_7"]["in1k"],
+                                                                  url=path.as_uri()))
+    base = ["--model", "t2t_vit_7", "--img-size", "32", "--num-classes", "4", "--train-samples", "16",
+            "--val-samples", "8", "-b", "8", "--epochs", "1", "--workers", "0", "--log-interval", "1000"]
+    with pytest.raises(ConfigError, match="either --checkpoint PATH or --pretrained"):
+        resolve(base, "finetune")
+    with pytest.raises(ConfigError, match="not both"):
+        resolve(base + ["--pretrained", "--checkpoint", str(path)], "finetune")
+    with pytest.raises(ConfigError, match="--pretrained: unknown pretrained tag 'nope'"):
+        finetune(base + ["--pretrained", "nope", "--output", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()  # checked before the run folder is made
+
+    out = tmp_path / "ft"
+    summary = finetune(base + ["--pretrained", "--output", str(out), "--seed", "7"])
+    assert summary["num_classes"] == 4 and (hub_dir / "checkpoints" / path.name).is_file()
+    trained = torch.load(out / "last.pth", map_location="cpu", weights_only=False)["state_dict"]
+    frozen = "tokens_to_token.attention1.w"  # never optimized: still the published file's
+    assert torch.equal(trained[frozen], src.state_dict()[frozen])

@@ -47,6 +47,7 @@ class TrainConfig:
     channels_last: bool = False
     drop_path: float = 0.1
     checkpoint: Optional[str] = None  # finetune: the weights to start from
+    pretrained: Optional[str] = None  # finetune: the published weights' tag ("" = the model's default)
     checkpoint_ema: bool = True
     # optimization
     opt: str = "adamw"
@@ -164,8 +165,11 @@ def build_parser(command: str = "train", prog: Optional[str] = None,
     add(g, "--channels-last", dest="channels_last", action="store_true", help="channels-last input images")
     add(g, "--drop-path", dest="drop_path", type=float, help="stochastic depth rate")
     if command == "finetune":
-        add(g, "--checkpoint", dest="checkpoint", metavar="PATH", required=True,
+        add(g, "--checkpoint", dest="checkpoint", metavar="PATH",
             help="weights to start from (a t2t-fast or published checkpoint); its head is replaced")
+        add(g, "--pretrained", dest="pretrained", nargs="?", const="", metavar="TAG",
+            help="start from the model's published weights instead of --checkpoint (downloaded once into "
+            "torch.hub's cache); TAG picks one of several, e.g. in1k_384 (see t2t_fast.models.pretrained)")
         add(g, "--checkpoint-no-ema", dest="checkpoint_ema", action="store_false",
             help="use the checkpoint's model weights even when it holds EMA weights")
 
@@ -338,8 +342,9 @@ def validate(cfg: TrainConfig) -> None:
 
     if cfg.model not in list_models():
         raise ConfigError(f"--model {cfg.model!r} is not a model here; available: {', '.join(list_models())}")
-    if cfg.command == "finetune" and not cfg.checkpoint:
-        raise ConfigError("finetune needs --checkpoint PATH (the weights to start from)")
+    if cfg.command == "finetune" and (cfg.checkpoint is None) == (cfg.pretrained is None):
+        raise ConfigError("finetune needs the weights to start from: either --checkpoint PATH or --pretrained "
+                          "[TAG], not both")
     if cfg.resume == "auto" and cfg.output is None:
         raise ConfigError("--resume auto needs --output DIR (the run directory to look in)")
     from t2t_fast.train.augment import parse_rand_augment

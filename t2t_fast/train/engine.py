@@ -403,9 +403,17 @@ class Trainer:
         the EMA and the DDP wrapper."""
         cfg, d = self.cfg, self.d
         seed_everything(cfg.seed)
-        model = t2t_fast.create_model(cfg.model, img_size=cfg.img_size, num_classes=self.num_classes,
-                                      drop_path_rate=cfg.drop_path, fused=cfg.fused)
-        if load_weights:
+        published = load_weights and cfg.pretrained is not None
+        name = cfg.model + (f".{cfg.pretrained}" if published and cfg.pretrained else "")
+        try:
+            model = t2t_fast.create_model(name, pretrained=published, img_size=cfg.img_size,
+                                          num_classes=self.num_classes, drop_path_rate=cfg.drop_path,
+                                          fused=cfg.fused)
+        except (ValueError, RuntimeError) as e:
+            if not published:
+                raise
+            raise ConfigError(f"--pretrained: {e}") from None
+        if load_weights and not published:
             load_pretrained(model, cfg.checkpoint, cfg.checkpoint_ema, cfg.model)
         seed_everything(cfg.seed + d.rank)
         if cfg.grad_checkpoint != "none":
