@@ -60,14 +60,15 @@ _PARTIAL_BYTES = 32 * 2**20  # cap on the weight-gradient partial buffer of the 
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
 def _prepare_kernel(
-    w_ptr, nw_ptr, nb_ptr, b_ptr, wt_ptr, coef_ptr, koff_ptr, ti_ptr, tj_ptr,
+    w_ptr, nw_ptr, nb_ptr, b_ptr, wt_ptr, coef_ptr, koff_ptr, bits_ptr,
     N, NP, C, CP, K, KH, KW, KHW, swn, swk, sxc, sxh, sxw,
     SCALE: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, TAP_MAJOR: tl.constexpr,
     BIG: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
 ):
     """Program (chunk kc of BK q rows, column block): wt[q, n] = W[n, k(q)] (times gamma[k] with SCALE), 0 on
     padding; with SCALE coef[kc, 0, n] = sum_q wt[q, n] (the rounded products the forward's dot uses) and
-    coef[kc, 1, n] = sum_q W[n, k(q)] beta[k(q)] (+ b[n] in chunk 0). Column block 0 writes the gather table."""
+    coef[kc, 1, n] = sum_q W[n, k(q)] beta[k(q)] (+ b[n] in chunk 0). Column block 0 writes the gather table:
+    koff[q] the element offset of column q in a patch, bits[q] = 2^i | 2^(16 + j) its tap."""
     kc = tl.program_id(0)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     q = kc * BK + tl.arange(0, BK)
@@ -102,16 +103,17 @@ def _prepare_kernel(
     if tl.program_id(1) == 0:
         if BIG:
             c = c.to(tl.int64)
+        # padding gathers tap (0, 0) of channel 0 (offset 0, bits of i = j = 0): a copy of the shift
         tl.store(koff_ptr + q, tl.where(q_ok, c * sxc + i * sxh + j * sxw, 0))
-        tl.store(ti_ptr + q, tl.where(q_ok, i, KH))
-        tl.store(tj_ptr + q, tl.where(q_ok, j, 0))
+        tl.store(bits_ptr + q, tl.where(q_ok, (1 << i) | (1 << (16 + j)), 0x10001))
 
 
 @triton.jit
 def _tile(tile, TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw,
           BIG: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
-    """Token tile -> (rows in range, image row and column of tap (0, 0), its offset in x, token index (b*L + t),
-    whether every patch of the tile lies inside the image and every row is a token)."""
+    """Token tile -> (rows in range, tap (0, 0) inside the image, its offset in x, token index (b*L + t), the taps
+    of each row inside the image (bit i for tap row i, bit 16 + j for tap column j; 0 for rows beyond the
+    tokens), whether every patch of the tile lies inside the image and every row is a token)."""
     b = tile // TPI
     rest = tile % TPI
     th0 = (rest // TILES_W) * TH
@@ -128,47 +130,44 @@ def _tile(tile, TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh,
         xrow = b * sxb + h0.to(tl.int64) * sxh + w0.to(tl.int64) * sxw
     else:
         xrow = b * sxb + h0 * sxh + w0 * sxw
+    hlo = tl.maximum(-h0, 0)
+    hhi = tl.minimum(H - h0, KH)
+    wlo = tl.maximum(-w0, 0)
+    whi = tl.minimum(W - w0, KW)
+    hbits = tl.where(hhi > hlo, (1 << hhi) - (1 << hlo), 0)
+    wbits = tl.where(whi > wlo, (1 << whi) - (1 << wlo), 0)
+    bits = tl.where(row_ok, hbits | (wbits << 16), 0)
     interior = (th0 * SH >= PH) & ((th0 + TH - 1) * SH - PH + KH <= H) & (tw0 * SW >= PW) \
         & ((tw0 + TW - 1) * SW - PW + KW <= W) & (th0 + TH <= LH) & (tw0 + TW <= LW)
-    return row_ok, h0, w0, xrow, b * L + th * LW + tw, interior
+    return row_ok, (bits & 0x10001) == 0x10001, xrow, b * L + th * LW + tw, bits, interior
 
 
 @triton.jit
-def _gather(x_ptr, xrow, h0, w0, row_ok, koff_ptr, ti_ptr, tj_ptr, q, sub, mul, H, W, KH,
-            MODE: tl.constexpr, MASKED: tl.constexpr):
+def _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, q, sub, mul, MODE: tl.constexpr, MASKED: tl.constexpr):
     """The (tokens, q) tile of the unfolded tensor in fp32, as is (MODE 0), minus ``sub`` per token (1) or
-    times ``mul`` after that (2). MASKED: padding pixels are patch elements of value 0; elements outside the
-    tokens and the q range are 0. Not MASKED (interior tiles): q-padding gathers tap (0, 0) of channel 0, which
-    the caller discards or meets zero weights with."""
+    times ``mul`` after that (2). Padding pixels read as 0 (MASKED; interior tiles have none), rows beyond the
+    tokens as 0 - sub; q-padding gathers tap (0, 0) of channel 0, the shift of the forward."""
     ptrs = x_ptr + (xrow[:, None] + tl.load(koff_ptr + q)[None, :])
     if MASKED:
-        ti = tl.load(ti_ptr + q)
-        tj = tl.load(tj_ptr + q)
-        hh = h0[:, None] + ti[None, :]
-        ww = w0[:, None] + tj[None, :]
-        keep = row_ok[:, None] & (ti < KH)[None, :]
-        a = tl.load(ptrs, mask=keep & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W), other=0.0).to(tl.float32)
+        cb = tl.load(bits_ptr + q)[None, :]
+        a = tl.load(ptrs, mask=(bits[:, None] & cb) == cb, other=0.0).to(tl.float32)
     else:
         a = tl.load(ptrs).to(tl.float32)
     if MODE >= 1:
         a = a - sub[:, None]
     if MODE == 2:
         a = a * mul[:, None]
-    if MASKED:
-        a = tl.where(keep, a, 0.0)
     return a
 
 
 @triton.jit
-def _forward_loop(x_ptr, wt_ptr, koff_ptr, ti_ptr, tj_ptr, xrow, h0, w0, row_ok, shift, col0, NP, H, W, KH,
-                  NUM_CHUNKS, acc0, acc1, s1, s2, HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr,
+def _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP, NUM_CHUNKS, acc0, acc1, s1, s2, HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr,
                   MASKED: tl.constexpr, PREC: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr,
                   BK: tl.constexpr):
     for kc in range(0, NUM_CHUNKS):
         q = kc * BK + tl.arange(0, BK)
-        # with the norm x - s; q-padding of interior tiles gathers s itself, so it is 0 there too
-        a = _gather(x_ptr, xrow, h0, w0, row_ok, koff_ptr, ti_ptr, tj_ptr, q, shift, shift, H, W, KH,
-                    1 if HAS_NORM else 0, MASKED)
+        # with the norm x - s: q-padding gathers s itself and rows beyond the tokens 0 - 0, both 0 here
+        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, q, shift, shift, 1 if HAS_NORM else 0, MASKED)
         if HAS_NORM:
             s1 += a
             s2 += a * a
@@ -195,7 +194,7 @@ def _forward_store(y_ptr, coef_ptr, cvec_ptr, acc, rstd, d, yrow, row_ok, cols, 
 
 @triton.jit
 def _forward_kernel(
-    x_ptr, wt_ptr, coef_ptr, cvec_ptr, koff_ptr, ti_ptr, tj_ptr, y_ptr, mean_ptr, rstd_ptr,
+    x_ptr, wt_ptr, coef_ptr, cvec_ptr, koff_ptr, bits_ptr, y_ptr, mean_ptr, rstd_ptr,
     TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, NP, K, NUM_CHUNKS, sxb, sxh, sxw, eps,
     HAS_NORM: tl.constexpr, HAS_CVEC: tl.constexpr, HAS_N1: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr, BK: tl.constexpr,
@@ -203,7 +202,7 @@ def _forward_kernel(
     """Program (token tile, column group of BN0 + BN1): y of the tile. With HAS_NORM wt holds (gamma*W)^T and
     coef = W @ gamma; cvec is added (W @ beta + b with the norm, else the bias); both are NP long."""
     BM: tl.constexpr = TH * TW
-    row_ok, h0, w0, xrow, yrow, interior = _tile(tl.program_id(0), TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW,
+    row_ok, s_ok, xrow, yrow, bits, interior = _tile(tl.program_id(0), TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW,
                                                  PH, PW, sxb, sxh, sxw, BIG, TH, TW)
     col0 = tl.program_id(1) * (BN0 + BN1)
     acc0 = tl.zeros((BM, BN0), dtype=tl.float32)
@@ -212,16 +211,15 @@ def _forward_kernel(
     s2 = tl.zeros((BM, BK), dtype=tl.float32)
     shift = tl.zeros((BM,), dtype=tl.float32)
     if HAS_NORM:
-        s_ok = row_ok & (h0 >= 0) & (h0 < H) & (w0 >= 0) & (w0 < W)
         shift = tl.load(x_ptr + xrow, mask=s_ok, other=0.0).to(tl.float32)
     if interior:
-        acc0, acc1, s1, s2 = _forward_loop(x_ptr, wt_ptr, koff_ptr, ti_ptr, tj_ptr, xrow, h0, w0, row_ok, shift,
-                                           col0, NP, H, W, KH, NUM_CHUNKS, acc0, acc1, s1, s2, HAS_NORM, HAS_N1,
-                                           False, PREC, BN0, BN1, BK)
+        acc0, acc1, s1, s2 = _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP,
+                                           NUM_CHUNKS, acc0, acc1, s1, s2, HAS_NORM, HAS_N1, False, PREC, BN0, BN1,
+                                           BK)
     else:
-        acc0, acc1, s1, s2 = _forward_loop(x_ptr, wt_ptr, koff_ptr, ti_ptr, tj_ptr, xrow, h0, w0, row_ok, shift,
-                                           col0, NP, H, W, KH, NUM_CHUNKS, acc0, acc1, s1, s2, HAS_NORM, HAS_N1,
-                                           True, PREC, BN0, BN1, BK)
+        acc0, acc1, s1, s2 = _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP,
+                                           NUM_CHUNKS, acc0, acc1, s1, s2, HAS_NORM, HAS_N1, True, PREC, BN0, BN1,
+                                           BK)
     rstd = shift
     d = shift
     if HAS_NORM:
@@ -238,21 +236,22 @@ def _forward_kernel(
 
 
 @triton.jit
-def _operand(x_ptr, xrow, h0, w0, row_ok, koff_ptr, ti_ptr, tj_ptr, q, mean_ptr, rstd_ptr, yrow, H, W, KH,
-             HAS_NORM: tl.constexpr, MASKED: tl.constexpr):
-    """The tile's xhat (x without the norm) in fp32 (see ``_gather`` for what lies outside the patches)."""
+def _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, q, mean_ptr, rstd_ptr, yrow, HAS_NORM: tl.constexpr,
+             MASKED: tl.constexpr):
+    """The tile's xhat (x without the norm) in fp32: 0 in rows beyond the tokens, garbage in q-padding (it
+    only meets zero weights or discarded rows)."""
     if HAS_NORM:
         mu = tl.load(mean_ptr + yrow, mask=row_ok, other=0.0)
         rs = tl.load(rstd_ptr + yrow, mask=row_ok, other=0.0)
-        a = _gather(x_ptr, xrow, h0, w0, row_ok, koff_ptr, ti_ptr, tj_ptr, q, mu, rs, H, W, KH, 2, MASKED)
+        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, q, mu, rs, 2, MASKED)
     else:
-        a = _gather(x_ptr, xrow, h0, w0, row_ok, koff_ptr, ti_ptr, tj_ptr, q, xrow, xrow, H, W, KH, 0, MASKED)
+        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, q, xrow, xrow, 0, MASKED)
     return a
 
 
 @triton.jit
 def _backward_weight_kernel(
-    x_ptr, dy_ptr, wt_ptr, koff_ptr, ti_ptr, tj_ptr, mean_ptr, rstd_ptr, part_ptr, dbp_ptr, stat_ptr,
+    x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, part_ptr, dbp_ptr, stat_ptr,
     TPI, TILES_W, NUM_TILES, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, M, N, NP, KP, NKB, G, sxb, sxh, sxw,
     HAS_NORM: tl.constexpr, NEED_STATS: tl.constexpr, HAS_N1: tl.constexpr, BIG: tl.constexpr,
     PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr,
@@ -276,14 +275,12 @@ def _backward_weight_kernel(
         if HAS_N1:
             wc1 = tl.load(wt_ptr + q[:, None] * NP + cols1[None, :])
     for tile in range(g, NUM_TILES, G):
-        row_ok, h0, w0, xrow, yrow, interior = _tile(tile, TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW,
+        row_ok, s_ok, xrow, yrow, bits, interior = _tile(tile, TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW,
                                                      sxb, sxh, sxw, BIG, TH, TW)
         if interior:
-            a = _operand(x_ptr, xrow, h0, w0, row_ok, koff_ptr, ti_ptr, tj_ptr, q, mean_ptr, rstd_ptr, yrow, H, W,
-                         KH, HAS_NORM, False)
+            a = _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, q, mean_ptr, rstd_ptr, yrow, HAS_NORM, False)
         else:
-            a = _operand(x_ptr, xrow, h0, w0, row_ok, koff_ptr, ti_ptr, tj_ptr, q, mean_ptr, rstd_ptr, yrow, H, W,
-                         KH, HAS_NORM, True)
+            a = _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, q, mean_ptr, rstd_ptr, yrow, HAS_NORM, True)
         dyrow = dy_ptr + yrow[:, None] * N
         dy0 = tl.load(dyrow + cols0[None, :], mask=row_ok[:, None] & (cols0 < N)[None, :], other=0.0)
         at = tl.trans(a.to(dt))
@@ -448,16 +445,23 @@ def _columns(n: int) -> tuple[int, int, int]:
     return (bn0, 0, 1) if rest <= 0 else (bn0, _pow2(rest, 16, bn0), 1)
 
 
-def _tiles(lh: int, lw: int, bm: int) -> tuple[int, int]:
-    """(TH, TW), TH*TW = bm: the 2-D token tile with the fewest tiles per image (then the widest)."""
+def _tiles(lh: int, lw: int, bm: int, interior) -> tuple[int, int]:
+    """(TH, TW), TH*TW = bm: the 2-D token tile with the fewest tiles per image, then the most interior tiles
+    (``interior(th, tw)`` counts them), then the widest."""
     best = None
     tw = 1
     while tw <= bm:
         th = bm // tw
-        key = (triton.cdiv(lh, th) * triton.cdiv(lw, tw), -tw)
+        key = (triton.cdiv(lh, th) * triton.cdiv(lw, tw), -interior(th, tw), -tw)
         best = min(best, (key, th, tw)) if best else (key, th, tw)
         tw *= 2
     return best[1], best[2]
+
+
+def _inside(t: int, ln: int, size: int, k: int, s: int, p: int) -> int:
+    """How many of the cdiv(ln, t) tiles of t token positions along one axis have every patch inside the image."""
+    return sum(1 for r in range(triton.cdiv(ln, t))
+               if r * t * s >= p and ((r + 1) * t - 1) * s - p + k <= size and (r + 1) * t <= ln)
 
 
 @functools.lru_cache(maxsize=None)
@@ -506,11 +510,17 @@ class _Geometry:
         big = max(_extent(x), self.M * max(self.NP, self.KP), self.B * self.C * self.H * self.W)
         self.big = big > _INT32 // 2  # int64 offsets (with margin for padding and partial-buffer rows)
         # forward: 128 tokens per program (two warpgroups) unless the columns need the registers
-        self.fwd_bm = 128 if self.BN0 + self.BN1 <= 256 else 64
-        self.fwd_tile = _tiles(self.LH, self.LW, self.fwd_bm)
+        self.fwd_bm = 128 if self.BN0 + self.BN1 <= 256 and self.half and not self.tap_major else 64
+        self.fwd_tile = self.tiles(self.fwd_bm)
         self.fwd_bk = self.bk if self.tap_major else (32 if self.half else 16)
-        self.bwd_tile = _tiles(self.LH, self.LW, 64)
+        self.bwd_tile = self.tiles(64)
         self.nkb = self.KP // self.bk
+
+    def tiles(self, bm: int) -> tuple[int, int]:
+        def interior(th: int, tw: int) -> int:
+            return (_inside(th, self.LH, self.H, self.k[0], self.s[0], self.p[0])
+                    * _inside(tw, self.LW, self.W, self.k[1], self.s[1], self.p[1]))
+        return _tiles(self.LH, self.LW, bm, interior)
 
     def tile_args(self, tile: tuple[int, int]) -> tuple:
         """TPI, TILES_W and the image geometry of the kernels' tile arguments."""
@@ -543,14 +553,13 @@ class _Geometry:
     def prepare(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_weight: Optional[Tensor],
                 norm_bias: Optional[Tensor], scale: bool) -> tuple[Tensor, Optional[Tensor], tuple[Tensor, ...]]:
         """(KP, NP) W^T in q order and the dot dtype (times gamma with ``scale``), with ``scale`` the (2, NP)
-        fp32 coefficients [W @ gamma, W @ beta + b], and the gather table (koff, ti, tj)."""
+        fp32 coefficients [W @ gamma, W @ beta + b], and the gather table (koff, bits)."""
         dev = weight.device
         wt = torch.empty((self.KP, self.NP), dtype=self.dot_dtype, device=dev)
         grid = self.grids(1)["prepare"]
         coef = torch.empty((grid[0], 2, self.NP), dtype=torch.float32, device=dev) if scale else wt
         table = (torch.empty(self.KP, dtype=torch.int64 if self.big else torch.int32, device=dev),
-                 torch.empty(self.KP, dtype=torch.int32, device=dev), torch.empty(self.KP, dtype=torch.int32,
-                                                                                  device=dev))
+                 torch.empty(self.KP, dtype=torch.int32, device=dev))
         _prepare_kernel[grid](
             weight, norm_weight if scale else weight, norm_bias if norm_bias is not None else weight,
             bias if bias is not None else weight, wt, coef, *table,
@@ -578,6 +587,8 @@ def verify(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding
     K = x.shape[1] * kernel_size[0] * kernel_size[1]
     if K > MAX_K:
         return f"C*kh*kw = {K} exceeds {MAX_K}"
+    if max(kernel_size) > 15:
+        return f"kernel_size {tuple(kernel_size)} exceeds 15 (the gather table's tap bits)"
     if not 1 <= weight.shape[0] <= MAX_OUT:
         return f"{weight.shape[0]} output features: takes 1 to {MAX_OUT}"
     return None
@@ -646,7 +657,7 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
             *geo.tile_args(geo.bwd_tile), geo.num_tiles(geo.bwd_tile), *geo.image_args(), M, N, geo.NP, geo.KP,
             geo.nkb, groups, x.stride(0), x.stride(2), x.stride(3),
             HAS_NORM=has_norm, NEED_STATS=need_stats, HAS_N1=geo.BN1 > 0, BIG=geo.big, PREC=geo.prec,
-            TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk, num_warps=4,
+            TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk, num_warps=8,
         )
         grad_weight = empty((N, K), weight.dtype, x.device)
         grad_bias = empty((N,), weight.dtype, x.device)
