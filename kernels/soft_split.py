@@ -357,7 +357,7 @@ def _backward_finish_kernel(
 @triton.jit
 def _backward_input_kernel(
     dy_ptr, wt_ptr, x_ptr, mean_ptr, rstd_ptr, stat_ptr, dx_ptr,
-    M, L, LH, LW, C, H, W, N, NP, K, KH, KW, SH, SW, PH, PW, QC, QR, NKB, NUM_P,
+    M, L, LH, LW, C, H, W, N, NP, K, KH, KW, SH, SW, PH, PW, QC, QR, NUM_P,
     sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw,
     HAS_NORM: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr,
     BN: tl.constexpr,
@@ -365,7 +365,7 @@ def _backward_input_kernel(
     """Program (pixel block + NUM_P * (image * stride residue), channel block): grad_x of the pixels
     (rh + SH*u, rw + SW*v) of one image, summed over the taps (i, j) = (ti + SH*a, tj + SW*e) that reach them.
     wt[c*QC + (i*kw + j)*QR, n] = W[n, c*kh*kw + i*kw + j] (times gamma with the norm);
-    stat[kc, 0/1, token]: per-chunk sums of gamma*g*xhat and gamma*g."""
+    stat[0/1, token]: sum_k gamma*g*xhat and sum_k gamma*g."""
     pid_p = tl.program_id(0) % NUM_P
     pid_r = tl.program_id(0) // NUM_P
     pid_c = tl.program_id(1)
@@ -412,11 +412,8 @@ def _backward_input_kernel(
             if HAS_NORM:
                 mu = tl.load(mean_ptr + row, mask=tok_ok, other=0.0)
                 rs = tl.load(rstd_ptr + row, mask=tok_ok, other=0.0)
-                c1 = tl.zeros((BP,), dtype=tl.float32)
-                c2 = tl.zeros((BP,), dtype=tl.float32)
-                for kc in range(0, NKB):
-                    c1 += tl.load(stat_ptr + kc * 2 * M + row, mask=tok_ok, other=0.0)
-                    c2 += tl.load(stat_ptr + (kc * 2 + 1) * M + row, mask=tok_ok, other=0.0)
+                c1 = tl.load(stat_ptr + row, mask=tok_ok, other=0.0)
+                c2 = tl.load(stat_ptr + M + row, mask=tok_ok, other=0.0)
                 xhat = (xv - mu[:, None]) * rs[:, None]
                 g = rs[:, None] * (g - (c2 / K)[:, None] - xhat * (c1 / K)[:, None])
             acc += tl.where(tok_ok[:, None], g, 0.0)
@@ -504,7 +501,7 @@ class _Geometry:
         self.NP = self.col_groups * (self.BN0 + self.BN1)
         # the dot operands' dtype: fp32 under the interpreter, else x's
         self.dot_dtype = torch.float32 if triton_interpret() else x.dtype
-        self.half = self.dot_dtype != torch.float32
+        self.half = x.dtype != torch.float32  # 16-bit inputs: the larger tiles (also under the interpreter)
         # 3xTF32 keeps fp32 accuracy on the tensor cores; only fp32 operands on a GPU look at it
         self.prec = "tf32x3" if self.dot_dtype == torch.float32 and not triton_interpret() else "tf32"
         big = max(_extent(x), self.M * max(self.NP, self.KP), self.B * self.C * self.H * self.W)
@@ -513,7 +510,7 @@ class _Geometry:
         self.fwd_bm = 128 if self.BN0 + self.BN1 <= 256 and self.half and not self.tap_major else 64
         self.fwd_tile = self.tiles(self.fwd_bm)
         self.fwd_bk = self.bk if self.tap_major else (32 if self.half else 16)
-        self.bwd_tile = self.tiles(64)
+        self.bwd_tile = self.tiles(128 if self.half else 64)
         self.nkb = self.KP // self.bk
 
     def tiles(self, bm: int) -> tuple[int, int]:
@@ -673,13 +670,15 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         )
         if not compute_grad_x:
             return empty((0,), x.dtype, x.device), grad_weight, grad_bias, grad_norm_weight, grad_norm_bias
+        if need_stats:
+            stat = stat.sum(dim=0)  # (2, M), summed over the chunks in a fixed order
         grad_x = empty((B, C, geo.H, geo.W), x.dtype, x.device)
         sh, sw = geo.s
         bp, bc = 64, _pow2(C, 16, 64 if geo.half else 32)
         qc, qr = (1, geo.CP) if geo.tap_major else (geo.KHW, 1)
         _backward_input_kernel[grids["backward_input"]](
             dy, wt, x, mean if has_norm else wt, rstd if has_norm else wt, stat, grad_x,
-            M, geo.L, geo.LH, geo.LW, C, geo.H, geo.W, N, geo.NP, K, *geo.k, sh, sw, *geo.p, qc, qr, geo.nkb,
+            M, geo.L, geo.LH, geo.LW, C, geo.H, geo.W, N, geo.NP, K, *geo.k, sh, sw, *geo.p, qc, qr,
             triton.cdiv(triton.cdiv(geo.H, sh) * triton.cdiv(geo.W, sw), bp), *x.stride(), *grad_x.stride(),
             HAS_NORM=has_norm, BIG=geo.big, PREC=geo.prec, BP=bp, BC=bc, BN=64, num_warps=8,
         )
