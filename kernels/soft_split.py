@@ -510,7 +510,7 @@ class _Geometry:
         self.fwd_bm = 128 if self.BN0 + self.BN1 <= 256 and self.half and not self.tap_major else 64
         self.fwd_tile = self.tiles(self.fwd_bm)
         self.fwd_bk = self.bk if self.tap_major else (32 if self.half else 16)
-        self.bwd_tile = self.tiles(128 if self.half else 64)
+        self.bwd_tile = self.tiles(64)
         self.nkb = self.KP // self.bk
 
     def tiles(self, bm: int) -> tuple[int, int]:
