@@ -196,8 +196,9 @@ def _forward_store(y_ptr, coef_ptr, cvec_ptr, acc, rstd, d, yrow, row_ok, cols, 
 def _forward_kernel(
     x_ptr, wt_ptr, coef_ptr, cvec_ptr, koff_ptr, bits_ptr, y_ptr, mean_ptr, rstd_ptr,
     TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, NP, K, NUM_CHUNKS, sxb, sxh, sxw, eps,
-    HAS_NORM: tl.constexpr, HAS_CVEC: tl.constexpr, HAS_N1: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr,
-    TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr, BK: tl.constexpr,
+    HAS_NORM: tl.constexpr, HAS_CVEC: tl.constexpr, HAS_N1: tl.constexpr, TAP_MAJOR: tl.constexpr,
+    BIG: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr,
+    BN1: tl.constexpr, BK: tl.constexpr,
 ):
     """Program (token tile, column group of BN0 + BN1): y of the tile. With HAS_NORM wt holds (gamma*W)^T and
     coef = W @ gamma; cvec is added (W @ beta + b with the norm, else the bias); both are NP long."""
@@ -212,7 +213,7 @@ def _forward_kernel(
     shift = tl.zeros((BM,), dtype=tl.float32)
     if HAS_NORM:
         shift = tl.load(x_ptr + xrow, mask=s_ok, other=0.0).to(tl.float32)
-    if interior:
+    if interior and not TAP_MAJOR:  # tap-major masks are per token (a chunk is one tap): one path
         acc0, acc1, s1, s2 = _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP,
                                            NUM_CHUNKS, acc0, acc1, s1, s2, HAS_NORM, HAS_N1, False, PREC, BN0, BN1,
                                            BK)
@@ -468,7 +469,7 @@ def _num_sms(index: int) -> int:
 
 def _device_guard(x: Tensor):
     """Launch on x's GPU whatever the current device is."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
 class _Geometry:
@@ -619,8 +620,8 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
             x, wt, coef if has_norm else wt, cvec if cvec is not None else wt, *table, y, mean, rstd,
             *geo.tile_args(geo.fwd_tile), *geo.image_args(), geo.N, geo.NP, geo.K, num_chunks,
             x.stride(0), x.stride(2), x.stride(3), float(eps),
-            HAS_NORM=has_norm, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, BIG=geo.big, PREC=geo.prec,
-            TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.fwd_bk, num_warps=8,
+            HAS_NORM=has_norm, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, TAP_MAJOR=geo.tap_major, BIG=geo.big,
+            PREC=geo.prec, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.fwd_bk, num_warps=8,
         )
     return y, mean, rstd
 

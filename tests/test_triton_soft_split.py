@@ -206,7 +206,8 @@ def test_launch_grids_at_1024px(stage, batch):
 
 
 def test_interior_and_border_tiles_both_run(poisoned):
-    """A tile size that leaves interior tiles (unmasked gathers) next to border ones, tap-major and channel-major."""
+    """Interior tiles (unmasked gathers in channel-major order) next to border ones; and the same image in
+    tap-major order (one masked path: its masks are per token)."""
     for tokens, C in ((False, 3), (True, 16)):
         leaves = _inputs(1, C, 40, 36, 3, 20, tokens, True, True, True, torch.float32)
         geo = kernel._Geometry(leaves[0], [3, 3], [1, 1], [1, 1], leaves[1])
