@@ -250,3 +250,13 @@ def test_backward_is_deterministic_on_gpu():
     second = torch.ops.t2t_fast_triton.soft_split_backward(*args)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_int64_offsets(tokens, poisoned, monkeypatch):
+    """The int64-offset variant (``BIG``: chosen when an element index can pass 2^31) on a small case, by
+    lowering the threshold."""
+    monkeypatch.setattr(kernel, "_INT32", 1000)
+    leaves = _inputs(2, 16 if tokens else 3, 9, 11, 3, 20, tokens, True, True, True, torch.float32)
+    assert kernel._Geometry(leaves[0], [3, 3], [2, 2], [1, 1], leaves[1]).big
+    _check_against_reference((3, 2, 1), leaves, torch.float32)
