@@ -10,9 +10,11 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
   LayerNorm's gamma when there is one; per-chunk sums of ``W @ gamma`` and ``W @ beta + b``; and the gather
   table of each q: its element offset in x (``koff``) and its tap row and column (``ti``, ``tj``; ``ti = kh``
   marks padding). With the table the kernels do no index arithmetic per element.
-- tokens are taken in 2-D tiles (TH token rows x TW token columns of one image, TH*TW = BM). A tile whose
-  patches all lie inside the image ("interior") gathers with plain loads; only border tiles take the masked
-  path (a scalar branch per tile).
+- tokens are taken in 2-D tiles (TH token rows x TW token columns of one image, TH*TW = BM). In channel-major
+  order a tile whose patches all lie inside the image ("interior") gathers with plain loads and only border
+  tiles take the masked path (a scalar branch per tile); the mask of an element is one AND and compare of the
+  token's in-image tap bits with the column's. Tap-major gathers always take the masked path (one tap per
+  chunk: the masks are per token).
 - forward: an implicit GEMM. A program owns one token tile and all output columns (two accumulators,
   BN0 + BN1 columns, so each patch is gathered once; column groups of BN0 + BN1 only for very wide outputs).
   It accumulates ``(x - s) @ (gamma * W)^T`` and, elementwise in registers, the sums of ``x - s`` and
