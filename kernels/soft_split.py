@@ -657,7 +657,7 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
             *geo.tile_args(geo.bwd_tile), geo.num_tiles(geo.bwd_tile), *geo.image_args(), M, N, geo.NP, geo.KP,
             geo.nkb, groups, x.stride(0), x.stride(2), x.stride(3),
             HAS_NORM=has_norm, NEED_STATS=need_stats, HAS_N1=geo.BN1 > 0, BIG=geo.big, PREC=geo.prec,
-            TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk, num_warps=8 if need_stats else 4,
+            TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk, num_warps=4 if has_norm and not need_stats else 8,
         )
         grad_weight = empty((N, K), weight.dtype, x.device)
         grad_bias = empty((N,), weight.dtype, x.device)
