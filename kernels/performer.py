@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from t2t_fast.ops._library import empty
+from t2t_fast.runtime import empty
 
 MAX_D = 128
 MAX_M = 256
@@ -367,3 +367,15 @@ def backward(grad_y: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     _key_grad_kernel[(bh * n_chunks,)](k, v, w, ds, dz, kmax, grad_k, grad_v, H, T, d, m, n_chunks, tpc,
                                        *k.stride(), *v.stride(), *w.stride(), **blocks)
     return grad_q, grad_k, grad_v
+
+
+def verify(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, eps: float) -> str | None:
+    """None when these kernels take the ``forward`` call (and its backward), else the limit it passes.
+
+    Shapes only (arguments already checked by the front door): no launch, no allocation, traceable."""
+    d, m = q.shape[-1], w.shape[0]
+    if d > MAX_D:
+        return f"d={d} exceeds {MAX_D}"
+    if m > MAX_M:
+        return f"m={m} exceeds {MAX_M}"
+    return None
