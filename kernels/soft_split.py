@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from t2t_fast.runtime import empty, triton_interpret
+from t2t_fast.runtime import empty, first_exceeded, triton_interpret
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_K = 8192  # C*kh*kw: bounds the weight-gradient partial buffers
@@ -577,20 +577,15 @@ class _Geometry:
 def verify(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int], weight: Tensor,
            bias: Optional[Tensor], norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
            eps: float) -> Optional[str]:
-    """None when these kernels handle the call (forward and backward), else the limit it passes. Shapes,
-    dtypes and devices only; the arguments are assumed to have passed the front door's checks."""
+    """None when these kernels take the ``forward`` call (and its backward), else the limit it passes.
+
+    Shapes and dtype only (arguments already checked by the front door): no launch, no allocation, traceable.
+    Large tensors are no limit: past 2^31 elements the kernels index in int64."""
     if x.dtype not in DTYPES:
         return f"dtype {x.dtype} is not one of {DTYPES}"
-    if not (x.is_cuda or (x.device.type == "cpu" and triton_interpret())):
-        return f"x is on {x.device}: needs a CUDA device (or the CPU under TRITON_INTERPRET=1)"
-    K = x.shape[1] * kernel_size[0] * kernel_size[1]
-    if K > MAX_K:
-        return f"C*kh*kw = {K} exceeds {MAX_K}"
-    if max(kernel_size) > 15:
-        return f"kernel_size {tuple(kernel_size)} exceeds 15 (the gather table's tap bits)"
-    if not 1 <= weight.shape[0] <= MAX_OUT:
-        return f"{weight.shape[0]} output features: takes 1 to {MAX_OUT}"
-    return None
+    out, K = weight.shape
+    return first_exceeded(("C*kh*kw", K, MAX_K), ("out", out, MAX_OUT),
+                          ("kernel_size (the gather table's tap bits)", max(kernel_size), 15))
 
 
 def _refuse(reason: Optional[str]) -> None:
@@ -686,21 +681,3 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         )
     return grad_x, grad_weight, grad_bias, grad_norm_weight, grad_norm_bias
 
-
-def verify(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int], weight: Tensor,
-           bias: Optional[Tensor], norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
-           eps: float) -> Optional[str]:
-    """None when these kernels take the ``forward`` call (and its backward), else the limit it passes.
-
-    Shapes only (arguments already checked by the front door): no launch, no allocation, traceable."""
-    out, K = weight.shape
-    if K > MAX_K:
-        return f"C*kh*kw={K} exceeds {MAX_K}"
-    if out > MAX_OUT:
-        return f"out={out} exceeds {MAX_OUT}"
-    B, _, H, W = x.shape
-    tokens = B * ((H + 2 * padding[0] - kernel_size[0]) // stride[0] + 1) \
-        * ((W + 2 * padding[1] - kernel_size[1]) // stride[1] + 1)
-    if max(_extent(x), _extent(weight), tokens * max(out, K)) > _INT32:
-        return "tensors too large for 32-bit indexing"
-    return None

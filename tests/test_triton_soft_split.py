@@ -175,7 +175,7 @@ def test_verify_names_the_limits():
         kernel.forward(x, [3, 3], [1, 1], [0, 0], w, None, None, None, 1e-5)
     x = torch.randn(1, 2, 5, 5, device=DEV)
     w = torch.randn(kernel.MAX_OUT + 1, 18, device=DEV)
-    assert "output features" in kernel.verify(x, [3, 3], [2, 2], [1, 1], w, None, None, None, 1e-5)
+    assert "out=" in kernel.verify(x, [3, 3], [2, 2], [1, 1], w, None, None, None, 1e-5)
     x = torch.randn(1, 1, 20, 20, device=DEV)
     assert "kernel_size" in kernel.verify(x, [16, 1], [1, 1], [0, 0], torch.randn(4, 16, device=DEV), None, None,
                                           None, 1e-5)
