@@ -7,7 +7,9 @@ The three soft splits of T2T-ViT-14 (token performer), each fused with what foll
 - stage 2: tokens (B, H*W/64, 64) viewed as (B, 64, H/8, W/8), unfold k3 s2 p1, project Linear(576, 384)
 
 ``fused`` is ``t2t_fast.soft_split`` under ``t2t_fast.backend('triton')``; ``reference`` is
-``t2t_fast.reference.soft_split`` (F.unfold + transpose + LayerNorm + Linear), eager and ``torch.compile``d.
+``t2t_fast.reference.soft_split`` (F.unfold + transpose + LayerNorm + Linear), eager and ``torch.compile``d;
+``conv-folded`` (eager) is the same function as a cuDNN user would write it, without the unfolded tensor
+(``conv_folded``): the LayerNorm folded into a convolution with ``W * gamma``.
 Inputs, weights and outputs are in the benchmark dtype (the fused op's LayerNorm parameters in fp32, as its front
 door makes them). ``fwd`` runs under ``no_grad``; ``fwd+bwd`` is forward and backward of ``sum(y * g)`` with the
 weights (and the token input of stages 1-2) requiring grad.
@@ -81,6 +83,33 @@ class Case:
         return sum(t.numel() * t.element_size() for t in (self.weight, self.bias, *self.norm) if t is not None)
 
 
+def conv_folded(x: torch.Tensor, kernel_size: int, stride: int, padding: int, weight: torch.Tensor,
+                bias: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor],
+                norm_bias: Optional[torch.Tensor], eps: float = 1e-5) -> torch.Tensor:
+    """``reference.soft_split`` through convolutions: x (B, C, H, W), weight (out, C*k*k) -> (B, L, out).
+
+    LN(unfold(x)) W^T + b = rstd * (conv(x, W*gamma) - mean * rowsum(W*gamma)) + W beta + b, with the patch
+    mean and E[x^2] from a convolution with a kernel of ones (its zero padding matches unfold's)."""
+    out, K = weight.shape
+    C = x.shape[1]
+    conv = dict(stride=stride, padding=padding)
+    w4 = weight.view(out, C, kernel_size, kernel_size)
+    if norm_weight is None:
+        y = torch.nn.functional.conv2d(x, w4, bias, **conv)
+        return y.flatten(2).transpose(1, 2)
+    wg = w4 * norm_weight.view(1, C, kernel_size, kernel_size).to(weight.dtype)
+    ones = torch.ones((1, C, kernel_size, kernel_size), dtype=x.dtype, device=x.device)
+    mean = torch.nn.functional.conv2d(x, ones, **conv).float() / K
+    ex2 = torch.nn.functional.conv2d(x * x, ones, **conv).float() / K
+    rstd = torch.rsqrt((ex2 - mean * mean).clamp_min(0) + eps)
+    shift = weight.float() @ norm_bias.float() if norm_bias is not None else torch.zeros(out, device=x.device)
+    if bias is not None:
+        shift = shift + bias.float()
+    acc = torch.nn.functional.conv2d(x, wg, **conv).float()
+    y = rstd * (acc - mean * wg.float().sum((1, 2, 3)).view(1, out, 1, 1)) + shift.view(1, out, 1, 1)
+    return y.to(x.dtype).flatten(2).transpose(1, 2)
+
+
 def make_op(case: Case, impl: str, mode: str) -> Callable:
     """(inp, weight, bias, norm_weight, norm_bias) -> y for one implementation and mode."""
     import t2t_fast
@@ -92,6 +121,11 @@ def make_op(case: Case, impl: str, mode: str) -> Callable:
             with t2t_fast.backend("triton"):
                 return t2t_fast.soft_split(case.image(inp), k, s, p, w, b, nw, nb)
         return fused
+
+    if impl == "conv-folded":
+        def folded(inp, w, b, nw, nb):
+            return conv_folded(case.image(inp), k, s, p, w, b, nw, nb)
+        return folded
 
     def ref(inp, w, b, nw, nb):
         return reference.soft_split(case.image(inp), k, s, p, w, b, nw, nb)
@@ -126,7 +160,7 @@ def measure(case: Case, impl: str, mode: str, direction: str, args: argparse.Nam
 def cases(args: argparse.Namespace) -> list[tuple]:
     """(stage, img, batch, dtype, direction, impl, mode); eager rows first, compiled ones (slow to build) last."""
     eager = [(st, img, args.batch, dt, d, impl, "eager") for img in args.sizes for dt in args.dtypes
-             for st in args.stages for d in ("fwd", "fwd+bwd") for impl in ("fused", "reference")]
+             for st in args.stages for d in ("fwd", "fwd+bwd") for impl in ("fused", "reference", "conv-folded")]
     compiled = [(st, img, args.batch, dt, "fwd+bwd", "reference", "compile") for img in args.sizes
                 for dt in args.dtypes for st in args.stages] if "compile" in args.modes else []
     return eager + compiled
@@ -143,7 +177,9 @@ def summary(rows: list[dict], copy_gbps: Optional[float]) -> list[dict]:
         f_fb, r_fb, c_fb = get("fwd+bwd", "fused", "eager"), get("fwd+bwd", "reference", "eager"), \
             get("fwd+bwd", "reference", "compile")
         line = dict(stage=key[0], img=key[1], dtype=key[2], fwd_ms=f_fwd.get("ms"), ref_fwd_ms=r_fwd.get("ms"),
-                    fwd_bwd_ms=f_fb.get("ms"), ref_eager_ms=r_fb.get("ms"), ref_compile_ms=c_fb.get("ms"))
+                    fwd_bwd_ms=f_fb.get("ms"), ref_eager_ms=r_fb.get("ms"), ref_compile_ms=c_fb.get("ms"),
+                    conv_folded_ms=get("fwd+bwd", "conv-folded", "eager").get("ms"))
+        line["vs_conv_folded"] = common.ratio(line["conv_folded_ms"], f_fb.get("ms"))
         line["vs_eager"] = common.ratio(r_fb.get("ms"), f_fb.get("ms"))
         line["vs_compile"] = common.ratio(c_fb.get("ms"), f_fb.get("ms"))
         line["act_ratio"] = common.ratio(f_fb.get("act_mib"), r_fb.get("act_mib"))

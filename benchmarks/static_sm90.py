@@ -156,25 +156,51 @@ def _cdiv(a: int, b: int) -> int:
 # Trip counts: kernel name -> launch -> executions of each SASS loop (address order, outer before inner),
 # summed over all programs. Mirror each kernel's `for` loops at its launch arguments.
 # ----------------------------------------------------------------------------------------------------------
-def _ss_backward_tokens(a: Launch) -> list[int]:
-    # for blk in range(pid_g, cdiv(M, BM), G), program (k chunk, out chunk, g)
-    blocks = _cdiv(a["M"], a["BM"])
-    per_group = sum(len(range(g, blocks, a["G"])) for g in range(a.grid[2]))
-    return [a.grid[0] * a.grid[1] * per_group]
+def _ss_interior(a: Launch) -> int:
+    """Token tiles of the launch whose patches all lie inside the image (the unmasked path), as ``_tile``."""
+    th, tw, sh, sw, ph, pw = a["TH"], a["TW"], a["SH"], a["SW"], a["PH"], a["PW"]
+    tiles_h = a["TPI"] // a["TILES_W"]
+    rows = sum(1 for r in range(tiles_h) if r * th * sh >= ph and ((r + 1) * th - 1) * sh - ph + a["KH"] <= a["H"]
+               and (r + 1) * th <= a["LH"])
+    cols = sum(1 for c in range(a["TILES_W"]) if c * tw * sw >= pw
+               and ((c + 1) * tw - 1) * sw - pw + a["KW"] <= a["W"] and (c + 1) * tw <= a["LW"])
+    return rows * cols
+
+
+def _ss_forward(a: Launch) -> list[int]:
+    # program (token tile, column group): if interior and not TAP_MAJOR: for kc in range(NUM_CHUNKS) (unmasked
+    # gathers), else the same loop with masks (the only one for TAP_MAJOR)
+    if a["TAP_MAJOR"]:
+        return [a.programs * a["NUM_CHUNKS"]]
+    inner = a.grid[0] // a["TPI"] * _ss_interior(a) * a.grid[1]
+    return [inner * a["NUM_CHUNKS"], (a.programs - inner) * a["NUM_CHUNKS"]]
+
+
+def _ss_backward_weight(a: Launch) -> list[int]:
+    # program (group g, chunk): for tile in range(g, NUM_TILES, G)
+    per_chunk = sum(len(range(g, a["NUM_TILES"], a["G"])) for g in range(a["G"]))
+    return [a["NKB"] * per_chunk]
+
+
+def _ss_backward_finish(a: Launch) -> list[int]:
+    # for n0 in range(0, N, BN): for g in range(G) (G == 1 is specialized away)
+    n_blocks = len(range(0, a["N"], a["BN"]))
+    return [a.programs * n_blocks] + ([a.programs * n_blocks * a["G"]] if a["G"] > 1 else [])
 
 
 def _ss_backward_input(a: Launch) -> list[int]:
+    # program (pixel block + NUM_P * (image * stride residue), channel block):
     # for a in range((KH - ti + SH - 1) // SH): for e in range((KW - tj + SW - 1) // SW): for n0 in range(0, N, BN)
     sh, sw, ph, pw = a["SH"], a["SW"], a["PH"], a["PW"]
     n_blocks = len(range(0, a["N"], a["BN"]))
     outer = middle = 0
-    for pid_r in range(a.grid[1]):
+    for pid_r in range(a.grid[0] // a["NUM_P"]):
         rh, rw = (pid_r // sw) % sh, pid_r % sw
         na = max(0, (a["KH"] - (rh + ph) % sh + sh - 1) // sh)
         ne = max(0, (a["KW"] - (rw + pw) % sw + sw - 1) // sw)
         outer += na
         middle += na * ne
-    per = a.grid[0] * a.grid[2]
+    per = a["NUM_P"] * a.grid[1]
     return [per * outer, per * middle, per * middle * n_blocks]
 
 
@@ -195,9 +221,10 @@ def _pf_combine(a: Launch) -> list[int]:
 
 TRIPS: dict[str, Callable[[Launch], list[int]]] = {
     # soft split (kernels/soft_split.py)
-    "_prepare_weight_kernel": lambda a: [],
-    "_forward_kernel": lambda a: [a.programs * a["NUM_CHUNKS"]],  # for kc in range(0, NUM_CHUNKS)
-    "_backward_tokens_kernel": _ss_backward_tokens,
+    "_prepare_kernel": lambda a: [],
+    "_forward_kernel": _ss_forward,
+    "_backward_weight_kernel": _ss_backward_weight,
+    "_backward_finish_kernel": _ss_backward_finish,
     "_backward_input_kernel": _ss_backward_input,
     # performer (kernels/performer.py)
     "_kv_partial_kernel": _pf_tiles,

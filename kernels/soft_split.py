@@ -1,32 +1,43 @@
 """Triton kernels of ``soft_split`` (unfold + optional LayerNorm + linear), contract in ``t2t_fast/ops/soft_split.py``.
 
-Nothing here materializes the unfolded (B, L, K = C*kh*kw) tensor:
+Nothing here materializes the unfolded (B, L, K = C*kh*kw) tensor. Every kernel walks the reduction in the
+"q order": for channel-first images q = k (channel-major, as ``F.unfold``); when channels are x's densest axis
+(a (B, L, C) token tensor viewed as an image) and C >= 16, one tap (i, j) after another with the channels of a
+tap contiguous (q = (i*kw + j)*CP + c, CP = C rounded up to the chunk width), so gathers read contiguous memory.
+Reduction rows beyond K (or channels beyond C) are padding; the weights there are zero.
 
-- weight preparation (one program per weight tile): ``W^T`` in the kernels' reduction order and dot dtype, for the forward with
-  the LayerNorm's gamma folded in, plus ``W @ gamma`` (of the rounded product) and ``W @ beta + b``.
-- forward: an implicit GEMM. A program owns a block of tokens and a block of output columns; it gathers each
-  token's patch straight from ``x`` through its strides (zero padding by masks) and accumulates
-  ``(x - s) @ (gamma * W)^T`` with ``tl.dot`` and, alongside, the per-token sums of ``x - s`` and ``(x - s)^2``.
-  ``s`` is one element of the token's own patch (the centre tap of channel 0), so the variance keeps its
-  precision when the mean is large against the spread. The LayerNorm is applied in the epilogue:
+- preparation (one launch): ``wt`` (KP, NP) = W^T in q order and the dot dtype, zero-padded, times the
+  LayerNorm's gamma when there is one; per-chunk sums of ``W @ gamma`` and ``W @ beta + b``; and the gather
+  table of each q: its element offset in x (``koff``) and its tap row and column (``ti``, ``tj``; ``ti = kh``
+  marks padding). With the table the kernels do no index arithmetic per element.
+- tokens are taken in 2-D tiles (TH token rows x TW token columns of one image, TH*TW = BM). In channel-major
+  order a tile whose patches all lie inside the image ("interior") gathers with plain loads and only border
+  tiles take the masked path (a scalar branch per tile); the mask of an element is one AND and compare of the
+  token's in-image tap bits with the column's. Tap-major gathers always take the masked path (one tap per
+  chunk: the masks are per token).
+- forward: an implicit GEMM. A program owns one token tile and all output columns (two accumulators,
+  BN0 + BN1 columns, so each patch is gathered once; column groups of BN0 + BN1 only for very wide outputs).
+  It accumulates ``(x - s) @ (gamma * W)^T`` and, elementwise in registers, the sums of ``x - s`` and
+  ``(x - s)^2`` (reduced once after the loop). ``s`` is tap (0, 0) of channel 0, an element of the token's
+  own patch (0 when that is padding), so the variance keeps its precision when the mean is large against the
+  spread, and q-padding (whose table offset is 0) gathers exactly ``s``. Epilogue:
   ``y = rstd * (acc - d * (W @ gamma)) + W @ beta + b`` with ``d = mean - s``.
-- backward, kernel 1 (grid: K chunk x out chunk x token group): regathers the patches and, per program, sums
-  ``dW = dy^T @ (gamma * xhat + beta)``, ``db = sum dy``, and with ``g = dy @ W``: ``dgamma = sum g * xhat``,
-  ``dbeta = sum g`` and the per-token partial sums ``sum_k gamma g xhat`` and ``sum_k gamma g`` of the LayerNorm
-  backward. Every program writes its own partials; ``torch.sum`` reduces them (deterministic, no atomics).
-- backward, kernel 2: ``grad_x`` by gathering, per input pixel, over the patches that cover it. Pixels are
-  grouped by their residue modulo the stride, so a program only visits the taps that can reach its pixels;
-  for one tap, a block of pixels x a block of channels needs ``dy[tokens] @ W[:, columns]``: one ``tl.dot``.
+- backward, weights (program = (token group, chunk of BKB q rows)): ``D = dy^T @ xhat`` (x itself without
+  the norm) for its chunk and all output columns over its tiles, and ``sum dy``; with the norm and grad_x
+  also the per-token partial sums over its chunk of ``gamma g xhat`` and ``gamma g`` (``g = dy @ W``).
+  A finishing kernel sums the groups' partials in a fixed order (deterministic, no atomics) and applies
+  ``dW = gamma * D + db beta^T``, ``dgamma = sum_n W * D``, ``dbeta = W^T db``.
+- backward, grad_x (only when x needs a gradient): per input pixel, over the patches that cover it. Pixels
+  are grouped by their residue modulo the stride, so a program only visits the taps that can reach its
+  pixels; for one tap, a block of pixels x a block of channels needs ``dy[tokens] @ wt[columns]^T``.
 
-The reduction over the K patch columns runs in chunks of BK. For channel-first images a chunk is BK consecutive
-columns of the channel-major order of ``F.unfold`` (c, i, j); when channels are the densest axis of ``x`` (a
-(B, L, C) token tensor viewed as an image) and C >= 16, it is one tap (i, j) and BK consecutive channels, so the
-gathers read contiguous memory and the masks are per token. fp32 inputs use 3xTF32 dots on the GPU (fp32-level
-accuracy); fp16/bf16 use the tensor cores with fp32 accumulation. Under the Triton interpreter every operand is
-upcast to fp32 (it mishandles bf16 arithmetic).
+fp32 inputs use 3xTF32 dots on the GPU (fp32-level accuracy); fp16/bf16 use the tensor cores with fp32
+accumulation. Under the Triton interpreter every operand is upcast to fp32 (it mishandles bf16 arithmetic).
+Offsets are int32 unless some element index can pass 2^31 (then int64, constexpr ``BIG``).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional, Sequence
 
@@ -35,221 +46,336 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from t2t_fast.runtime import empty, triton_interpret
+from t2t_fast.runtime import empty, first_exceeded, triton_interpret
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_K = 8192  # C*kh*kw: bounds the weight-gradient partial buffers
 MAX_OUT = 4096
-_INT32 = 2**31 - 1  # every element offset must fit the kernels' int32 index arithmetic
-_PARTIAL_BYTES = 64 * 2**20  # cap on the weight-gradient partial buffer of the backward
+_INT32 = 2**31 - 1
+_BKB = 64  # q rows per backward chunk (the wgmma M of dW^T), and the table granularity
+_PARTIAL_BYTES = 32 * 2**20  # cap on the weight-gradient partial buffer of the backward
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
-def _chunk(kc, C, KW, KHW, NCC, TAP_MAJOR: tl.constexpr, BK: tl.constexpr):
-    """Chunk kc of the reduction -> (q: index in the reduction order, q_ok, channel c, tap row i, tap column j,
-    k = c*kh*kw + i*kw + j: column of the weight). TAP_MAJOR: one tap (i, j are scalars) and BK channels out of
-    NCC = cdiv(C, BK) chunks per tap, q = (i*kw + j)*C + c; otherwise BK consecutive columns, q = k."""
+def _prepare_kernel(
+    w_ptr, nw_ptr, nb_ptr, b_ptr, wt_ptr, coef_ptr, koff_ptr, bits_ptr,
+    N, NP, C, CP, K, KH, KW, KHW, swn, swk, sxc, sxh, sxw,
+    SCALE: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, TAP_MAJOR: tl.constexpr,
+    BIG: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+):
+    """Program (chunk kc of BK q rows, column block): wt[q, n] = W[n, k(q)] (times gamma[k] with SCALE), 0 on
+    padding; with SCALE coef[kc, 0, n] = sum_q wt[q, n] (the rounded products the forward's dot uses) and
+    coef[kc, 1, n] = sum_q W[n, k(q)] beta[k(q)] (+ b[n] in chunk 0). Column block 0 writes the gather table:
+    koff[q] the element offset of column q in a patch, bits[q] = 2^i | 2^(16 + j) its tap."""
+    kc = tl.program_id(0)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    q = kc * BK + tl.arange(0, BK)
     if TAP_MAJOR:
-        r = kc // NCC
-        c = (kc % NCC) * BK + tl.arange(0, BK)
+        r = q // CP
+        c = q % CP
         q_ok = c < C
-        q = r * C + c
         k = c * KHW + r
     else:
-        q = kc * BK + tl.arange(0, BK)
-        q_ok = q < C * KHW
+        q_ok = q < K
+        k = q
         c = q // KHW
         r = q % KHW
-        k = q
-    return q, q_ok, c, r // KW, r % KW, k
-
-
-@triton.jit
-def _token_rows(rows, M, L, LW, SH, SW, PH, PW, sxb, sxh, sxw):
-    """Token rows (flattened B*L) -> (in range, image row and column of tap (0, 0), offset of that pixel)."""
-    b = rows // L
-    t = rows % L
-    h0 = (t // LW) * SH - PH
-    w0 = (t % LW) * SW - PW
-    return rows < M, h0, w0, b * sxb + h0 * sxh + w0 * sxw
-
-
-@triton.jit
-def _gather(x_ptr, row_ok, h0, w0, xrow, q_ok, c, i, j, H, W, sxc, sxh, sxw, TAP_MAJOR: tl.constexpr):
-    """The (rows, chunk) tile of the unfolded tensor, read from x; padding reads as 0."""
-    if TAP_MAJOR:
-        hh = h0 + i
-        ww = w0 + j
-        in_ok = row_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        m = in_ok[:, None] & q_ok[None, :]
-        ptrs = x_ptr + (xrow + i * sxh + j * sxw)[:, None] + (c * sxc)[None, :]
-    else:
-        hh = h0[:, None] + i[None, :]
-        ww = w0[:, None] + j[None, :]
-        m = row_ok[:, None] & q_ok[None, :] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        ptrs = x_ptr + xrow[:, None] + (c * sxc + i * sxh + j * sxw)[None, :]
-    return tl.load(ptrs, mask=m, other=0.0)
-
-
-@triton.jit
-def _prepare_weight_kernel(
-    w_ptr, nw_ptr, nb_ptr, b_ptr, wt_ptr, coef_ptr,
-    N, C, KW, KHW, NCC, swn, swk,
-    SCALE: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, TAP_MAJOR: tl.constexpr,
-    BN: tl.constexpr, BK: tl.constexpr,
-):
-    """Program (out block, chunk kc): wt[q, n] = W[n, k(q)] (times gamma[k] with SCALE) in wt's dtype. With
-    SCALE also the chunk's partial sums coef[kc, 0, n] = sum_q wt[q, n] (the rounded products the forward's dot
-    uses) and coef[kc, 1, n] = sum_q W[n, k(q)] beta[k(q)] (+ b[n] in chunk 0)."""
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)
-    kc = tl.program_id(1)
+    i = r // KW
+    j = r % KW
     col_ok = cols < N
-    q, q_ok, c, i, j, k = _chunk(kc, C, KW, KHW, NCC, TAP_MAJOR, BK)
     m = q_ok[:, None] & col_ok[None, :]
     w = tl.load(w_ptr + k[:, None] * swk + cols[None, :] * swn, mask=m, other=0.0).to(tl.float32)
     if SCALE:
         wg = (w * tl.load(nw_ptr + k, mask=q_ok, other=0.0).to(tl.float32)[:, None]).to(wt_ptr.dtype.element_ty)
-        tl.store(coef_ptr + kc * 2 * N + cols, tl.sum(wg.to(tl.float32), axis=0), mask=col_ok)
+        tl.store(coef_ptr + kc * 2 * NP + cols, tl.sum(wg.to(tl.float32), axis=0))
         w_beta = tl.zeros((BN,), dtype=tl.float32)
         if HAS_NORM_BIAS:
             w_beta += tl.sum(w * tl.load(nb_ptr + k, mask=q_ok, other=0.0).to(tl.float32)[:, None], axis=0)
         if HAS_BIAS:
             if kc == 0:
                 w_beta += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        tl.store(coef_ptr + (kc * 2 + 1) * N + cols, w_beta, mask=col_ok)
+        tl.store(coef_ptr + (kc * 2 + 1) * NP + cols, w_beta)
     else:
         wg = w.to(wt_ptr.dtype.element_ty)
-    tl.store(wt_ptr + q[:, None] * N + cols[None, :], wg, mask=m)
+    tl.store(wt_ptr + q[:, None] * NP + cols[None, :], wg)
+    if tl.program_id(1) == 0:
+        if BIG:
+            c = c.to(tl.int64)
+        # padding gathers tap (0, 0) of channel 0 (offset 0, bits of i = j = 0): a copy of the shift
+        tl.store(koff_ptr + q, tl.where(q_ok, c * sxc + i * sxh + j * sxw, 0))
+        tl.store(bits_ptr + q, tl.where(q_ok, (1 << i) | (1 << (16 + j)), 0x10001))
+
+
+@triton.jit
+def _tile(tile, TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw,
+          BIG: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+    """Token tile -> (rows in range, tap (0, 0) inside the image, its offset in x, token index (b*L + t), the taps
+    of each row inside the image (bit i for tap row i, bit 16 + j for tap column j; 0 for rows beyond the
+    tokens), whether every patch of the tile lies inside the image and every row is a token)."""
+    b = tile // TPI
+    rest = tile % TPI
+    th0 = (rest // TILES_W) * TH
+    tw0 = (rest % TILES_W) * TW
+    if BIG:
+        b = b.to(tl.int64)
+    m = tl.arange(0, TH * TW)
+    th = th0 + m // TW
+    tw = tw0 + m % TW
+    row_ok = (th < LH) & (tw < LW)
+    h0 = th * SH - PH
+    w0 = tw * SW - PW
+    if BIG:
+        xrow = b * sxb + h0.to(tl.int64) * sxh + w0.to(tl.int64) * sxw
+    else:
+        xrow = b * sxb + h0 * sxh + w0 * sxw
+    hlo = tl.maximum(-h0, 0)
+    hhi = tl.minimum(H - h0, KH)
+    wlo = tl.maximum(-w0, 0)
+    whi = tl.minimum(W - w0, KW)
+    hbits = tl.where(hhi > hlo, (1 << hhi) - (1 << hlo), 0)
+    wbits = tl.where(whi > wlo, (1 << whi) - (1 << wlo), 0)
+    bits = tl.where(row_ok, hbits | (wbits << 16), 0)
+    interior = (th0 * SH >= PH) & ((th0 + TH - 1) * SH - PH + KH <= H) & (tw0 * SW >= PW) \
+        & ((tw0 + TW - 1) * SW - PW + KW <= W) & (th0 + TH <= LH) & (tw0 + TW <= LW)
+    return row_ok, (bits & 0x10001) == 0x10001, xrow, b * L + th * LW + tw, bits, interior
+
+
+@triton.jit
+def _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, q, sub, mul, MODE: tl.constexpr, MASKED: tl.constexpr):
+    """The (tokens, q) tile of the unfolded tensor in fp32, as is (MODE 0), minus ``sub`` per token (1) or
+    times ``mul`` after that (2). Padding pixels read as 0 (MASKED; interior tiles have none), rows beyond the
+    tokens as 0 - sub; q-padding gathers tap (0, 0) of channel 0, the shift of the forward."""
+    ptrs = x_ptr + (xrow[:, None] + tl.load(koff_ptr + q)[None, :])
+    if MASKED:
+        cb = tl.load(bits_ptr + q)[None, :]
+        a = tl.load(ptrs, mask=(bits[:, None] & cb) == cb, other=0.0).to(tl.float32)
+    else:
+        a = tl.load(ptrs).to(tl.float32)
+    if MODE >= 1:
+        a = a - sub[:, None]
+    if MODE == 2:
+        a = a * mul[:, None]
+    return a
+
+
+@triton.jit
+def _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP, NUM_CHUNKS, acc0, acc1, s1, s2, HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr,
+                  MASKED: tl.constexpr, PREC: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr,
+                  BK: tl.constexpr):
+    for kc in range(0, NUM_CHUNKS):
+        q = kc * BK + tl.arange(0, BK)
+        # with the norm x - s: q-padding gathers s itself and rows beyond the tokens 0 - 0, both 0 here
+        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, q, shift, shift, 1 if HAS_NORM else 0, MASKED)
+        if HAS_NORM:
+            s1 += a
+            s2 += a * a
+        wrow = wt_ptr + q[:, None] * NP + col0
+        w0t = tl.load(wrow + tl.arange(0, BN0)[None, :])
+        acc0 = tl.dot(a.to(w0t.dtype), w0t, acc0, input_precision=PREC)
+        if HAS_N1:
+            w1t = tl.load(wrow + BN0 + tl.arange(0, BN1)[None, :])
+            acc1 = tl.dot(a.to(w1t.dtype), w1t, acc1, input_precision=PREC)
+    return acc0, acc1, s1, s2
+
+
+@triton.jit
+def _forward_store(y_ptr, coef_ptr, cvec_ptr, acc, rstd, d, yrow, row_ok, cols, N, HAS_NORM: tl.constexpr,
+                   HAS_CVEC: tl.constexpr):
+    out = acc
+    if HAS_NORM:
+        out = rstd[:, None] * (acc - d[:, None] * tl.load(coef_ptr + cols, mask=cols < N, other=0.0)[None, :])
+    if HAS_CVEC:
+        out += tl.load(cvec_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + yrow[:, None] * N + cols[None, :], out.to(y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (cols < N)[None, :])
 
 
 @triton.jit
 def _forward_kernel(
-    x_ptr, wt_ptr, coef_ptr, cvec_ptr, y_ptr, mean_ptr, rstd_ptr,
-    M, L, LW, C, H, W, N, K, KW, KHW, SH, SW, PH, PW, NCC, NUM_CHUNKS, CI, CJ,
-    sxb, sxc, sxh, sxw, eps,
-    HAS_NORM: tl.constexpr, HAS_CVEC: tl.constexpr, TAP_MAJOR: tl.constexpr, PREC: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    x_ptr, wt_ptr, coef_ptr, cvec_ptr, koff_ptr, bits_ptr, y_ptr, mean_ptr, rstd_ptr,
+    TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, NP, K, NUM_CHUNKS, sxb, sxh, sxw, eps,
+    HAS_NORM: tl.constexpr, HAS_CVEC: tl.constexpr, HAS_N1: tl.constexpr, TAP_MAJOR: tl.constexpr,
+    BIG: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr,
+    BN1: tl.constexpr, BK: tl.constexpr,
 ):
-    """y[rows, cols]: with HAS_NORM wt holds (gamma*W)^T, coef[cols] = W @ gamma; cvec is added (W @ beta + b
-    with the norm, else the bias)."""
-    pid_n = tl.program_id(0)  # the programs sharing a token block run together and share its gathers in L2
-    pid_m = tl.program_id(1)
-    rows = pid_m * BM + tl.arange(0, BM)
-    row_ok, h0, w0, xrow = _token_rows(rows, M, L, LW, SH, SW, PH, PW, sxb, sxh, sxw)
-    cols = pid_n * BN + tl.arange(0, BN)
-    col_ok = cols < N
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    """Program (token tile, column group of BN0 + BN1): y of the tile. With HAS_NORM wt holds (gamma*W)^T and
+    coef = W @ gamma; cvec is added (W @ beta + b with the norm, else the bias); both are NP long."""
+    BM: tl.constexpr = TH * TW
+    row_ok, s_ok, xrow, yrow, bits, interior = _tile(tl.program_id(0), TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW,
+                                                 PH, PW, sxb, sxh, sxw, BIG, TH, TW)
+    col0 = tl.program_id(1) * (BN0 + BN1)
+    acc0 = tl.zeros((BM, BN0), dtype=tl.float32)
+    acc1 = tl.zeros((BM, BN1), dtype=tl.float32)
+    s1 = tl.zeros((BM, BK), dtype=tl.float32)
+    s2 = tl.zeros((BM, BK), dtype=tl.float32)
+    shift = tl.zeros((BM,), dtype=tl.float32)
     if HAS_NORM:
-        # the shift: tap (CI, CJ) of channel 0, an element of the token's own patch (0 where it is padding)
-        hs = h0 + CI
-        ws = w0 + CJ
-        s_ok = row_ok & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
-        shift = tl.load(x_ptr + xrow + CI * sxh + CJ * sxw, mask=s_ok, other=0.0).to(tl.float32)
-        s1 = tl.zeros((BM,), dtype=tl.float32)
-        s2 = tl.zeros((BM,), dtype=tl.float32)
-    for kc in range(0, NUM_CHUNKS):
-        q, q_ok, c, i, j, k = _chunk(kc, C, KW, KHW, NCC, TAP_MAJOR, BK)
-        a = _gather(x_ptr, row_ok, h0, w0, xrow, q_ok, c, i, j, H, W, sxc, sxh, sxw, TAP_MAJOR)
-        wt = tl.load(wt_ptr + q[:, None] * N + cols[None, :], mask=q_ok[:, None] & col_ok[None, :], other=0.0)
-        if HAS_NORM:
-            # padding zeros are patch elements too: they centre to -shift
-            a = tl.where(row_ok[:, None] & q_ok[None, :], a.to(tl.float32) - shift[:, None], 0.0)
-            s1 += tl.sum(a, axis=1)
-            s2 += tl.sum(a * a, axis=1)
-        acc = tl.dot(a.to(wt.dtype), wt, acc, input_precision=PREC)
-    out = acc
+        shift = tl.load(x_ptr + xrow, mask=s_ok, other=0.0).to(tl.float32)
+    if interior and not TAP_MAJOR:  # tap-major masks are per token (a chunk is one tap): one path
+        acc0, acc1, s1, s2 = _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP,
+                                           NUM_CHUNKS, acc0, acc1, s1, s2, HAS_NORM, HAS_N1, False, PREC, BN0, BN1,
+                                           BK)
+    else:
+        acc0, acc1, s1, s2 = _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP,
+                                           NUM_CHUNKS, acc0, acc1, s1, s2, HAS_NORM, HAS_N1, True, PREC, BN0, BN1,
+                                           BK)
+    rstd = shift
+    d = shift
     if HAS_NORM:
-        d = s1 / K
-        rstd = tl.rsqrt(tl.maximum(s2 / K - d * d, 0.0) + eps)
-        out = rstd[:, None] * (acc - d[:, None] * tl.load(coef_ptr + cols, mask=col_ok, other=0.0)[None, :])
-        if pid_n == 0:
-            tl.store(mean_ptr + rows, shift + d, mask=row_ok)
-            tl.store(rstd_ptr + rows, rstd, mask=row_ok)
-    if HAS_CVEC:
-        out += tl.load(cvec_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rows[:, None] * N + cols[None, :], out.to(y_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+        d = tl.sum(s1, axis=1) / K
+        rstd = tl.rsqrt(tl.maximum(tl.sum(s2, axis=1) / K - d * d, 0.0) + eps)
+        if tl.program_id(1) == 0:
+            tl.store(mean_ptr + yrow, shift + d, mask=row_ok)
+            tl.store(rstd_ptr + yrow, rstd, mask=row_ok)
+    _forward_store(y_ptr, coef_ptr, cvec_ptr, acc0, rstd, d, yrow, row_ok, col0 + tl.arange(0, BN0), N, HAS_NORM,
+                   HAS_CVEC)
+    if HAS_N1:
+        _forward_store(y_ptr, coef_ptr, cvec_ptr, acc1, rstd, d, yrow, row_ok, col0 + BN0 + tl.arange(0, BN1), N,
+                       HAS_NORM, HAS_CVEC)
 
 
 @triton.jit
-def _backward_tokens_kernel(
-    x_ptr, dy_ptr, wt_ptr, nw_ptr, nb_ptr, mean_ptr, rstd_ptr, part_ptr, stat_ptr,
-    M, L, LW, C, H, W, N, K, KW, KHW, SH, SW, PH, PW, NCC,
-    sxb, sxc, sxh, sxw, G, PART_ROW, NUM_N, NUM_KN,
-    HAS_NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, NEED_STATS: tl.constexpr, TAP_MAJOR: tl.constexpr,
-    PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+def _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, q, mean_ptr, rstd_ptr, yrow, HAS_NORM: tl.constexpr,
+             MASKED: tl.constexpr):
+    """The tile's xhat (x without the norm) in fp32: 0 in rows beyond the tokens, garbage in q-padding (it
+    only meets zero weights or discarded rows)."""
+    if HAS_NORM:
+        mu = tl.load(mean_ptr + yrow, mask=row_ok, other=0.0)
+        rs = tl.load(rstd_ptr + yrow, mask=row_ok, other=0.0)
+        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, q, mu, rs, 2, MASKED)
+    else:
+        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, q, xrow, xrow, 0, MASKED)
+    return a
+
+
+@triton.jit
+def _backward_weight_kernel(
+    x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, part_ptr, dbp_ptr, stat_ptr,
+    TPI, TILES_W, NUM_TILES, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, M, N, NP, KP, NKB, G, sxb, sxh, sxw,
+    HAS_NORM: tl.constexpr, NEED_STATS: tl.constexpr, HAS_N1: tl.constexpr, BIG: tl.constexpr,
+    PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr,
+    BK: tl.constexpr,
 ):
-    """Program (k chunk, out chunk, group g) sums over token blocks g, g+G, ... and writes its partials:
-    part[g] = [dW (N*K) | db (N) | dgamma per out chunk (NUM_N*K) | dbeta per out chunk (NUM_N*K)];
-    stat[s, k chunk * NUM_N + out chunk, token] = sum over its columns of gamma*g*xhat (s=0), gamma*g (s=1)."""
-    pid_k = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_g = tl.program_id(2)
-    q, q_ok, c, i, j, k = _chunk(pid_k, C, KW, KHW, NCC, TAP_MAJOR, BK)
-    cols = pid_n * BN + tl.arange(0, BN)
-    col_ok = cols < N
-    dw = tl.zeros((BN, BK), dtype=tl.float32)
-    db = tl.zeros((BN,), dtype=tl.float32)
-    if HAS_NORM:
-        gam = tl.load(nw_ptr + k, mask=q_ok, other=0.0).to(tl.float32)
-        if HAS_NORM_BIAS:
-            bet = tl.load(nb_ptr + k, mask=q_ok, other=0.0).to(tl.float32)
+    """Program (group g, chunk kc of BK q rows) over tiles g, g+G, ...: part[g, q, n] = sum dy[t, n] xhat[t, q]
+    (x without the norm), and in chunk 0 dbp[g, n] = sum dy[t, n]; with NEED_STATS (wt = (gamma*W)^T)
+    stat[kc, 0/1, t] = sum over the chunk of gamma*g*xhat, gamma*g, with g = dy @ W."""
+    g = tl.program_id(0) // NKB
+    kc = tl.program_id(0) % NKB
+    q = kc * BK + tl.arange(0, BK)
+    cols0 = tl.arange(0, BN0)
+    cols1 = BN0 + tl.arange(0, BN1)
+    dt = wt_ptr.dtype.element_ty
+    dw0 = tl.zeros((BK, BN0), dtype=tl.float32)
+    dw1 = tl.zeros((BK, BN1), dtype=tl.float32)
+    db0 = tl.zeros((BN0,), dtype=tl.float32)
+    db1 = tl.zeros((BN1,), dtype=tl.float32)
+    if NEED_STATS:
+        wc0 = tl.load(wt_ptr + q[:, None] * NP + cols0[None, :])  # (BK, BN0), loaded once per program
+        if HAS_N1:
+            wc1 = tl.load(wt_ptr + q[:, None] * NP + cols1[None, :])
+    for tile in range(g, NUM_TILES, G):
+        row_ok, s_ok, xrow, yrow, bits, interior = _tile(tile, TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW,
+                                                     sxb, sxh, sxw, BIG, TH, TW)
+        if interior:
+            a = _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, q, mean_ptr, rstd_ptr, yrow, HAS_NORM, False)
         else:
-            bet = tl.zeros((BK,), dtype=tl.float32)
-        w = tl.trans(tl.load(wt_ptr + q[:, None] * N + cols[None, :], mask=q_ok[:, None] & col_ok[None, :],
-                             other=0.0))  # (BN, BK)
-        dgam = tl.zeros((BK,), dtype=tl.float32)
-        dbet = tl.zeros((BK,), dtype=tl.float32)
-    for blk in range(pid_g, tl.cdiv(M, BM), G):
-        rows = blk * BM + tl.arange(0, BM)
-        row_ok, h0, w0, xrow = _token_rows(rows, M, L, LW, SH, SW, PH, PW, sxb, sxh, sxw)
-        a = _gather(x_ptr, row_ok, h0, w0, xrow, q_ok, c, i, j, H, W, sxc, sxh, sxw, TAP_MAJOR).to(tl.float32)
-        dyt = tl.load(dy_ptr + rows[:, None] * N + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        if pid_k == 0:
-            db += tl.sum(dyt.to(tl.float32), axis=0)
-        dyt = dyt.to(wt_ptr.dtype.element_ty)
-        if HAS_NORM:
-            mu = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
-            rs = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
-            xhat = (a - mu[:, None]) * rs[:, None]
-            a = xhat * gam[None, :] + bet[None, :]
-            g = tl.dot(dyt, w, input_precision=PREC)  # (BM, BK): gradient of the normalized patch / gamma
-            dgam += tl.sum(g * xhat, axis=0)
-            dbet += tl.sum(g, axis=0)
-            if NEED_STATS:
-                gg = g * gam[None, :]
-                srow = (pid_k * NUM_N + pid_n) * M + rows
-                tl.store(stat_ptr + srow, tl.sum(gg * xhat, axis=1), mask=row_ok)
-                tl.store(stat_ptr + NUM_KN * M + srow, tl.sum(gg, axis=1), mask=row_ok)
-        dw = tl.dot(tl.trans(dyt), a.to(dyt.dtype), dw, input_precision=PREC)
-    part = part_ptr + pid_g * PART_ROW
-    tl.store(part + cols[:, None] * K + k[None, :], dw, mask=col_ok[:, None] & q_ok[None, :])
-    if pid_k == 0:
-        tl.store(part + N * K + cols, db, mask=col_ok)
+            a = _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, q, mean_ptr, rstd_ptr, yrow, HAS_NORM, True)
+        dyrow = dy_ptr + yrow[:, None] * N
+        dy0 = tl.load(dyrow + cols0[None, :], mask=row_ok[:, None] & (cols0 < N)[None, :], other=0.0)
+        at = tl.trans(a.to(dt))
+        dw0 = tl.dot(at, dy0.to(dt), dw0, input_precision=PREC)
+        if HAS_N1:
+            dy1 = tl.load(dyrow + cols1[None, :], mask=row_ok[:, None] & (cols1 < N)[None, :], other=0.0)
+            dw1 = tl.dot(at, dy1.to(dt), dw1, input_precision=PREC)
+        if kc == 0:
+            db0 += tl.sum(dy0.to(tl.float32), axis=0)
+            if HAS_N1:
+                db1 += tl.sum(dy1.to(tl.float32), axis=0)
+        if NEED_STATS:
+            gg = tl.dot(dy0.to(dt), tl.trans(wc0), input_precision=PREC)
+            if HAS_N1:
+                gg = tl.dot(dy1.to(dt), tl.trans(wc1), gg, input_precision=PREC)
+            srow = stat_ptr + kc * 2 * M + yrow
+            tl.store(srow, tl.sum(gg * a, axis=1), mask=row_ok)
+            tl.store(srow + M, tl.sum(gg, axis=1), mask=row_ok)
+    part = part_ptr + (g * KP + q)[:, None] * NP
+    tl.store(part + cols0[None, :], dw0)
+    if HAS_N1:
+        tl.store(part + cols1[None, :], dw1)
+    if kc == 0:
+        tl.store(dbp_ptr + g * NP + cols0, db0)
+        if HAS_N1:
+            tl.store(dbp_ptr + g * NP + cols1, db1)
+
+
+@triton.jit
+def _backward_finish_kernel(
+    part_ptr, dbp_ptr, w_ptr, nw_ptr, nb_ptr, gw_ptr, gb_ptr, gnw_ptr, gnb_ptr,
+    N, NP, K, KP, C, CP, KHW, G, swn, swk,
+    HAS_NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, TAP_MAJOR: tl.constexpr,
+    BK: tl.constexpr, BN: tl.constexpr,
+):
+    """Program (block of BK weight columns k): sums the groups' partials in order and writes grad_weight[:, k]
+    (and grad_bias in program 0), and with the norm grad_norm_weight[k], grad_norm_bias[k]."""
+    k = tl.program_id(0) * BK + tl.arange(0, BK)
+    k_ok = k < K
+    if TAP_MAJOR:
+        q = (k % KHW) * CP + k // KHW
+    else:
+        q = k
     if HAS_NORM:
-        tl.store(part + N * K + N + pid_n * K + k, dgam, mask=q_ok)
-        tl.store(part + N * K + N + (NUM_N + pid_n) * K + k, dbet, mask=q_ok)
+        gam = tl.load(nw_ptr + k, mask=k_ok, other=0.0)
+    bet = tl.zeros((BK,), dtype=tl.float32)
+    if HAS_NORM_BIAS:
+        bet = tl.load(nb_ptr + k, mask=k_ok, other=0.0)
+    dgam = tl.zeros((BK,), dtype=tl.float32)
+    dbet = tl.zeros((BK,), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        n = n0 + tl.arange(0, BN)
+        n_ok = n < N
+        m = k_ok[:, None] & n_ok[None, :]
+        d = tl.zeros((BK, BN), dtype=tl.float32)
+        db = tl.zeros((BN,), dtype=tl.float32)
+        for g in range(0, G):
+            d += tl.load(part_ptr + (g * KP + q)[:, None] * NP + n[None, :], mask=m, other=0.0)
+            db += tl.load(dbp_ptr + g * NP + n, mask=n_ok, other=0.0)
+        gw = d
+        if HAS_NORM:
+            gw = gam[:, None] * d + bet[:, None] * db[None, :]
+            w = tl.load(w_ptr + k[:, None] * swk + n[None, :] * swn, mask=m, other=0.0).to(tl.float32)
+            dgam += tl.sum(w * d, axis=1)
+            dbet += tl.sum(w * db[None, :], axis=1)
+        tl.store(gw_ptr + n[None, :] * K + k[:, None], gw.to(gw_ptr.dtype.element_ty), mask=m)
+        if tl.program_id(0) == 0:
+            tl.store(gb_ptr + n, db.to(gb_ptr.dtype.element_ty), mask=n_ok)
+    if HAS_NORM:
+        tl.store(gnw_ptr + k, dgam, mask=k_ok)
+        tl.store(gnb_ptr + k, dbet, mask=k_ok)
 
 
 @triton.jit
 def _backward_input_kernel(
-    dy_ptr, wt_ptr, nw_ptr, x_ptr, mean_ptr, rstd_ptr, stat_ptr, dx_ptr,
-    M, L, LH, LW, C, H, W, N, K, KH, KW, KHW, SH, SW, PH, PW, QC, QR,
+    dy_ptr, wt_ptr, x_ptr, mean_ptr, rstd_ptr, stat_ptr, dx_ptr,
+    M, L, LH, LW, C, H, W, N, NP, K, KH, KW, SH, SW, PH, PW, QC, QR, NUM_P,
     sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw,
-    HAS_NORM: tl.constexpr, PREC: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr,
+    HAS_NORM: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr,
+    BN: tl.constexpr,
 ):
-    """Program (pixel block, image * stride residue, channel block): grad_x of the pixels
+    """Program (pixel block + NUM_P * (image * stride residue), channel block): grad_x of the pixels
     (rh + SH*u, rw + SW*v) of one image, summed over the taps (i, j) = (ti + SH*a, tj + SW*e) that reach them.
-    wt[c*QC + (i*kw + j)*QR, n] = W[n, c*kh*kw + i*kw + j]; stat[0/1, token] = sum_k gamma*g*xhat, sum_k gamma*g."""
-    pid_p = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    pid_c = tl.program_id(2)
+    wt[c*QC + (i*kw + j)*QR, n] = W[n, c*kh*kw + i*kw + j] (times gamma with the norm);
+    stat[0/1, token]: sum_k gamma*g*xhat and sum_k gamma*g."""
+    pid_p = tl.program_id(0) % NUM_P
+    pid_r = tl.program_id(0) // NUM_P
+    pid_c = tl.program_id(1)
     b = pid_r // (SH * SW)
     rh = (pid_r // SW) % SH
     rw = pid_r % SW
+    if BIG:
+        b = b.to(tl.int64)
     wr = (W - rw + SW - 1) // SW
     hr = (H - rh + SH - 1) // SH
     p = pid_p * BP + tl.arange(0, BP)
@@ -280,19 +406,18 @@ def _backward_input_kernel(
             g = tl.zeros((BP, BC), dtype=tl.float32)
             for n0 in range(0, N, BN):
                 n = n0 + tl.arange(0, BN)
-                n_ok = n < N
-                dyt = tl.load(dy_ptr + row[:, None] * N + n[None, :], mask=tok_ok[:, None] & n_ok[None, :], other=0.0)
-                wt = tl.load(wt_ptr + (ch * QC + r * QR)[:, None] * N + n[None, :], mask=c_ok[:, None] & n_ok[None, :],
-                             other=0.0)  # (BC, BN)
+                dyt = tl.load(dy_ptr + row[:, None] * N + n[None, :], mask=tok_ok[:, None] & (n < N)[None, :],
+                              other=0.0)
+                wt = tl.load(wt_ptr + (ch * QC + r * QR)[:, None] * NP + n[None, :],
+                             mask=c_ok[:, None] & (n < N)[None, :], other=0.0)  # (BC, BN)
                 g = tl.dot(dyt.to(wt.dtype), tl.trans(wt), g, input_precision=PREC)
             if HAS_NORM:
-                gam = tl.load(nw_ptr + ch * KHW + r, mask=c_ok, other=0.0).to(tl.float32)
                 mu = tl.load(mean_ptr + row, mask=tok_ok, other=0.0)
                 rs = tl.load(rstd_ptr + row, mask=tok_ok, other=0.0)
-                c1 = tl.load(stat_ptr + row, mask=tok_ok, other=0.0) / K
-                c2 = tl.load(stat_ptr + M + row, mask=tok_ok, other=0.0) / K
+                c1 = tl.load(stat_ptr + row, mask=tok_ok, other=0.0)
+                c2 = tl.load(stat_ptr + M + row, mask=tok_ok, other=0.0)
                 xhat = (xv - mu[:, None]) * rs[:, None]
-                g = rs[:, None] * (g * gam[None, :] - c2[:, None] - xhat * c1[:, None])
+                g = rs[:, None] * (g - (c2 / K)[:, None] - xhat * (c1 / K)[:, None])
             acc += tl.where(tok_ok[:, None], g, 0.0)
     tl.store(dx_ptr + b * sdb + (h * sdh + w * sdw)[:, None] + ch[None, :] * sdc, acc.to(dx_ptr.dtype.element_ty),
              mask=pix_ok)
@@ -305,25 +430,37 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
-def _pair(v: Sequence[int], name: str, least: int) -> tuple[int, int]:
-    if len(v) != 2 or any(not isinstance(e, int) or isinstance(e, bool) for e in v):
-        raise ValueError(f"soft_split (triton): {name} must be two ints, got {v!r}")
-    if min(v) < least:
-        raise ValueError(f"soft_split (triton): {name} must be >= {least}, got {tuple(v)}")
-    return int(v[0]), int(v[1])
-
-
 def _extent(t: Tensor) -> int:
     """Largest element offset a kernel adds to t's data pointer."""
     return sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
 
 
-def _check_vector(t: Optional[Tensor], name: str, n: int, x: Tensor) -> None:
-    if t is None:
-        return
-    if not isinstance(t, Tensor) or tuple(t.shape) != (n,) or not t.is_floating_point() or t.device != x.device:
-        desc = f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
-        raise ValueError(f"soft_split (triton): {name} must be a floating ({n},) tensor on {x.device}, got {desc}")
+def _columns(n: int) -> tuple[int, int, int]:
+    """(BN0, BN1, groups): a program covers BN0 + BN1 output columns (BN1 = 0: one block), powers of two."""
+    if n > 384:
+        return 256, 0, triton.cdiv(n, 256)
+    bn0 = max(16, 1 << (n.bit_length() - 1))
+    rest = n - bn0
+    return (bn0, 0, 1) if rest <= 0 else (bn0, _pow2(rest, 16, bn0), 1)
+
+
+def _tiles(lh: int, lw: int, bm: int, interior) -> tuple[int, int]:
+    """(TH, TW), TH*TW = bm: the 2-D token tile with the fewest tiles per image, then the most interior tiles
+    (``interior(th, tw)`` counts them), then the widest."""
+    best = None
+    tw = 1
+    while tw <= bm:
+        th = bm // tw
+        key = (triton.cdiv(lh, th) * triton.cdiv(lw, tw), -interior(th, tw), -tw)
+        best = min(best, (key, th, tw)) if best else (key, th, tw)
+        tw *= 2
+    return best[1], best[2]
+
+
+def _inside(t: int, ln: int, size: int, k: int, s: int, p: int) -> int:
+    """How many of the cdiv(ln, t) tiles of t token positions along one axis have every patch inside the image."""
+    return sum(1 for r in range(triton.cdiv(ln, t))
+               if r * t * s >= p and ((r + 1) * t - 1) * s - p + k <= size and (r + 1) * t <= ln)
 
 
 @functools.lru_cache(maxsize=None)
@@ -331,85 +468,129 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _device_guard(x: Tensor):
+    """Launch on x's GPU whatever the current device is."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
 class _Geometry:
-    """Validated shapes of one soft split and the reduction layout shared by forward and backward."""
+    """Shapes of one soft split (arguments checked at the front door), the q order, tiles and launch grids."""
 
     def __init__(self, x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
                  weight: Tensor):
-        for name, t in (("x", x), ("weight", weight)):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"soft_split (triton): {name} must be a torch.Tensor, got {type(t).__name__}")
-        if x.dim() != 4 or x.numel() == 0:
-            raise ValueError(f"soft_split (triton): x must be a non-empty (B, C, H, W) tensor, got {tuple(x.shape)}")
-        if x.dtype not in DTYPES:
-            raise TypeError(f"soft_split (triton): x dtype must be one of {DTYPES}, got {x.dtype}")
-        if not (x.is_cuda or (x.device.type == "cpu" and triton_interpret())):
-            raise ValueError(f"soft_split (triton): x must be a CUDA tensor (or a CPU tensor under "
-                             f"TRITON_INTERPRET=1), got a tensor on {x.device}")
-        self.k = _pair(kernel_size, "kernel_size", 1)
-        self.s = _pair(stride, "stride", 1)
-        self.p = _pair(padding, "padding", 0)
+        self.k = (int(kernel_size[0]), int(kernel_size[1]))
+        self.s = (int(stride[0]), int(stride[1]))
+        self.p = (int(padding[0]), int(padding[1]))
         self.B, self.C, self.H, self.W = x.shape
         self.LH = (self.H + 2 * self.p[0] - self.k[0]) // self.s[0] + 1
         self.LW = (self.W + 2 * self.p[1] - self.k[1]) // self.s[1] + 1
-        if self.LH < 1 or self.LW < 1:
-            raise ValueError(f"soft_split (triton): image {self.H}x{self.W} is smaller than kernel_size {self.k} "
-                             f"with padding {self.p}")
         self.L = self.LH * self.LW
         self.M = self.B * self.L
         self.KHW = self.k[0] * self.k[1]
         self.K = self.C * self.KHW
-        if weight.dim() != 2 or weight.shape[1] != self.K:
-            raise ValueError(f"soft_split (triton): weight must be (out, C*kh*kw) = (out, {self.K}), "
-                             f"got {tuple(weight.shape)}")
         self.N = weight.shape[0]
-        if weight.dtype != x.dtype or weight.device != x.device:
-            raise ValueError(f"soft_split (triton): weight must have x's dtype and device ({x.dtype}, {x.device}), "
-                             f"got {weight.dtype} on {weight.device}")
-        if self.K > MAX_K:
-            raise ValueError(f"soft_split (triton): C*kh*kw = {self.K} exceeds this kernel's limit {MAX_K}")
-        if not 1 <= self.N <= MAX_OUT:
-            raise ValueError(f"soft_split (triton): weight has {self.N} output features; this kernel takes "
-                             f"1 to {MAX_OUT}")
-        if max(_extent(x), _extent(weight), self.M * max(self.N, self.K)) > _INT32:
-            raise ValueError("soft_split (triton): tensors too large for 32-bit indexing; split the batch")
-        # tap-major chunks of BK channels when channels are x's densest axis (token tensors viewed as images)
+        # tap-major order when channels are x's densest axis (token tensors viewed as images)
         self.tap_major = self.C >= 16 and x.stride(1) < min(x.stride(2), x.stride(3))
+        if self.tap_major:
+            self.bk = min(_BKB, 1 << (self.C.bit_length() - 1))  # q rows per chunk (one tap)
+            self.CP = triton.cdiv(self.C, self.bk) * self.bk
+            self.KP = self.KHW * self.CP
+        else:
+            self.bk = _BKB
+            self.CP = self.C
+            self.KP = triton.cdiv(self.K, _BKB) * _BKB
+        self.BN0, self.BN1, self.col_groups = _columns(self.N)
+        self.NP = self.col_groups * (self.BN0 + self.BN1)
         # the dot operands' dtype: fp32 under the interpreter, else x's
         self.dot_dtype = torch.float32 if triton_interpret() else x.dtype
+        self.half = x.dtype != torch.float32  # 16-bit inputs: the larger tiles (also under the interpreter)
         # 3xTF32 keeps fp32 accuracy on the tensor cores; only fp32 operands on a GPU look at it
         self.prec = "tf32x3" if self.dot_dtype == torch.float32 and not triton_interpret() else "tf32"
+        big = max(_extent(x), self.M * max(self.NP, self.KP), self.B * self.C * self.H * self.W)
+        self.big = big > _INT32 // 2  # int64 offsets (with margin for padding and partial-buffer rows)
+        # forward: 128 tokens per program (two warpgroups) unless the columns need the registers
+        self.fwd_bm = 128 if self.BN0 + self.BN1 <= 256 and self.half and not self.tap_major else 64
+        self.fwd_tile = self.tiles(self.fwd_bm)
+        self.fwd_bk = self.bk if self.tap_major else (32 if self.half else 16)
+        self.bwd_tile = self.tiles(64)
+        self.nkb = self.KP // self.bk
 
-    def block_k(self, most: int) -> int:
-        """Chunk width of the reduction: at most ``most``; in tap-major order no wider than C."""
-        return min(most, 1 << (self.C.bit_length() - 1)) if self.tap_major else most
+    def tiles(self, bm: int) -> tuple[int, int]:
+        def interior(th: int, tw: int) -> int:
+            return (_inside(th, self.LH, self.H, self.k[0], self.s[0], self.p[0])
+                    * _inside(tw, self.LW, self.W, self.k[1], self.s[1], self.p[1]))
+        return _tiles(self.LH, self.LW, bm, interior)
 
-    def chunks(self, bk: int) -> tuple[int, int]:
-        """(chunks per tap in tap-major order, number of chunks) for chunks of width bk."""
-        ncc = triton.cdiv(self.C, bk)
-        return ncc, self.KHW * ncc if self.tap_major else triton.cdiv(self.K, bk)
+    def tile_args(self, tile: tuple[int, int]) -> tuple:
+        """TPI, TILES_W and the image geometry of the kernels' tile arguments."""
+        th, tw = tile
+        tiles_w = triton.cdiv(self.LW, tw)
+        return (triton.cdiv(self.LH, th) * tiles_w, tiles_w)
 
-    def args(self, bk: int) -> tuple:
-        """M, L, LW, C, H, W, N, K, KW, KHW, SH, SW, PH, PW, NCC of the kernels' signatures."""
-        return (self.M, self.L, self.LW, self.C, self.H, self.W, self.N, self.K, self.k[1], self.KHW,
-                self.s[0], self.s[1], self.p[0], self.p[1], self.chunks(bk)[0])
+    def num_tiles(self, tile: tuple[int, int]) -> int:
+        return self.B * self.tile_args(tile)[0]
 
-    def prepare_weight(self, weight: Tensor, bias: Optional[Tensor], norm_weight: Optional[Tensor],
-                       norm_bias: Optional[Tensor], scale: bool) -> tuple[Tensor, Optional[Tensor]]:
-        """(K, N) W^T in the reduction order and dot dtype (times gamma with ``scale``), and with ``scale``
-        the (2, N) fp32 coefficients [W @ gamma, W @ beta + b]."""
-        BN, BK = _pow2(self.N, 16, 64), self.block_k(32)
-        ncc, num_chunks = self.chunks(BK)
-        wt = torch.empty((self.K, self.N), dtype=self.dot_dtype, device=weight.device)
-        coef = torch.empty((num_chunks, 2, self.N), dtype=torch.float32, device=weight.device) if scale else wt
-        _prepare_weight_kernel[(triton.cdiv(self.N, BN), num_chunks)](
+    def groups(self, sms: int) -> int:
+        """Token groups of the weight-gradient kernel: about two programs per SM, partials bounded."""
+        tiles = self.num_tiles(self.bwd_tile)
+        return max(1, min(tiles, triton.cdiv(2 * sms, self.nkb), _PARTIAL_BYTES // (4 * self.KP * self.NP)))
+
+    def grids(self, sms: int) -> dict[str, tuple[int, ...]]:
+        """The launch grid of every kernel; token blocks (or token groups, pixel blocks) on axis 0."""
+        sh, sw = self.s
+        bp, bc = 64, _pow2(self.C, 16, 64 if self.half else 32)
+        num_p = triton.cdiv(triton.cdiv(self.H, sh) * triton.cdiv(self.W, sw), bp)
+        bn = 64 if self.NP % 64 == 0 else 16
+        return {
+            "prepare": (self.nkb, self.NP // bn),
+            "forward": (self.num_tiles(self.fwd_tile), self.col_groups),
+            "backward_weight": (self.groups(sms) * self.nkb,),
+            "backward_finish": (triton.cdiv(self.K, 32),),
+            "backward_input": (num_p * self.B * sh * sw, triton.cdiv(self.C, bc)),
+        }
+
+    def prepare(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_weight: Optional[Tensor],
+                norm_bias: Optional[Tensor], scale: bool) -> tuple[Tensor, Optional[Tensor], tuple[Tensor, ...]]:
+        """(KP, NP) W^T in q order and the dot dtype (times gamma with ``scale``), with ``scale`` the (2, NP)
+        fp32 coefficients [W @ gamma, W @ beta + b], and the gather table (koff, bits)."""
+        dev = weight.device
+        wt = torch.empty((self.KP, self.NP), dtype=self.dot_dtype, device=dev)
+        grid = self.grids(1)["prepare"]
+        coef = torch.empty((grid[0], 2, self.NP), dtype=torch.float32, device=dev) if scale else wt
+        table = (torch.empty(self.KP, dtype=torch.int64 if self.big else torch.int32, device=dev),
+                 torch.empty(self.KP, dtype=torch.int32, device=dev))
+        _prepare_kernel[grid](
             weight, norm_weight if scale else weight, norm_bias if norm_bias is not None else weight,
-            bias if bias is not None else weight, wt, coef,
-            self.N, self.C, self.k[1], self.KHW, ncc, weight.stride(0), weight.stride(1),
+            bias if bias is not None else weight, wt, coef, *table,
+            self.N, self.NP, self.C, self.CP, self.K, self.k[0], self.k[1], self.KHW, weight.stride(0),
+            weight.stride(1), x.stride(1), x.stride(2), x.stride(3),
             SCALE=scale, HAS_NORM_BIAS=norm_bias is not None, HAS_BIAS=bias is not None, TAP_MAJOR=self.tap_major,
-            BN=BN, BK=BK, num_warps=4,
+            BIG=self.big, BK=self.KP // grid[0], BN=self.NP // grid[1], num_warps=4,
         )
-        return wt, coef.sum(dim=0) if scale else None
+        return wt, coef.sum(dim=0) if scale else None, table
+
+    def image_args(self) -> tuple:
+        """L, LH, LW, H, W, KH, KW, SH, SW, PH, PW of the kernels' signatures."""
+        return (self.L, self.LH, self.LW, self.H, self.W, *self.k, *self.s, *self.p)
+
+
+def verify(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int], weight: Tensor,
+           bias: Optional[Tensor], norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+           eps: float) -> Optional[str]:
+    """None when these kernels take the ``forward`` call (and its backward), else the limit it passes.
+
+    Shapes and dtype only (arguments already checked by the front door): no launch, no allocation, traceable.
+    Large tensors are no limit: past 2^31 elements the kernels index in int64."""
+    if x.dtype not in DTYPES:
+        return f"dtype {x.dtype} is not one of {DTYPES}"
+    out, K = weight.shape
+    return first_exceeded(("C*kh*kw", K, MAX_K), ("out", out, MAX_OUT),
+                          ("kernel_size (the gather table's tap bits)", max(kernel_size), 15))
+
+
+def _refuse(reason: Optional[str]) -> None:
+    if reason is not None:
+        raise ValueError(f"soft_split (triton): {reason}")
 
 
 def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int], weight: Tensor,
@@ -419,28 +600,25 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
 
     Returns y (B, L, out) in x.dtype and the LayerNorm's mean, rstd (B, L) fp32 ((0,) without norm_weight).
     """
+    _refuse(verify(x, kernel_size, stride, padding, weight, bias, norm_weight, norm_bias, eps))
     geo = _Geometry(x, kernel_size, stride, padding, weight)
-    _check_vector(bias, "bias", geo.N, x)
-    _check_vector(norm_weight, "norm_weight", geo.K, x)
-    _check_vector(norm_bias, "norm_bias", geo.K, x)
-    if norm_bias is not None and norm_weight is None:
-        raise ValueError("soft_split (triton): norm_bias needs norm_weight")
     has_norm = norm_weight is not None
-    wt, coef = geo.prepare_weight(weight, bias, norm_weight, norm_bias, scale=has_norm)
-    y = empty((geo.B, geo.L, geo.N), x.dtype, x.device)
-    stats = (geo.B, geo.L) if has_norm else (0,)
-    mean = empty(stats, torch.float32, x.device)
-    rstd = empty(stats, torch.float32, x.device)
-    cvec = coef[1] if has_norm else bias
-    # tile sizes chosen from compiled register counts on sm_90 (no spills); not yet tuned by timing
-    half = geo.dot_dtype != torch.float32
-    BM, BN, BK = 64, _pow2(geo.N, 16, 64), geo.block_k(64 if half else 32)
-    _forward_kernel[(triton.cdiv(geo.N, BN), triton.cdiv(geo.M, BM))](
-        x, wt, coef if has_norm else wt, cvec if cvec is not None else wt, y, mean, rstd,
-        *geo.args(BK), geo.chunks(BK)[1], geo.k[0] // 2, geo.k[1] // 2, *x.stride(), float(eps),
-        HAS_NORM=has_norm, HAS_CVEC=cvec is not None, TAP_MAJOR=geo.tap_major, PREC=geo.prec,
-        BM=BM, BN=BN, BK=BK, num_warps=4 if half and geo.tap_major else 8,
-    )
+    with _device_guard(x):
+        wt, coef, table = geo.prepare(x, weight, bias, norm_weight, norm_bias, scale=has_norm)
+        y = empty((geo.B, geo.L, geo.N), x.dtype, x.device)
+        stats = (geo.B, geo.L) if has_norm else (0,)
+        mean = empty(stats, torch.float32, x.device)
+        rstd = empty(stats, torch.float32, x.device)
+        cvec = coef[1] if has_norm else bias
+        th, tw = geo.fwd_tile
+        num_chunks = geo.KP // geo.fwd_bk if geo.tap_major else triton.cdiv(geo.K, geo.fwd_bk)
+        _forward_kernel[geo.grids(1)["forward"]](
+            x, wt, coef if has_norm else wt, cvec if cvec is not None else wt, *table, y, mean, rstd,
+            *geo.tile_args(geo.fwd_tile), *geo.image_args(), geo.N, geo.NP, geo.K, num_chunks,
+            x.stride(0), x.stride(2), x.stride(3), float(eps),
+            HAS_NORM=has_norm, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, TAP_MAJOR=geo.tap_major, BIG=geo.big,
+            PREC=geo.prec, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.fwd_bk, num_warps=8,
+        )
     return y, mean, rstd
 
 
@@ -452,91 +630,54 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
     Returns grad_x (B, C, H, W) in x.dtype (or (0,) when not compute_grad_x), grad_weight (out, K) and
     grad_bias (out,) in weight.dtype, grad_norm_weight and grad_norm_bias (K,) fp32 ((0,) without norm_weight).
     """
+    _refuse(verify(x, kernel_size, stride, padding, weight, None, norm_weight, norm_bias, 0.0))
     geo = _Geometry(x, kernel_size, stride, padding, weight)
     B, C, N, K, M = geo.B, geo.C, geo.N, geo.K, geo.M
-    if not isinstance(grad_y, Tensor) or tuple(grad_y.shape) != (B, geo.L, N) or grad_y.dtype not in DTYPES \
-            or grad_y.device != x.device:
-        desc = f"{tuple(grad_y.shape)} {grad_y.dtype}" if isinstance(grad_y, Tensor) else type(grad_y).__name__
-        raise ValueError(f"soft_split (triton): grad_y must be a ({B}, {geo.L}, {N}) floating tensor on {x.device}, "
-                         f"got {desc}")
-    _check_vector(norm_weight, "norm_weight", K, x)
-    _check_vector(norm_bias, "norm_bias", K, x)
     has_norm = norm_weight is not None
-    if norm_bias is not None and not has_norm:
-        raise ValueError("soft_split (triton): norm_bias needs norm_weight")
-    if has_norm:
-        for name, t in (("mean", mean), ("rstd", rstd)):
-            if tuple(t.shape) != (B, geo.L) or t.dtype != torch.float32 or t.device != x.device:
-                raise ValueError(f"soft_split (triton): {name} must be ({B}, {geo.L}) fp32 on {x.device} (as forward "
-                                 f"returns it with norm_weight), got {tuple(t.shape)} {t.dtype}")
-        mean, rstd = mean.contiguous(), rstd.contiguous()
-    dy = grad_y.contiguous()
-    wt, _ = geo.prepare_weight(weight, None, None, None, scale=False)
-
-    half = geo.dot_dtype != torch.float32
-    BM, BN, BK = 64 if half else 32, _pow2(N, 16, 64), geo.block_k(32)
-    num_k, num_n = geo.chunks(BK)[1], triton.cdiv(N, BN)
-    num_kn = num_k * num_n
-    part_row = N * K + N + (2 * num_n * K if has_norm else 0)
-    target = 4 * _num_sms(x.device.index or 0) if x.is_cuda else 8
-    groups = max(1, min(triton.cdiv(M, BM), target // num_kn, _PARTIAL_BYTES // (4 * part_row)))
     need_stats = has_norm and compute_grad_x
-    if 2 * num_kn * M > _INT32:
-        raise ValueError("soft_split (triton): too many tokens for 32-bit indexing of the backward; split the batch")
-    part = empty((groups, part_row), torch.float32, x.device)
-    stat = empty((2, num_kn, M), torch.float32, x.device) if need_stats else wt
-    _backward_tokens_kernel[(num_k, num_n, groups)](
-        x, dy, wt, norm_weight if has_norm else wt, norm_bias if norm_bias is not None else wt,
-        mean if has_norm else wt, rstd if has_norm else wt, part, stat,
-        *geo.args(BK), *x.stride(), groups, part_row, num_n, num_kn,
-        HAS_NORM=has_norm, HAS_NORM_BIAS=norm_bias is not None, NEED_STATS=need_stats, TAP_MAJOR=geo.tap_major,
-        PREC=geo.prec, BM=BM, BN=BN, BK=BK, num_warps=8,
-    )
-    total = part.sum(dim=0)
-    grad_weight = empty((N, K), weight.dtype, x.device)
-    grad_weight.copy_(total[:N * K].view(N, K))
-    grad_bias = empty((N,), weight.dtype, x.device)
-    grad_bias.copy_(total[N * K:N * K + N])
-    norm_shape = (K,) if has_norm else (0,)
-    grad_norm_weight = empty(norm_shape, torch.float32, x.device)
-    grad_norm_bias = empty(norm_shape, torch.float32, x.device)
-    if has_norm:
-        norm_grads = total[N * K + N:].view(2, num_n, K).sum(dim=1)
-        grad_norm_weight.copy_(norm_grads[0])
-        grad_norm_bias.copy_(norm_grads[1])
-
-    if not compute_grad_x:
-        return empty((0,), x.dtype, x.device), grad_weight, grad_bias, grad_norm_weight, grad_norm_bias
-    grad_x = empty((B, C, geo.H, geo.W), x.dtype, x.device)
-    if need_stats:
-        stat = stat.sum(dim=1)  # (2, M): per token sum_k gamma*g*xhat, sum_k gamma*g
-    BP, BC, BN = 64, _pow2(C, 16, 64 if half else 32), _pow2(N, 16, 64)
-    sh, sw = geo.s
-    qc, qr = (1, C) if geo.tap_major else (geo.KHW, 1)
-    grid = (triton.cdiv(triton.cdiv(geo.H, sh) * triton.cdiv(geo.W, sw), BP), B * sh * sw, triton.cdiv(C, BC))
-    _backward_input_kernel[grid](
-        dy, wt, norm_weight if has_norm else wt, x, mean if has_norm else wt, rstd if has_norm else wt, stat, grad_x,
-        M, geo.L, geo.LH, geo.LW, C, geo.H, geo.W, N, K, geo.k[0], geo.k[1], geo.KHW, sh, sw, geo.p[0], geo.p[1],
-        qc, qr, *x.stride(), *grad_x.stride(),
-        HAS_NORM=has_norm, PREC=geo.prec, BP=BP, BC=BC, BN=BN, num_warps=8,
-    )
+    with _device_guard(x):
+        if has_norm:
+            mean, rstd = mean.contiguous(), rstd.contiguous()
+        dy = grad_y.contiguous()
+        wt, _, table = geo.prepare(x, weight, None, norm_weight if need_stats else None, None, scale=need_stats)
+        grids = geo.grids(_num_sms(x.device.index or 0) if x.is_cuda else 4)
+        groups = grids["backward_weight"][0] // geo.nkb
+        part = torch.empty((groups, geo.KP, geo.NP), dtype=torch.float32, device=x.device)
+        dbp = torch.empty((groups, geo.NP), dtype=torch.float32, device=x.device)
+        stat = torch.empty((geo.nkb, 2, M), dtype=torch.float32, device=x.device) if need_stats else wt
+        th, tw = geo.bwd_tile
+        _backward_weight_kernel[grids["backward_weight"]](
+            x, dy, wt, *table, mean if has_norm else wt, rstd if has_norm else wt, part, dbp, stat,
+            *geo.tile_args(geo.bwd_tile), geo.num_tiles(geo.bwd_tile), *geo.image_args(), M, N, geo.NP, geo.KP,
+            geo.nkb, groups, x.stride(0), x.stride(2), x.stride(3),
+            HAS_NORM=has_norm, NEED_STATS=need_stats, HAS_N1=geo.BN1 > 0, BIG=geo.big, PREC=geo.prec,
+            TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk, num_warps=4 if has_norm and not need_stats else 8,
+        )
+        grad_weight = empty((N, K), weight.dtype, x.device)
+        grad_bias = empty((N,), weight.dtype, x.device)
+        norm_shape = (K,) if has_norm else (0,)
+        grad_norm_weight = empty(norm_shape, torch.float32, x.device)
+        grad_norm_bias = empty(norm_shape, torch.float32, x.device)
+        _backward_finish_kernel[grids["backward_finish"]](
+            part, dbp, weight, norm_weight if has_norm else wt, norm_bias if norm_bias is not None else wt,
+            grad_weight, grad_bias, grad_norm_weight, grad_norm_bias,
+            N, geo.NP, K, geo.KP, C, geo.CP, geo.KHW, groups, weight.stride(0), weight.stride(1),
+            HAS_NORM=has_norm, HAS_NORM_BIAS=norm_bias is not None, TAP_MAJOR=geo.tap_major, BK=32, BN=64,
+            num_warps=4,
+        )
+        if not compute_grad_x:
+            return empty((0,), x.dtype, x.device), grad_weight, grad_bias, grad_norm_weight, grad_norm_bias
+        if need_stats:
+            stat = stat.sum(dim=0)  # (2, M), summed over the chunks in a fixed order
+        grad_x = empty((B, C, geo.H, geo.W), x.dtype, x.device)
+        sh, sw = geo.s
+        bp, bc = 64, _pow2(C, 16, 64 if geo.half else 32)
+        qc, qr = (1, geo.CP) if geo.tap_major else (geo.KHW, 1)
+        _backward_input_kernel[grids["backward_input"]](
+            dy, wt, x, mean if has_norm else wt, rstd if has_norm else wt, stat, grad_x,
+            M, geo.L, geo.LH, geo.LW, C, geo.H, geo.W, N, geo.NP, K, *geo.k, sh, sw, *geo.p, qc, qr,
+            triton.cdiv(triton.cdiv(geo.H, sh) * triton.cdiv(geo.W, sw), bp), *x.stride(), *grad_x.stride(),
+            HAS_NORM=has_norm, BIG=geo.big, PREC=geo.prec, BP=bp, BC=bc, BN=64, num_warps=8,
+        )
     return grad_x, grad_weight, grad_bias, grad_norm_weight, grad_norm_bias
 
-
-def verify(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int], weight: Tensor,
-           bias: Optional[Tensor], norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
-           eps: float) -> Optional[str]:
-    """None when these kernels take the ``forward`` call (and its backward), else the limit it passes.
-
-    Shapes only (arguments already checked by the front door): no launch, no allocation, traceable."""
-    out, K = weight.shape
-    if K > MAX_K:
-        return f"C*kh*kw={K} exceeds {MAX_K}"
-    if out > MAX_OUT:
-        return f"out={out} exceeds {MAX_OUT}"
-    B, _, H, W = x.shape
-    tokens = B * ((H + 2 * padding[0] - kernel_size[0]) // stride[0] + 1) \
-        * ((W + 2 * padding[1] - kernel_size[1]) // stride[1] + 1)
-    if max(_extent(x), _extent(weight), tokens * max(out, K)) > _INT32:
-        return "tensors too large for 32-bit indexing"
-    return None

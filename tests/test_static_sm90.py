@@ -144,7 +144,7 @@ def test_quick_run_rows_and_page(child):
               "warp_instructions", "issue_floor_us", "min_bytes", "touched_bytes", "roofline_us", "predicted_us"}
     assert all(needed <= set(r) for r in rows), [needed - set(r) for r in rows]
     triton_rows = [r for r in rows if r["kernel"].startswith("_")]
-    assert {"_prepare_weight_kernel", "_forward_kernel"} <= {r["kernel"] for r in triton_rows}
+    assert {"_prepare_kernel", "_forward_kernel"} <= {r["kernel"] for r in triton_rows}
     for r in triton_rows:
         assert r["predicted_us"] == max(r["issue_floor_us"], r["roofline_us"])
         assert 0 < r["min_bytes"] and r["ctas_per_sm"] >= 1 and r["direction"] == "fwd"

@@ -167,29 +167,54 @@ def test_autocast_returns_autocast_dtype():
     _close(y.float(), reference.soft_split(x, 3, 2, 1, w, b, nw, nb).detach(), 2e-2)
 
 
-def test_limits_raise_value_error():
+def test_verify_names_the_limits():
     x = torch.randn(1, kernel.MAX_K // 9 + 1, 3, 3, device=DEV)
-    with pytest.raises(ValueError, match="limit"):
-        kernel.forward(x, [3, 3], [1, 1], [0, 0], torch.randn(4, x.shape[1] * 9, device=DEV), None, None, None, 1e-5)
+    w = torch.randn(4, x.shape[1] * 9, device=DEV)
+    assert "exceeds" in kernel.verify(x, [3, 3], [1, 1], [0, 0], w, None, None, None, 1e-5)
+    with pytest.raises(ValueError, match="exceeds"):
+        kernel.forward(x, [3, 3], [1, 1], [0, 0], w, None, None, None, 1e-5)
     x = torch.randn(1, 2, 5, 5, device=DEV)
-    with pytest.raises(ValueError, match="output features"):
-        kernel.forward(x, [3, 3], [2, 2], [1, 1], torch.randn(kernel.MAX_OUT + 1, 18, device=DEV), None, None, None,
-                       1e-5)
-    w = torch.randn(4, 18, device=DEV)
-    with pytest.raises(ValueError, match="weight"):
-        kernel.forward(x, [3, 3], [2, 2], [1, 1], w.double(), None, None, None, 1e-5)
-    with pytest.raises(ValueError, match="kernel_size"):
-        kernel.forward(x, [3], [2, 2], [1, 1], w, None, None, None, 1e-5)
-    with pytest.raises(ValueError, match="smaller than kernel_size"):
-        kernel.forward(x, [7, 7], [2, 2], [0, 0], torch.randn(4, 98, device=DEV), None, None, None, 1e-5)
-    y, mean, rstd = kernel.forward(x, [3, 3], [2, 2], [1, 1], w, None, torch.ones(18, device=DEV), None, 1e-5)
-    with pytest.raises(ValueError, match="mean"):
-        kernel.backward(torch.randn_like(y), x, [3, 3], [2, 2], [1, 1], w, torch.ones(18, device=DEV), None,
-                        mean[:, :-1], rstd, True)
-    with pytest.raises(ValueError, match="grad_y"):
-        kernel.backward(y[:, :-1], x, [3, 3], [2, 2], [1, 1], w, torch.ones(18, device=DEV), None, mean, rstd, True)
-    with pytest.raises(TypeError, match="dtype"):
-        kernel.forward(x.double(), [3, 3], [2, 2], [1, 1], w.double(), None, None, None, 1e-5)
+    w = torch.randn(kernel.MAX_OUT + 1, 18, device=DEV)
+    assert "out=" in kernel.verify(x, [3, 3], [2, 2], [1, 1], w, None, None, None, 1e-5)
+    x = torch.randn(1, 1, 20, 20, device=DEV)
+    assert "kernel_size" in kernel.verify(x, [16, 1], [1, 1], [0, 0], torch.randn(4, 16, device=DEV), None, None,
+                                          None, 1e-5)
+    x = torch.randn(1, 2, 5, 5, device=DEV, dtype=torch.float64)
+    assert "dtype" in kernel.verify(x, [3, 3], [2, 2], [1, 1], x.new_ones(4, 18), None, None, None, 1e-5)
+    x = torch.randn(2, 3, 9, 10, device=DEV)
+    assert kernel.verify(x, [3, 3], [2, 2], [1, 1], torch.randn(5, 27, device=DEV), None, None, None, 1e-5) is None
+
+
+@pytest.mark.parametrize("batch", [64, 256])
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_launch_grids_at_1024px(stage, batch):
+    """No grid axis past CUDA's limits (axis 0 < 2^31, axes 1-2 <= 65535) at 1024 px; int64 offsets once an
+    element index can pass 2^31. Meta tensors: nothing is allocated or launched."""
+    C, down, k, s, p, out, tokens = [(3, 1, 7, 4, 2, 192, False), (64, 4, 3, 2, 1, 192, True),
+                                      (64, 8, 3, 2, 1, 384, True)][stage]
+    side = 1024 // down
+    if tokens:
+        x = torch.empty(batch, side * side, C, device="meta").transpose(1, 2).reshape(batch, C, side, side)
+    else:
+        x = torch.empty(batch, C, side, side, device="meta")
+    geo = kernel._Geometry(x, [k, k], [s, s], [p, p], torch.empty(out, C * k * k, device="meta"))
+    for name, grid in geo.grids(132).items():
+        assert 1 <= grid[0] < 2**31 and all(1 <= g <= 65535 for g in grid[1:]), (name, grid)
+    assert geo.big == (max(x.numel(), geo.M * max(geo.NP, geo.KP)) > 2**30)
+    if stage == 0:
+        assert geo.grids(132)["forward"][0] > 65535  # the case that failed with token blocks on axis 1
+
+
+def test_interior_and_border_tiles_both_run(poisoned):
+    """Interior tiles (unmasked gathers in channel-major order) next to border ones; and the same image in
+    tap-major order (one masked path: its masks are per token)."""
+    for tokens, C in ((False, 3), (True, 16)):
+        leaves = _inputs(1, C, 40, 36, 3, 20, tokens, True, True, True, torch.float32)
+        geo = kernel._Geometry(leaves[0], [3, 3], [1, 1], [1, 1], leaves[1])
+        th, tw = geo.fwd_tile
+        inside = kernel._inside(th, geo.LH, 40, 3, 1, 1) * kernel._inside(tw, geo.LW, 36, 3, 1, 1)
+        assert 0 < inside < geo.num_tiles(geo.fwd_tile)
+        _check_against_reference((3, 1, 1), leaves, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -225,3 +250,13 @@ def test_backward_is_deterministic_on_gpu():
     second = torch.ops.t2t_fast_triton.soft_split_backward(*args)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_int64_offsets(tokens, poisoned, monkeypatch):
+    """The int64-offset variant (``BIG``: chosen when an element index can pass 2^31) on a small case, by
+    lowering the threshold."""
+    monkeypatch.setattr(kernel, "_INT32", 1000)
+    leaves = _inputs(2, 16 if tokens else 3, 9, 11, 3, 20, tokens, True, True, True, torch.float32)
+    assert kernel._Geometry(leaves[0], [3, 3], [2, 2], [1, 1], leaves[1]).big
+    _check_against_reference((3, 2, 1), leaves, torch.float32)
