@@ -316,12 +316,12 @@ def _query_grad_kernel(dy_ptr, q_ptr, w_ptr, kv_ptr, ksum_ptr, den_ptr, dq_ptr, 
         g = _dot(_in_op(dy, OP, EMULATE_BF16), st, None, PREC)  # dy kv^T
         r_den = tl.sum(bq * g, axis=1) * rden  # dy . y
         e = (g - r_den[:, None] * z[None, :]) * bq
-        dq = _times_w(e, w_hi, w_lo, LOGIT, PREC, OP, EMULATE_BF16) * (0.6931471805599453 * rden)[:, None] \
-            - q.to(tl.float32) * (tl.sum(e, axis=1) * rden)[:, None]
-        _store_rows(dq_ptr, dq, t0, T, D, BLOCK_T, BLOCK_D)
         bq_den = bq * rden[:, None]
         dst = _dot(tl.trans(_in_op(dy, OP, EMULATE_BF16)), _op(bq_den, OP, EMULATE_BF16), dst, PREC)
         dz -= bq_den * r_den[:, None]
+        dq = _times_w(e, w_hi, w_lo, LOGIT, PREC, OP, EMULATE_BF16) * (0.6931471805599453 * rden)[:, None] \
+            - q.to(tl.float32) * (tl.sum(e, axis=1) * rden)[:, None]
+        _store_rows(dq_ptr, dq, t0, T, D, BLOCK_T, BLOCK_D)
 
     _store_partial(part_ptr, pid, dst, tl.sum(dz, axis=0), M, D, BLOCK_M, BLOCK_D)
 
@@ -349,12 +349,11 @@ def _key_grad_kernel(k_ptr, v_ptr, w_ptr, ds_ptr, dz_ptr, kmax_ptr, dk_ptr, dv_p
         k, t_ok = _load_rows(k_ptr, sk_t, sk_d, t0, T, D, BLOCK_T, BLOCK_D)
         v = _load_rows(v_ptr, sv_t, sv_d, t0, T, D, BLOCK_T, BLOCK_D)[0]
         ak = tl.exp2(_logits(k, w_hi, w_lo, t_ok, True, LOGIT, PREC, OP, EMULATE_BF16, M, BLOCK_M) - kmax2)
-        dv = _dot(_op(ak, OP, EMULATE_BF16), ds, None, PREC)
+        _store_rows(dv_ptr, _dot(_op(ak, OP, EMULATE_BF16), ds, None, PREC), t0, T, D, BLOCK_T, BLOCK_D)
         da = (_dot(_in_op(v, OP, EMULATE_BF16), dst, None, PREC) + dz[None, :]) * ak
         dk = _times_w(da, w_hi, w_lo, LOGIT, PREC, OP, EMULATE_BF16) * 0.6931471805599453 \
             - k.to(tl.float32) * tl.sum(da, axis=1)[:, None]
         _store_rows(dk_ptr, dk, t0, T, D, BLOCK_T, BLOCK_D)
-        _store_rows(dv_ptr, dv, t0, T, D, BLOCK_T, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -423,13 +422,18 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _runs_on(device: torch.device) -> bool:
+    """True on CUDA devices, and on the CPU under the Triton interpreter."""
+    return device.type == "cuda" or (device.type == "cpu" and triton_interpret())
+
+
 def verify(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, eps: float) -> Optional[str]:
     """None when the Triton kernels take this call (forward and backward), else the limit it passes."""
     if q.dtype not in DTYPES:
         return f"dtype {q.dtype} is not float32, float16 or bfloat16"
     if q.dim() != 4:
         return f"q must be (B, H, T, d), got {q.dim()} dims"
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and triton_interpret()):
+    if not _runs_on(q.device):
         return f"device {q.device} is not a CUDA device"
     d, m = q.shape[-1], w.shape[0]
     if d > MAX_D:
