@@ -141,26 +141,31 @@ def _load_w(w_ptr, sw_m, sw_d, M: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.con
 
 
 @triton.jit
-def _logits(x, w_hi, w_lo, row_ok, MASK_ROWS: tl.constexpr, LOGIT: tl.constexpr, PREC: tl.constexpr,
-            OP: tl.constexpr, EMULATE_BF16: tl.constexpr, M: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Base-2 logits x.w2^T - |x|^2 log2(e)/2 (BLOCK_T, BLOCK_M) float32 of a tile x in its dtype: -inf at padded
-    features and, when MASK_ROWS, at rows where row_ok is false (else those hold the finite logits of x = 0)."""
-    xf = x.to(tl.float32)
+def _xw(x, w_hi, w_lo, LOGIT: tl.constexpr, PREC: tl.constexpr, OP: tl.constexpr, EMULATE_BF16: tl.constexpr,
+        M: tl.constexpr, BLOCK_M: tl.constexpr):
+    """x.w2^T (BLOCK_T, BLOCK_M) float32 of a tile x in its dtype, -inf at padded features."""
     if LOGIT == 1:
         x16 = _in_op(x, OP, EMULATE_BF16)
         dot = tl.dot(x16, tl.trans(w_lo), tl.dot(x16, tl.trans(w_hi)))
     elif LOGIT == 2:
+        xf = x.to(tl.float32)
         dot = tl.dot(xf, tl.trans(w_lo), tl.dot(xf, tl.trans(w_hi), input_precision="tf32"),
                      input_precision="tf32")
     else:
-        dot = tl.dot(xf, tl.trans(w_hi), input_precision=PREC)
+        dot = tl.dot(x, tl.trans(w_hi), input_precision=PREC)
+    if M < BLOCK_M:
+        dot = tl.where((tl.arange(0, BLOCK_M) < M)[None, :], dot, float("-inf"))
+    return dot
+
+
+@triton.jit
+def _half_norm(x, row_ok, MASK_ROWS: tl.constexpr):
+    """|x|^2 log2(e)/2 per row of a tile x in its dtype; +inf, when MASK_ROWS, at rows where row_ok is false."""
+    xf = x.to(tl.float32)
     half_norm = 0.7213475204444817 * tl.sum(xf * xf, axis=1)
     if MASK_ROWS:
         half_norm = tl.where(row_ok, half_norm, float("inf"))
-    logit = dot - half_norm[:, None]
-    if M < BLOCK_M:
-        logit = tl.where((tl.arange(0, BLOCK_M) < M)[None, :], logit, float("-inf"))
-    return logit
+    return half_norm
 
 
 @triton.jit
@@ -216,7 +221,7 @@ def _kv_partial_kernel(k_ptr, v_ptr, w_ptr, part_ptr, pmax_ptr,
     for i in range(n_tiles):  # the first tile holds a valid row, so run_max is finite from then on
         t0 = t_start + i * BLOCK_T
         k, t_ok = _load_rows(k_ptr, sk_t, sk_d, t0, T, D, BLOCK_T, BLOCK_D)
-        a = _logits(k, w_hi, w_lo, t_ok, True, LOGIT, PREC, OP, EMULATE_BF16, M, BLOCK_M)
+        a = _xw(k, w_hi, w_lo, LOGIT, PREC, OP, EMULATE_BF16, M, BLOCK_M) - _half_norm(k, t_ok, True)[:, None]
         new_max = tl.maximum(run_max, tl.max(tl.max(a, axis=1), axis=0))
         alpha = tl.exp2(run_max - new_max)
         p = tl.exp2(a - new_max)
@@ -278,10 +283,12 @@ def _attend_kernel(q_ptr, w_ptr, kv_ptr, ksum_ptr, kmax_ptr, y_ptr, den_ptr,
     for i in range(n_tiles):
         t0 = t_start + i * BLOCK_T
         q, t_ok = _load_rows(q_ptr, sq_t, sq_d, t0, T, D, BLOCK_T, BLOCK_D)
-        bl = _logits(q, w_hi, w_lo, t_ok, False, LOGIT, PREC, OP, EMULATE_BF16, M, BLOCK_M)  # finite padded rows
-        qmax = tl.max(bl, axis=1)
-        bq = tl.exp2(bl - qmax[:, None])
-        den = tl.sum(bq * z[None, :], axis=1) + eps_sign * tl.exp2(eps_log2 - qmax)
+        # the row's |q|^2 cancels from Bq = exp2(b - qmax); it stays in qmax for the eps term
+        bl = _xw(q, w_hi, w_lo, LOGIT, PREC, OP, EMULATE_BF16, M, BLOCK_M)
+        bmax = tl.max(bl, axis=1)
+        bq = tl.exp2(bl - bmax[:, None])
+        den = tl.sum(bq * z[None, :], axis=1) \
+            + eps_sign * tl.exp2(eps_log2 - bmax + _half_norm(q, t_ok, False))
         y = _dot(_op(bq, OP, EMULATE_BF16), s, None, PREC) * (1.0 / den)[:, None]
         _store_rows(y_ptr, y, t0, T, D, BLOCK_T, BLOCK_D)
         tl.store(den_ptr + t0 + tl.arange(0, BLOCK_T), den, mask=t_ok)
@@ -309,8 +316,8 @@ def _query_grad_kernel(dy_ptr, q_ptr, w_ptr, kv_ptr, ksum_ptr, den_ptr, dq_ptr, 
     for i in range(n_tiles):
         t0 = t_start + i * BLOCK_T
         q, t_ok = _load_rows(q_ptr, sq_t, sq_d, t0, T, D, BLOCK_T, BLOCK_D)
-        bl = _logits(q, w_hi, w_lo, t_ok, False, LOGIT, PREC, OP, EMULATE_BF16, M, BLOCK_M)
-        bq = tl.exp2(bl - tl.max(bl, axis=1)[:, None])
+        bl = _xw(q, w_hi, w_lo, LOGIT, PREC, OP, EMULATE_BF16, M, BLOCK_M)
+        bq = tl.exp2(bl - tl.max(bl, axis=1)[:, None])  # |q|^2 cancels
         rden = 1.0 / tl.load(den_ptr + t0 + tl.arange(0, BLOCK_T), mask=t_ok, other=1.0)
         dy = _load_rows(dy_ptr, sg_t, sg_d, t0, T, D, BLOCK_T, BLOCK_D)[0]
         g = _dot(_in_op(dy, OP, EMULATE_BF16), st, None, PREC)  # dy kv^T
@@ -348,7 +355,8 @@ def _key_grad_kernel(k_ptr, v_ptr, w_ptr, ds_ptr, dz_ptr, kmax_ptr, dk_ptr, dv_p
         t0 = t_start + i * BLOCK_T
         k, t_ok = _load_rows(k_ptr, sk_t, sk_d, t0, T, D, BLOCK_T, BLOCK_D)
         v = _load_rows(v_ptr, sv_t, sv_d, t0, T, D, BLOCK_T, BLOCK_D)[0]
-        ak = tl.exp2(_logits(k, w_hi, w_lo, t_ok, True, LOGIT, PREC, OP, EMULATE_BF16, M, BLOCK_M) - kmax2)
+        ak = tl.exp2(_xw(k, w_hi, w_lo, LOGIT, PREC, OP, EMULATE_BF16, M, BLOCK_M)
+                     - (_half_norm(k, t_ok, True) + kmax2)[:, None])
         _store_rows(dv_ptr, _dot(_op(ak, OP, EMULATE_BF16), ds, None, PREC), t0, T, D, BLOCK_T, BLOCK_D)
         da = (_dot(_in_op(v, OP, EMULATE_BF16), dst, None, PREC) + dz[None, :]) * ak
         dk = _times_w(da, w_hi, w_lo, LOGIT, PREC, OP, EMULATE_BF16) * 0.6931471805599453 \
@@ -366,7 +374,8 @@ class _Config(NamedTuple):
     block_m: int
     num_warps: int
     num_stages: int
-    ctas_per_sm: int  # what the kernels' registers and shared memory allow (sized by the sm_90 compile test)
+    fwd_ctas: int  # CTAs per SM the forward kernels' registers and shared memory allow (sm_90 compile test)
+    bwd_ctas: int  # the same for the gradient kernels
 
 
 def _config(d: int, m: int, dtype: torch.dtype) -> _Config:
@@ -376,8 +385,9 @@ def _config(d: int, m: int, dtype: torch.dtype) -> _Config:
     block_d = max(16, triton.next_power_of_2(d))
     block_m = max(16, triton.next_power_of_2(m))
     if block_m <= 64:
-        return _Config(64, block_d, block_m, 4, 2, 4 if block_d * block_m <= 2048 else 2)
-    return _Config(32 if block_m <= 128 else 16, block_d, block_m, 4, 1, 1)
+        return _Config(64, block_d, block_m, 4, 2, 4 if block_d * block_m <= 2048 else 2,
+                       3 if block_d * block_m <= 2048 else 1)
+    return _Config(32 if block_m <= 128 else 16, block_d, block_m, 4, 1, 1, 1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -395,20 +405,19 @@ class _Grid(NamedTuple):
     combine_programs: int
 
 
-def _grid(bh: int, T: int, m: int, d: int, cfg: _Config, sm_count: int) -> _Grid:
+def _grid(bh: int, T: int, m: int, d: int, block_t: int, ctas_per_sm: int, sm_count: int) -> _Grid:
     """Chunks of T per (b, h): about one wave of programs (ctas_per_sm on every SM), never more than fit, so no
     partial second wave; at least one tile each. Programs of the token kernels and of the combine lie on grid
     axis 0 (up to 2^31 - 1), the token blocks' index inside the program id."""
-    n_tiles = triton.cdiv(T, cfg.block_t)
-    chunks_wanted = max(1, (cfg.ctas_per_sm * sm_count) // bh)
+    n_tiles = triton.cdiv(T, block_t)
+    chunks_wanted = max(1, (ctas_per_sm * sm_count) // bh)
     tpc = triton.cdiv(n_tiles, min(n_tiles, chunks_wanted))
     n_chunks = triton.cdiv(n_tiles, tpc)
     return _Grid(tpc, n_chunks, bh * n_chunks, bh * triton.cdiv(m * d + m, _COMBINE_BLOCK))
 
 
-def _modes(dtype: torch.dtype) -> dict:
+def _modes(dtype: torch.dtype, interp: bool) -> dict:
     """The constexprs that pick the products' precision for an input dtype (see the module docstring)."""
-    interp = triton_interpret()
     if dtype == torch.float32:
         return dict(LOGIT=_X3, PREC="ieee" if interp else "tf32x3", OP=tl.float32, EMULATE_BF16=False)
     if dtype == torch.bfloat16:
@@ -433,13 +442,13 @@ def verify(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, e
         return f"dtype {q.dtype} is not float32, float16 or bfloat16"
     if q.dim() != 4:
         return f"q must be (B, H, T, d), got {q.dim()} dims"
-    if not _runs_on(q.device):
-        return f"device {q.device} is not a CUDA device"
     d, m = q.shape[-1], w.shape[0]
     if d > MAX_D:
         return f"head width d must be <= {MAX_D}, got {d}"
     if m > MAX_M:
         return f"the number of random features m (w.shape[0]) must be <= {MAX_M}, got {m}"
+    if not _runs_on(q.device):
+        return f"device {q.device} is not a CUDA device"
     return None
 
 
@@ -460,14 +469,20 @@ def _combine(part: torch.Tensor, pmax: torch.Tensor | None, s: torch.Tensor, z: 
                                  programs // part.shape[0], SHIFTED=shifted, BLOCK=_COMBINE_BLOCK)
 
 
-def _launch_args(q: torch.Tensor, w: torch.Tensor) -> tuple[_Config, _Grid, dict]:
+def _constexprs(d: int, m: int, dtype: torch.dtype, interp: bool) -> dict:
+    """The token kernels' constexprs and launch options (num_warps, num_stages) for head width d, m features."""
+    cfg = _config(d, m, dtype)
+    return dict(D=d, M=m, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_modes(dtype, interp))
+
+
+def _launch_args(q: torch.Tensor, w: torch.Tensor, grads: bool) -> tuple[_Grid, dict]:
+    """The chunking and the kernels' constexprs and launch options for the forward (grads=False) or backward."""
     B, H, T, d = q.shape
     m = w.shape[0]
     cfg = _config(d, m, q.dtype)
-    grid = _grid(B * H, T, m, d, cfg, _sm_count(q.device))
-    consts = dict(D=d, M=m, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_modes(q.dtype))
-    return cfg, grid, consts
+    grid = _grid(B * H, T, m, d, cfg.block_t, cfg.bwd_ctas if grads else cfg.fwd_ctas, _sm_count(q.device))
+    return grid, _constexprs(d, m, q.dtype, triton_interpret())
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, eps: float
@@ -479,7 +494,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, 
     """
     B, H, T, d, m = _check(q, k, v, w, eps)
     w = w.float()
-    _, grid, consts = _launch_args(q, w)
+    grid, consts = _launch_args(q, w, grads=False)
     dev, f32 = q.device, torch.float32
     bh, nc, tpc = B * H, grid.n_chunks, grid.tiles_per_chunk
     # eps * m * exp(-qmax - kmax) evaluated as sign * exp2(log2|eps m| - qmax2 - kmax2): no overflow of exp alone
@@ -512,7 +527,7 @@ def backward(grad_y: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     B, H, T, d, m = _check(q, k, v, w, 0.0)
     w = w.float()
     kv, ksum, kmax, denom = (t.float().contiguous() for t in (kv, ksum, kmax, denom))
-    _, grid, consts = _launch_args(q, w)
+    grid, consts = _launch_args(q, w, grads=True)
     dev, f32 = q.device, torch.float32
     bh, nc, tpc = B * H, grid.n_chunks, grid.tiles_per_chunk
     with _device_guard(dev):

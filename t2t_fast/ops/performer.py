@@ -21,6 +21,8 @@ the factor m * exp(-qmax_t - kmax)). The backward recomputes the features from q
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -116,3 +118,21 @@ def performer_attention(q: Tensor, k: Tensor, v: Tensor, w: Tensor, eps: float =
         q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
     y = _library.forward_op("performer", name)(q, k, v, w.detach().float(), eps)[0]
     return y.squeeze(1) if squeeze else y
+
+
+CUDA_MAX_D = 128  # kCudaMaxHeadDim in csrc/common.h
+CUDA_MAX_M = 64  # kCudaMaxFeatures in csrc/common.h: the kernels' shared-memory tiles are sized for it
+
+
+def cuda_verify(q: Tensor, k: Tensor, v: Tensor, w: Tensor, eps: float) -> Optional[str]:
+    """None when the CUDA extension's performer kernels take this call (forward and backward), else the limit it
+    passes. Shapes, dtype and device only: no launch, no sync (traceable by torch.compile)."""
+    if q.dtype not in SUPPORTED["cuda"]:
+        return f"dtype {q.dtype} is not float32, float16 or bfloat16"
+    if q.shape[-1] > CUDA_MAX_D:
+        return f"head width d must be <= {CUDA_MAX_D}, got {q.shape[-1]}"
+    if w.shape[0] > CUDA_MAX_M:
+        return f"the number of random features m (w.shape[0]) must be <= {CUDA_MAX_M}, got {w.shape[0]}"
+    if q.device.type != "cuda":
+        return f"device {q.device} is not a CUDA device"
+    return None

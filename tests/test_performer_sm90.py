@@ -1,0 +1,143 @@
+"""Static checks of the performer's Triton launches for Hopper (sm_90), no GPU needed.
+
+- Every (d, m) the front door accepts compiles for sm_90 within the per-SM limits (registers without spills,
+  shared memory), and reaches the CTAs per SM its configuration plans the chunking for. The kernels are
+  compiled through ``triton.compile`` for a GPUTarget("cuda", 90) (ptxas ships with triton), with the
+  constexprs the host code launches them with; compiled kernels land in Triton's cache, so reruns are fast.
+  The default run compiles the largest (d, m) of each tile configuration (resources grow with d and m at a
+  fixed tile); ``-m slow`` compiles all of d in {32, 64, 128} x m in {16, 32, 64, 128, 256} x every dtype.
+- The launch grids at 1024 px (T = 65536 tokens) and B = 64, 256 stay within CUDA's grid limits.
+- ``verify`` and ``cuda_verify`` (the backends' limits for the registry) on shapes alone.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from t2t_fast.kernels import performer as kernel  # noqa: E402
+from t2t_fast.ops.performer import CUDA_MAX_D, CUDA_MAX_M, cuda_verify  # noqa: E402
+
+SM90_SMEM = 227 * 1024  # per CTA (opt-in maximum)
+SM90_REGS = 65536
+TOKEN_KERNELS = {  # kernel -> (pointer args in the input dtype, grads)
+    kernel._kv_partial_kernel: (("k_ptr", "v_ptr"), False),
+    kernel._attend_kernel: (("q_ptr", "y_ptr"), False),
+    kernel._query_grad_kernel: (("dy_ptr", "q_ptr", "dq_ptr"), True),
+    kernel._key_grad_kernel: (("k_ptr", "v_ptr", "dk_ptr", "dv_ptr"), True),
+}
+_TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _resources(cubin: bytes) -> tuple[int, int]:
+    """(registers, local-memory bytes: spills) of a cubin, from triton's bundled cuobjdump."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    local = int(re.search(r"STACK:(\d+)", out).group(1)) + int(re.search(r"LOCAL:(\d+)", out).group(1))
+    return int(re.search(r"REG:(\d+)", out).group(1)), local
+
+
+def _compile_sm90(fn, d: int, m: int, dtype: torch.dtype):
+    """Compile a token kernel for sm_90 as the host code launches it: the kernel, its num_warps, its options."""
+    consts = kernel._constexprs(d, m, dtype, interp=False)
+    options = dict(num_warps=consts.pop("num_warps"), num_stages=consts.pop("num_stages"))
+    io_ptrs, _ = TOKEN_KERNELS[fn]
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + (_TL[dtype] if name in io_ptrs else "fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name.startswith("eps_"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    src = ASTSource(fn, signature, {k: v for k, v in consts.items()}, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options), options["num_warps"]
+
+
+def _ctas_per_sm(regs: int, smem: int, warps: int) -> int:
+    per_warp = -(-regs * 32 // 256) * 256  # registers are allocated per warp in units of 256
+    return min(SM90_REGS // (per_warp * warps), (228 * 1024) // (smem + 1024), 64 // warps)
+
+
+def _largest_of_each_config() -> list[tuple[int, int]]:
+    """The largest (d, m) of each distinct tile configuration."""
+    largest = {}
+    for d in (32, 64, 128):
+        for m in (16, 32, 64, 128, 256):
+            cfg = kernel._config(d, m, torch.float32)
+            key = (cfg.block_t, cfg.num_warps, cfg.num_stages)
+            largest[key] = max(largest.get(key, (0, 0)), (d, m))
+    return sorted(largest.values())
+
+
+FULL = [pytest.param(d, m, dt, marks=pytest.mark.slow) for d in (32, 64, 128) for m in (16, 32, 64, 128, 256)
+        for dt in (torch.float32, torch.bfloat16, torch.float16)
+        if (d, m) not in _largest_of_each_config() or dt == torch.float16]
+DEFAULT = [(d, m, dt) for d, m in _largest_of_each_config() for dt in (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("d, m, dtype", DEFAULT + FULL, ids=lambda x: str(x).replace("torch.", ""))
+def test_every_d_m_fits_sm90(d, m, dtype):
+    cfg = kernel._config(d, m, dtype)
+    for fn, (_, grads) in TOKEN_KERNELS.items():
+        compiled, warps = _compile_sm90(fn, d, m, dtype)
+        regs, local = _resources(compiled.asm["cubin"])
+        smem = compiled.metadata.shared
+        where = f"{fn.__name__} d={d} m={m} {dtype}: {regs} registers, {local} B local, {smem} B shared"
+        assert local == 0, f"spills: {where}"
+        assert smem <= SM90_SMEM, f"shared memory: {where}"
+        planned = cfg.bwd_ctas if grads else cfg.fwd_ctas
+        assert _ctas_per_sm(regs, smem, warps) >= planned, f"fewer than the {planned} CTAs/SM planned: {where}"
+
+
+@pytest.mark.parametrize("B", (64, 256))
+@pytest.mark.parametrize("d, m", ((64, 32), (64, 256)))
+def test_launch_grids_at_1024_px(B, d, m):
+    """65536 tokens per image: every launch is one grid axis (x, up to 2^31 - 1; the 65535 limit of axes y and z
+    never applies), the chunks tile T exactly once, and no launch asks for more than one wave."""
+    T, H = 65536, 1
+    cfg = kernel._config(d, m, torch.bfloat16)
+    for ctas in (cfg.fwd_ctas, cfg.bwd_ctas):
+        grid = kernel._grid(B * H, T, m, d, cfg.block_t, ctas, 132)
+        n_tiles = triton.cdiv(T, cfg.block_t)
+        assert grid.programs == B * H * grid.n_chunks <= 2**31 - 1
+        assert grid.combine_programs <= 2**31 - 1
+        assert (grid.n_chunks - 1) * grid.tiles_per_chunk < n_tiles <= grid.n_chunks * grid.tiles_per_chunk
+        assert grid.programs <= max(ctas * 132, B * H)  # one wave at most (one chunk per (b, h) at least)
+
+
+def _meta(B: int, T: int, d: int, m: int, dtype: torch.dtype = torch.bfloat16):
+    q = torch.empty(B, 1, T, d, dtype=dtype, device="meta")
+    return q, q, q, torch.empty(m, d, device="meta")
+
+
+def test_verify_limits():
+    assert kernel.verify(*_meta(2, 10, 64, 32), 1e-8) == "device meta is not a CUDA device"
+    assert "d must be <= 128" in kernel.verify(*_meta(2, 10, 129, 32), 1e-8)
+    assert "m (w.shape[0]) must be <= 256" in kernel.verify(*_meta(2, 10, 64, 257), 1e-8)
+    assert "float64" in kernel.verify(*_meta(2, 10, 64, 32, torch.float64), 1e-8)
+
+
+def test_cuda_verify_limits_match_the_extension():
+    header = open(os.path.join(os.path.dirname(__file__), "..", "csrc", "common.h")).read()
+    assert int(re.search(r"kCudaMaxHeadDim = (\d+)", header).group(1)) == CUDA_MAX_D
+    assert int(re.search(r"kCudaMaxFeatures = (\d+)", header).group(1)) == CUDA_MAX_M
+    assert cuda_verify(*_meta(2, 10, 64, 32), 1e-8) == "device meta is not a CUDA device"
+    assert "d must be <= 128" in cuda_verify(*_meta(2, 10, 129, 32), 1e-8)
+    assert "m (w.shape[0]) must be <= 64" in cuda_verify(*_meta(2, 10, 64, 65), 1e-8)
+    assert "float64" in cuda_verify(*_meta(2, 10, 64, 32, torch.float64), 1e-8)
