@@ -41,6 +41,7 @@ from t2t_fast.ops._library import empty
 
 MAX_D = 128
 MAX_M = 256
+MAX_TILE = 4096  # the padded d x m (powers of two) whose w, kv and feature tiles fit one sm_90 CTA
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _COMBINE_BLOCK = 1024
 _LOG2E = math.log2(math.e)
@@ -379,15 +380,22 @@ class _Config(NamedTuple):
 
 
 def _config(d: int, m: int, dtype: torch.dtype) -> _Config:
-    """64-token tiles (one warpgroup's wgmma rows) up to m = 64; past that the (tokens x features) tiles held
-    in registers grow with m, so the token tile shrinks to keep them (and the shared-memory copies of w, kv)
-    within one CTA's budget."""
+    """Tiles for head width d, m features and the input dtype; ``verify`` refuses d x m past MAX_TILE.
+
+    16-bit inputs: 64-token tiles (one warpgroup's wgmma rows) while the padded d x m is at most 2048, 32-token
+    tiles (mma.sync) up to MAX_TILE, so that the (tokens x d) and (tokens x m) float32 tiles, w's two parts and
+    kv stay within registers and shared memory. float32 inputs: tf32x3 splits every operand in two, which 16-token
+    tiles hold without spilling; past 2048 a second group of warps shares them. CTAs per SM as compiled for
+    sm_90 (registers, shared memory; tests/test_performer_sm90.py checks them).
+    """
     block_d = max(16, triton.next_power_of_2(d))
     block_m = max(16, triton.next_power_of_2(m))
-    if block_m <= 64:
-        return _Config(64, block_d, block_m, 4, 2, 4 if block_d * block_m <= 2048 else 2,
-                       3 if block_d * block_m <= 2048 else 1)
-    return _Config(32 if block_m <= 128 else 16, block_d, block_m, 4, 1, 1, 1)
+    small = block_d * block_m <= 2048
+    if dtype == torch.float32:
+        return _Config(16, block_d, block_m, 4 if small else 8, 2, 4 if small else 1, 3 if small else 1)
+    if small:
+        return _Config(64, block_d, block_m, 4, 2, 4, 3)
+    return _Config(32, block_d, block_m, 4, 2, 2, 1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -447,6 +455,9 @@ def verify(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, e
         return f"head width d must be <= {MAX_D}, got {d}"
     if m > MAX_M:
         return f"the number of random features m (w.shape[0]) must be <= {MAX_M}, got {m}"
+    tile = max(16, triton.next_power_of_2(d)) * max(16, triton.next_power_of_2(m))
+    if tile > MAX_TILE:
+        return f"d={d} with m={m} random features pads to a {tile}-element d x m tile, over the {MAX_TILE} that fit"
     if not _runs_on(q.device):
         return f"device {q.device} is not a CUDA device"
     return None

@@ -1,11 +1,12 @@
 """Static checks of the performer's Triton launches for Hopper (sm_90), no GPU needed.
 
-- Every (d, m) the front door accepts compiles for sm_90 within the per-SM limits (registers without spills,
+- Every (d, m) ``verify`` accepts compiles for sm_90 within the per-SM limits (registers without spills,
   shared memory), and reaches the CTAs per SM its configuration plans the chunking for. The kernels are
   compiled through ``triton.compile`` for a GPUTarget("cuda", 90) (ptxas ships with triton), with the
   constexprs the host code launches them with; compiled kernels land in Triton's cache, so reruns are fast.
-  The default run compiles the largest (d, m) of each tile configuration (resources grow with d and m at a
-  fixed tile); ``-m slow`` compiles all of d in {32, 64, 128} x m in {16, 32, 64, 128, 256} x every dtype.
+  The default run compiles the largest (d, m) of each tile configuration for float32 and bfloat16 (resources grow
+  with d and m at a fixed tile); ``-m slow`` compiles every accepted (d, m) of d in {32, 64, 128} x m in
+  {16, 32, 64, 128, 256} in every dtype. ``verify`` refuses the rest (the registry routes those elsewhere).
 - The launch grids at 1024 px (T = 65536 tokens) and B = 64, 256 stay within CUDA's grid limits.
 - ``verify`` and ``cuda_verify`` (the backends' limits for the registry) on shapes alone.
 """
@@ -74,21 +75,35 @@ def _ctas_per_sm(regs: int, smem: int, warps: int) -> int:
     return min(SM90_REGS // (per_warp * warps), (228 * 1024) // (smem + 1024), 64 // warps)
 
 
-def _largest_of_each_config() -> list[tuple[int, int]]:
-    """The largest (d, m) of each distinct tile configuration."""
+def _accepted(d: int, m: int) -> bool:
+    q = torch.empty(1, 1, 8, d, device="meta")
+    return kernel.verify(q, q, q, torch.empty(m, d, device="meta"), 1e-8) in (None, "device meta is not a CUDA device")
+
+
+ACCEPTED = [(d, m) for d in (32, 64, 128) for m in (16, 32, 64, 128, 256) if _accepted(d, m)]
+REFUSED = [(d, m) for d in (32, 64, 128) for m in (16, 32, 64, 128, 256) if not _accepted(d, m)]
+
+
+def _largest_of_each_config(dtype: torch.dtype) -> list[tuple[int, int]]:
+    """The largest accepted (d, m) of each distinct tile configuration of a dtype (d = 64, the models' head
+    width, among equals)."""
     largest = {}
-    for d in (32, 64, 128):
-        for m in (16, 32, 64, 128, 256):
-            cfg = kernel._config(d, m, torch.float32)
-            key = (cfg.block_t, cfg.num_warps, cfg.num_stages)
-            largest[key] = max(largest.get(key, (0, 0)), (d, m))
+    for d, m in ACCEPTED:
+        cfg = kernel._config(d, m, dtype)
+        key = (cfg.block_t, cfg.num_warps, cfg.num_stages)
+        largest[key] = max(largest.get(key, (0, 0)), (d, m), key=lambda dm: (dm[0] * dm[1], dm[0] == 64))
     return sorted(largest.values())
 
 
-FULL = [pytest.param(d, m, dt, marks=pytest.mark.slow) for d in (32, 64, 128) for m in (16, 32, 64, 128, 256)
-        for dt in (torch.float32, torch.bfloat16, torch.float16)
-        if (d, m) not in _largest_of_each_config() or dt == torch.float16]
-DEFAULT = [(d, m, dt) for d, m in _largest_of_each_config() for dt in (torch.float32, torch.bfloat16)]
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DEFAULT = [(d, m, dt) for dt in DTYPES[:2] for d, m in _largest_of_each_config(dt)]
+FULL = [pytest.param(d, m, dt, marks=pytest.mark.slow) for dt in DTYPES for d, m in ACCEPTED
+        if (d, m, dt) not in DEFAULT]
+
+
+def test_refused_d_m_are_the_tiles_past_max_tile():
+    assert REFUSED == [(d, m) for d in (32, 64, 128) for m in (16, 32, 64, 128, 256)
+                       if max(16, d) * max(16, m) > kernel.MAX_TILE]
 
 
 @pytest.mark.parametrize("d, m, dtype", DEFAULT + FULL, ids=lambda x: str(x).replace("torch.", ""))
