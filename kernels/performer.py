@@ -20,11 +20,11 @@ With G = dy kv^T (T x m) the row dy.y is sum_j Bq_tj G_tj / den_t, so y is never
   2. ``_combine_kernel`` sums the partials into dS, dz.
   3. ``_key_grad_kernel``: da = (v dS^T + dz) * A, dv = A dS, dk = da w - k rowsum(da).
 
-Precision: float32 inputs run every product as three tf32 products (tf32x3), which the 1e-5 accuracy needs.
-16-bit inputs feed the tensor cores in their own dtype: the logits x.w^T as two products against w split into
-a high and a low part (bf16 hi + lo for bfloat16; tf32 hi + lo against x widened to float32 for float16,
-whose range cannot hold every w), the features and the float32 statistics rounded to the input dtype for the
-other products (float32 accumulation throughout).
+Precision: float32 inputs run every product as three tf32 products (tf32x3), which the 1e-5 accuracy needs;
+so do float16 inputs (widened to float32), whose range cannot hold every w's high and low parts. bfloat16
+inputs feed the tensor cores in bf16: the logits x.w^T as two products against w split into a bf16 high and
+low part, the features and the float32 statistics rounded to bf16 for the other products (float32
+accumulation throughout).
 """
 from __future__ import annotations
 
@@ -45,9 +45,9 @@ MAX_M = 256
 MAX_TILE = 4096  # the padded d x m (powers of two) whose w, kv and feature tiles fit one sm_90 CTA
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _COMBINE_BLOCK = 1024
-# The logit products x.w^T, by input dtype: one tf32x3 product (float32), or two products against w's high and
-# low parts in bf16 (bfloat16) or in tf32 (float16).
-_X3, _BF16_SPLIT, _TF32_SPLIT = 0, 1, 2
+# The logit products x.w^T, by input dtype: one tf32x3 product (float32, float16), or two bf16 products against
+# w's high and low parts (bfloat16).
+_X3, _BF16_SPLIT = 0, 1
 
 
 @triton.jit
@@ -121,16 +121,14 @@ def _dot(a, b, acc, PREC: tl.constexpr):
 @triton.jit
 def _load_w(w_ptr, sw_m, sw_d, M: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
             LOGIT: tl.constexpr, OP: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    """w * log2(e) (BLOCK_M, BLOCK_D), zero-padded, as (hi, lo) operands of the logit products (see _X3...)."""
+    """w * log2(e) (BLOCK_M, BLOCK_D), zero-padded, as (hi, lo) operands of the logit products (see _X3); lo is
+    unused by _X3."""
     j = tl.arange(0, BLOCK_M)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     w = tl.load(w_ptr + j * sw_m + d * sw_d, mask=(j < M) & (d < D), other=0.0) * 1.4426950408889634
     if LOGIT == 1:
         hi = _op(w, OP, EMULATE_BF16)
         lo = _op(w - hi.to(tl.float32), OP, EMULATE_BF16)
-    elif LOGIT == 2:
-        hi = (w.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)  # 10 mantissa bits: exact tf32
-        lo = w - hi
     else:
         hi = w
         lo = w
@@ -141,15 +139,11 @@ def _load_w(w_ptr, sw_m, sw_d, M: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.con
 def _xw(x, w_hi, w_lo, LOGIT: tl.constexpr, PREC: tl.constexpr, OP: tl.constexpr, EMULATE_BF16: tl.constexpr,
         M: tl.constexpr, BLOCK_M: tl.constexpr):
     """x.w2^T (BLOCK_T, BLOCK_M) float32 of a tile x in its dtype, -inf at padded features."""
+    xo = _in_op(x, OP, EMULATE_BF16)
     if LOGIT == 1:
-        x16 = _in_op(x, OP, EMULATE_BF16)
-        dot = tl.dot(x16, tl.trans(w_lo), tl.dot(x16, tl.trans(w_hi)))
-    elif LOGIT == 2:
-        xf = x.to(tl.float32)
-        dot = tl.dot(xf, tl.trans(w_lo), tl.dot(xf, tl.trans(w_hi), input_precision="tf32"),
-                     input_precision="tf32")
+        dot = tl.dot(xo, tl.trans(w_lo), tl.dot(xo, tl.trans(w_hi)))
     else:
-        dot = tl.dot(x, tl.trans(w_hi), input_precision=PREC)
+        dot = tl.dot(xo, tl.trans(w_hi), input_precision=PREC)
     if M < BLOCK_M:
         dot = tl.where((tl.arange(0, BLOCK_M) < M)[None, :], dot, float("-inf"))
     return dot
@@ -172,8 +166,6 @@ def _times_w(g, w_hi, w_lo, LOGIT: tl.constexpr, PREC: tl.constexpr, OP: tl.cons
     if LOGIT == 1:
         g16 = _op(g, OP, EMULATE_BF16)
         return tl.dot(g16, w_lo, tl.dot(g16, w_hi))
-    elif LOGIT == 2:
-        return tl.dot(g, w_lo, tl.dot(g, w_hi, input_precision="tf32"), input_precision="tf32")
     else:
         return tl.dot(g, w_hi, input_precision=PREC)
 
@@ -378,16 +370,16 @@ class _Config(NamedTuple):
 def _config(d: int, m: int, dtype: torch.dtype) -> _Config:
     """Tiles for head width d, m features and the input dtype; ``verify`` refuses d x m past MAX_TILE.
 
-    16-bit inputs: 64-token tiles (one warpgroup's wgmma rows) while the padded d x m is at most 2048, 32-token
-    tiles (mma.sync) up to MAX_TILE, so that the (tokens x d) and (tokens x m) float32 tiles, w's two parts and
-    kv stay within registers and shared memory. float32 inputs: tf32x3 splits every operand in two, which 16-token
-    tiles hold without spilling; past 2048 a second group of warps shares them. CTAs per SM as compiled for
-    sm_90 (registers, shared memory; tests/test_performer_sm90.py checks them).
+    bfloat16: 64-token tiles (one warpgroup's wgmma rows) while the padded d x m is at most 2048, 32-token tiles
+    (mma.sync) up to MAX_TILE, so that the (tokens x d) and (tokens x m) float32 tiles, w's two parts and kv stay
+    within registers and shared memory. float32 and float16 (tf32x3 splits every operand in two): 16-token
+    tiles, which hold them without spilling; past 2048 a second group of warps shares them. CTAs per SM as
+    compiled for sm_90 (registers, shared memory; tests/test_performer_sm90.py checks them).
     """
     block_d = max(16, triton.next_power_of_2(d))
     block_m = max(16, triton.next_power_of_2(m))
     small = block_d * block_m <= 2048
-    if dtype == torch.float32:
+    if dtype != torch.bfloat16:
         return _Config(16, block_d, block_m, 4 if small else 8, 2, 4 if small else 2, 3 if small else 1)
     if small:
         return _Config(64, block_d, block_m, 4, 2, 4, 3)
@@ -422,12 +414,10 @@ def _grid(bh: int, T: int, m: int, d: int, block_t: int, ctas_per_sm: int, sm_co
 
 def _modes(dtype: torch.dtype, interp: bool) -> dict:
     """The constexprs that pick the products' precision for an input dtype (see the module docstring)."""
-    if dtype == torch.float32:
-        return dict(LOGIT=_X3, PREC="ieee" if interp else "tf32x3", OP=tl.float32, EMULATE_BF16=False)
     if dtype == torch.bfloat16:
         return dict(LOGIT=_BF16_SPLIT, PREC="ieee", OP=tl.float32 if interp else tl.bfloat16,
                     EMULATE_BF16=interp)
-    return dict(LOGIT=_TF32_SPLIT, PREC="ieee", OP=tl.float16, EMULATE_BF16=False)
+    return dict(LOGIT=_X3, PREC="ieee" if interp else "tf32x3", OP=tl.float32, EMULATE_BF16=False)
 
 
 def _device_guard(device: torch.device):

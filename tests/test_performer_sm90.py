@@ -12,9 +12,11 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -30,10 +32,10 @@ from t2t_fast.ops.performer import CUDA_MAX_D, CUDA_MAX_M, cuda_verify  # noqa: 
 SM90_SMEM = 227 * 1024  # per CTA (opt-in maximum)
 SM90_REGS = 65536
 TOKEN_KERNELS = {  # kernel -> (pointer args in the input dtype, grads)
-    kernel._kv_partial_kernel: (("k_ptr", "v_ptr"), False),
-    kernel._attend_kernel: (("q_ptr", "y_ptr"), False),
-    kernel._query_grad_kernel: (("dy_ptr", "q_ptr", "dq_ptr"), True),
-    kernel._key_grad_kernel: (("k_ptr", "v_ptr", "dk_ptr", "dv_ptr"), True),
+    "_kv_partial_kernel": (("k_ptr", "v_ptr"), False),
+    "_attend_kernel": (("q_ptr", "y_ptr"), False),
+    "_query_grad_kernel": (("dy_ptr", "q_ptr", "dq_ptr"), True),
+    "_key_grad_kernel": (("k_ptr", "v_ptr", "dk_ptr", "dv_ptr"), True),
 }
 _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -51,10 +53,11 @@ def _resources(cubin: bytes) -> tuple[int, int]:
 
 
 def _compile_sm90(fn, d: int, m: int, dtype: torch.dtype):
-    """Compile a token kernel for sm_90 as the host code launches it: the kernel, its num_warps, its options."""
+    """Compile a token kernel for sm_90 as the host code launches it; returns (compiled kernel, num_warps).
+    Needs the real JIT (not TRITON_INTERPRET): see ``_fit``."""
     consts = kernel._constexprs(d, m, dtype, interp=False)
     options = dict(num_warps=consts.pop("num_warps"), num_stages=consts.pop("num_stages"))
-    io_ptrs, _ = TOKEN_KERNELS[fn]
+    io_ptrs, _ = TOKEN_KERNELS[fn.__name__]
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -66,8 +69,18 @@ def _compile_sm90(fn, d: int, m: int, dtype: torch.dtype):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-    src = ASTSource(fn, signature, {k: v for k, v in consts.items()}, attrs)
+    src = ASTSource(fn, signature, consts, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options), options["num_warps"]
+
+
+def _fit(d: int, m: int, dtype: torch.dtype) -> list[dict]:
+    """Registers, local memory, shared memory and warps of each token kernel, compiled in a child process:
+    the tests run under TRITON_INTERPRET=1, whose kernels cannot be compiled."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, __file__, str(d), str(m), str(dtype).removeprefix("torch.")], env=env,
+                         capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.splitlines()[-1])
 
 
 def _ctas_per_sm(regs: int, smem: int, warps: int) -> int:
@@ -109,15 +122,14 @@ def test_refused_d_m_are_the_tiles_past_max_tile():
 @pytest.mark.parametrize("d, m, dtype", DEFAULT + FULL, ids=lambda x: str(x).replace("torch.", ""))
 def test_every_d_m_fits_sm90(d, m, dtype):
     cfg = kernel._config(d, m, dtype)
-    for fn, (_, grads) in TOKEN_KERNELS.items():
-        compiled, warps = _compile_sm90(fn, d, m, dtype)
-        regs, local = _resources(compiled.asm["cubin"])
-        smem = compiled.metadata.shared
-        where = f"{fn.__name__} d={d} m={m} {dtype}: {regs} registers, {local} B local, {smem} B shared"
-        assert local == 0, f"spills: {where}"
-        assert smem <= SM90_SMEM, f"shared memory: {where}"
+    for r in _fit(d, m, dtype):
+        grads = TOKEN_KERNELS[r["kernel"]][1]
+        where = f"{r['kernel']} d={d} m={m} {dtype}: {r['regs']} registers, {r['local']} B local, {r['smem']} B shared"
+        assert r["local"] == 0, f"spills: {where}"
+        assert r["smem"] <= SM90_SMEM, f"shared memory: {where}"
         planned = cfg.bwd_ctas if grads else cfg.fwd_ctas
-        assert _ctas_per_sm(regs, smem, warps) >= planned, f"fewer than the {planned} CTAs/SM planned: {where}"
+        assert _ctas_per_sm(r["regs"], r["smem"], r["warps"]) >= planned, \
+            f"fewer than the {planned} CTAs/SM planned: {where}"
 
 
 @pytest.mark.parametrize("B", (64, 256))
@@ -156,3 +168,13 @@ def test_cuda_verify_limits_match_the_extension():
     assert "d must be <= 128" in cuda_verify(*_meta(2, 10, 129, 32), 1e-8)
     assert "m (w.shape[0]) must be <= 64" in cuda_verify(*_meta(2, 10, 64, 65), 1e-8)
     assert "float64" in cuda_verify(*_meta(2, 10, 64, 32, torch.float64), 1e-8)
+
+
+if __name__ == "__main__":  # _fit's child: python test_performer_sm90.py D M DTYPE -> one JSON line
+    d_, m_, dt_ = int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3])
+    rows = []
+    for name in TOKEN_KERNELS:
+        compiled, warps = _compile_sm90(getattr(kernel, name), d_, m_, dt_)
+        regs, local = _resources(compiled.asm["cubin"])
+        rows.append(dict(kernel=name, regs=regs, local=local, smem=compiled.metadata.shared, warps=warps))
+    print(json.dumps(rows))
