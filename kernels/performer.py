@@ -40,9 +40,11 @@ import triton.language as tl
 from t2t_fast.backends import triton_interpret
 from t2t_fast.ops._library import empty
 
+# The largest head width, number of features and padded d x m (powers of two) whose tiles (tokens x d, tokens x m,
+# w, kv) fit one sm_90 CTA without spilling (tests/test_performer_sm90.py); ``verify`` refuses the rest.
 MAX_D = 128
-MAX_M = 256
-MAX_TILE = 4096  # the padded d x m (powers of two) whose w, kv and feature tiles fit one sm_90 CTA
+MAX_M = 64
+MAX_TILE = 4096
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _COMBINE_BLOCK = 1024
 # The logit products x.w^T, by input dtype: one tf32x3 product (float32, float16), or two bf16 products against
@@ -368,7 +370,7 @@ class _Config(NamedTuple):
 
 
 def _config(d: int, m: int, dtype: torch.dtype) -> _Config:
-    """Tiles for head width d, m features and the input dtype; ``verify`` refuses d x m past MAX_TILE.
+    """Tiles for head width d, m features, the input dtype (``verify`` refuses m past MAX_M, d x m past MAX_TILE).
 
     bfloat16: 64-token tiles (one warpgroup's wgmma rows) while the padded d x m is at most 2048, 32-token tiles
     (mma.sync) up to MAX_TILE, so that the (tokens x d) and (tokens x m) float32 tiles, w's two parts and kv stay
@@ -379,8 +381,10 @@ def _config(d: int, m: int, dtype: torch.dtype) -> _Config:
     block_d = max(16, triton.next_power_of_2(d))
     block_m = max(16, triton.next_power_of_2(m))
     small = block_d * block_m <= 2048
-    if dtype != torch.bfloat16:
+    if dtype == torch.float32:
         return _Config(16, block_d, block_m, 4 if small else 8, 2, 4 if small else 2, 3 if small else 1)
+    if dtype == torch.float16:  # widening to float32 costs registers
+        return _Config(16, block_d, block_m, 4 if small else 8, 2, 3 if small else 1, 2 if small else 1)
     if small:
         return _Config(64, block_d, block_m, 4, 2, 4, 3)
     return _Config(32, block_d, block_m, 4, 2, 3, 2)
