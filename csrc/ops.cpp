@@ -1,8 +1,9 @@
-// The t2t_fast operator library: schemas (the same text as SCHEMAS in t2t_fast/ops/*.py), the Python module
-// t2t_fast._C (importing it registers the operators), and the poison testing aid.
+// The t2t_fast operator library: the operator schemas (the source of truth: each op's descriptor in
+// t2t_fast/ops/<op>.py repeats them for the Triton operators, and tests/test_op_contracts.py checks they match), the
+// Python module t2t_fast._C (importing it registers the operators), and the poison testing aid.
 //
 // Kernels: csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL CPU) and csrc/cuda/registration.cpp (TORCH_LIBRARY_IMPL CUDA).
-// Fake functions and autograd are registered from Python (t2t_fast/ops/_library.py) once this module loads.
+// Fake functions and autograd are registered from Python (t2t_fast/ops/descriptor.py) once this module loads.
 #include <Python.h>
 
 #include <ATen/ops/empty.h>
@@ -70,4 +71,17 @@ PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&module_def);
+#ifdef T2T_FAST_WITH_CUDA
+  constexpr bool with_cuda = true;
+#else
+  constexpr bool with_cuda = false;
+#endif
+  // with_cuda (0 or 1): whether the CUDA kernels were compiled in (t2t_fast.backends reads it)
+  if (module != nullptr && PyModule_AddIntConstant(module, "with_cuda", with_cuda) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

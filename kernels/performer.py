@@ -37,8 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from t2t_fast.backends import triton_interpret
-from t2t_fast.ops._library import empty
+from t2t_fast.runtime import empty, first_exceeded, triton_interpret
 
 # The largest head width, number of features and padded d x m (powers of two) whose tiles (tokens x d, tokens x m,
 # w, kv) fit one sm_90 CTA without spilling (tests/test_performer_sm90.py); ``verify`` refuses the rest.
@@ -429,36 +428,24 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _runs_on(device: torch.device) -> bool:
-    """True on CUDA devices, and on the CPU under the Triton interpreter."""
-    return device.type == "cuda" or (device.type == "cpu" and triton_interpret())
-
-
 def verify(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, eps: float) -> Optional[str]:
-    """None when the Triton kernels take this call (forward and backward), else the limit it passes."""
-    if q.dtype not in DTYPES:
-        return f"dtype {q.dtype} is not float32, float16 or bfloat16"
-    if q.dim() != 4:
-        return f"q must be (B, H, T, d), got {q.dim()} dims"
+    """None when these kernels take the ``forward`` call (and its backward), else the limit it passes.
+
+    Shapes only (arguments already checked by the front door): no launch, no allocation, traceable."""
     d, m = q.shape[-1], w.shape[0]
-    if d > MAX_D:
-        return f"head width d must be <= {MAX_D}, got {d}"
-    if m > MAX_M:
-        return f"the number of random features m (w.shape[0]) must be <= {MAX_M}, got {m}"
     tile = max(16, triton.next_power_of_2(d)) * max(16, triton.next_power_of_2(m))
-    if tile > MAX_TILE:
-        return f"d={d} with m={m} random features pads to a {tile}-element d x m tile, over the {MAX_TILE} that fit"
-    if not _runs_on(q.device):
-        return f"device {q.device} is not a CUDA device"
-    return None
+    return first_exceeded(("d", d, MAX_D), ("m", m, MAX_M), ("padded d x m", tile, MAX_TILE))
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, eps: float
            ) -> tuple[int, int, int, int, int]:
+    if q.dtype not in DTYPES:
+        raise TypeError(f"performer triton kernels: q, k, v must be float32, float16 or bfloat16, got {q.dtype}")
+    if q.dim() != 4:
+        raise ValueError(f"performer triton kernels: q, k, v must be (B, H, T, d), got shape {tuple(q.shape)}")
     reason = verify(q, k, v, w, eps)
     if reason is not None:
-        error = TypeError if q.dtype not in DTYPES else ValueError
-        raise error(f"performer triton kernels: {reason}")
+        raise ValueError(f"performer triton kernels: {reason}")
     B, H, T, d = q.shape
     return B, H, T, d, w.shape[0]
 
@@ -545,3 +532,4 @@ def backward(grad_y: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         _key_grad_kernel[(grid.programs,)](k, v, w, ds, dz, kmax, grad_k, grad_v, H, T, nc, tpc,
                                            *k.stride(), *v.stride(), *w.stride(), **consts)
     return grad_q, grad_k, grad_v
+

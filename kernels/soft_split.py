@@ -35,8 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from t2t_fast.backends import triton_interpret
-from t2t_fast.ops._library import empty
+from t2t_fast.runtime import empty, triton_interpret
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_K = 8192  # C*kh*kw: bounds the weight-gradient partial buffers
@@ -522,3 +521,22 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         HAS_NORM=has_norm, PREC=geo.prec, BP=BP, BC=BC, BN=BN, num_warps=8,
     )
     return grad_x, grad_weight, grad_bias, grad_norm_weight, grad_norm_bias
+
+
+def verify(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int], weight: Tensor,
+           bias: Optional[Tensor], norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+           eps: float) -> Optional[str]:
+    """None when these kernels take the ``forward`` call (and its backward), else the limit it passes.
+
+    Shapes only (arguments already checked by the front door): no launch, no allocation, traceable."""
+    out, K = weight.shape
+    if K > MAX_K:
+        return f"C*kh*kw={K} exceeds {MAX_K}"
+    if out > MAX_OUT:
+        return f"out={out} exceeds {MAX_OUT}"
+    B, _, H, W = x.shape
+    tokens = B * ((H + 2 * padding[0] - kernel_size[0]) // stride[0] + 1) \
+        * ((W + 2 * padding[1] - kernel_size[1]) // stride[1] + 1)
+    if max(_extent(x), _extent(weight), tokens * max(out, K)) > _INT32:
+        return "tensors too large for 32-bit indexing"
+    return None

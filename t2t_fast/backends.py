@@ -2,26 +2,37 @@
 
 Backends:
 - ``triton``: the Triton kernels in ``t2t_fast.kernels`` (CUDA tensors; CPU tensors only under
-  ``TRITON_INTERPRET=1``, which is slow and meant for tests).
+  ``TRITON_INTERPRET=1``, which is slow and meant for tests, so ``auto`` never picks it for CPU tensors).
 - ``cuda``: the CUDA kernels of the C++ extension ``t2t_fast._C``.
 - ``cpu``: the CPU kernels of the C++ extension.
 - ``reference``: the plain PyTorch math of ``t2t_fast.reference`` (always available).
-- ``auto`` (default): the fastest available for the tensors' device.
+- ``auto`` (default): per call, the first backend in ``AUTO_ORDER`` for the tensors' device that is available
+  here and takes the call (device, dtype and the backend's own limits, see ``t2t_fast/ops/descriptor.py``).
+
+This module holds the selection (``set_backend``, ``backend``, ``get_backend``) and what runs in this process
+(``backends``); each op's descriptor (``t2t_fast/ops/<op>.py``) declares which backends implement it and
+registers itself in ``OPS``. ``docs/ops.md`` describes the whole dispatch.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import importlib.util
-import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
+from t2t_fast.runtime import triton_interpret
+
+if TYPE_CHECKING:
+    from t2t_fast.ops.descriptor import OpDescriptor
+
 NAMES = ("auto", "triton", "cuda", "cpu", "reference")
-# auto's preference for each device type, fastest first
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+# auto's preference for each device type, fastest first; other device types get the reference
+AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+OPS: dict[str, OpDescriptor] = {}  # op name -> descriptor; filled as t2t_fast.ops declares each op
 
 # Plain module state rather than a ContextVar: torch.compile reads (and guards on) globals, so a compiled
 # model keeps fullgraph=True and recompiles when the backend changes.
@@ -31,7 +42,7 @@ _stack: list[str] = []  # backend(): innermost block last
 
 @dataclass(frozen=True)
 class BackendInfo:
-    """Whether a backend can run here, and why not when it cannot."""
+    """Whether a backend can run here (or take an op, or a call), and why not when it cannot."""
 
     available: bool
     reason: str
@@ -40,26 +51,14 @@ class BackendInfo:
         return self.available
 
 
-def triton_interpret() -> bool:
-    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 @functools.lru_cache(maxsize=None)
-def _extension_error() -> str:
+def extension_error() -> str:
     """Empty when ``t2t_fast._C`` loads (registering the ``torch.ops.t2t_fast`` operators), else why not."""
     try:
         importlib.import_module("t2t_fast._C")
     except ImportError as e:
         return f"the C++ extension t2t_fast._C is not built ({e}); reinstall without T2T_FAST_SKIP_EXT=1"
     return ""
-
-
-def extension_has_cuda() -> bool:
-    """True when the loaded extension registered CUDA kernels."""
-    if _extension_error():
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("t2t_fast::soft_split_forward", "CUDA")
 
 
 def _info(name: str) -> BackendInfo:
@@ -73,29 +72,43 @@ def _info(name: str) -> BackendInfo:
         if triton_interpret():
             return BackendInfo(True, "TRITON_INTERPRET=1: Triton's CPU interpreter (slow, for tests)")
         return BackendInfo(False, "no CUDA device (set TRITON_INTERPRET=1 to run Triton's CPU interpreter)")
+    err = extension_error()
+    if err:
+        return BackendInfo(False, err)
     if name == "cpu":
-        err = _extension_error()
-        return BackendInfo(not err, err or "C++ extension with CPU kernels loaded")
-    if name == "cuda":
-        err = _extension_error()
-        if err:
-            return BackendInfo(False, err)
-        if not extension_has_cuda():
-            return BackendInfo(False, "the C++ extension was built without CUDA kernels")
-        if not torch.cuda.is_available():
-            return BackendInfo(False, "no CUDA device")
-        return BackendInfo(True, "C++ extension with CUDA kernels loaded")
-    raise ValueError(f"backend must be one of {NAMES}, got {name!r}")
+        return BackendInfo(True, "C++ extension with CPU kernels loaded")
+    if not importlib.import_module("t2t_fast._C").with_cuda:
+        return BackendInfo(False, "the C++ extension was built without CUDA kernels")
+    if not torch.cuda.is_available():
+        return BackendInfo(False, "no CUDA device")
+    return BackendInfo(True, "C++ extension with CUDA kernels loaded")
 
 
-_AVAILABILITY: dict[str, BackendInfo] = {}
+# probed once at import: imports, devices and TRITON_INTERPRET do not change in a process, and resolving a
+# backend per call is then plain dictionary reads (traceable by torch.compile)
+_AVAILABILITY: dict[str, BackendInfo] = {name: _info(name) for name in NAMES[1:]}
 
 
-def backends() -> dict[str, BackendInfo]:
-    """Every concrete backend with whether it is available here and why (not)."""
-    if not _AVAILABILITY:  # probed once: imports, devices and TRITON_INTERPRET do not change in a process
-        _AVAILABILITY.update((name, _info(name)) for name in NAMES[1:])
-    return dict(_AVAILABILITY)
+def available(name: str) -> bool:
+    """Whether the concrete backend ``name`` can run in this process."""
+    return _AVAILABILITY[name].available
+
+
+def backends(op: Optional[str] = None, *args: Any, **kwargs: Any) -> dict[str, BackendInfo]:
+    """Every concrete backend with whether it can run, and why (not).
+
+    - ``backends()``: in this process (extension built, triton installed, a GPU present).
+    - ``backends("soft_split")``: for one op (``t2t_fast.ops.OPS`` lists them): which backends implement it,
+      and on which devices and dtypes.
+    - ``backends("soft_split", x, 7, 4, 2, weight, ...)``: for one call, given as the op's front-door
+      arguments (checked as the front door does): which backends take it and why the others do not (a
+      device, a dtype, or a limit of the backend's kernels); the extra key ``auto`` names auto's choice.
+    """
+    if op is None:
+        return dict(_AVAILABILITY)
+    if op not in OPS:
+        raise ValueError(f"op must be one of {tuple(OPS)}, got {op!r}")
+    return OPS[op].explain(*args, **kwargs) if args or kwargs else OPS[op].describe()
 
 
 def set_backend(name: str) -> None:
@@ -124,35 +137,5 @@ def backend(name: str) -> Iterator[None]:
 def _validate(name: str) -> None:
     if not isinstance(name, str) or name not in NAMES:
         raise ValueError(f"backend must be one of {NAMES}, got {name!r}")
-    if name != "auto":
-        info = backends()[name]
-        if not info:
-            raise RuntimeError(f"backend {name!r} is not available here: {info.reason}")
-
-
-def resolve(device: torch.device, op: str, supported: tuple[str, ...]) -> str:
-    """The concrete backend to run ``op`` on tensors of ``device``.
-
-    ``supported`` lists the backends that implement ``op``. An explicit choice that cannot run on this
-    device is an error; ``auto`` takes the first available in ``_AUTO_ORDER`` that ``op`` supports.
-    """
-    name = get_backend()
-    dev = device.type
-    if name == "auto":
-        for cand in _AUTO_ORDER.get(dev, ("reference",)):
-            if cand in supported and _AVAILABILITY[cand]:
-                return cand
-        return "reference"
-    if name not in supported:
-        raise RuntimeError(f"{op}: backend {name!r} does not implement this op (it has {supported})")
-    if name == "cpu" and dev != "cpu":
-        raise ValueError(f"{op}: backend 'cpu' needs CPU tensors, got tensors on {device}")
-    if name == "cuda" and dev != "cuda":
-        raise ValueError(f"{op}: backend 'cuda' needs CUDA tensors, got tensors on {device}")
-    if name == "triton" and dev != "cuda" and not (dev == "cpu" and triton_interpret()):
-        raise ValueError(f"{op}: backend 'triton' needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
-                         f"got tensors on {device}")
-    return name
-
-
-backends()  # probe at import, so resolve() is plain dictionary reads (traceable by torch.compile)
+    if name != "auto" and not available(name):
+        raise RuntimeError(f"backend {name!r} is not available here: {_AVAILABILITY[name].reason}")

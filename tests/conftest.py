@@ -30,7 +30,7 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
 @pytest.fixture
 def poisoned():
     """Run the body with every kernel output NaN-filled before the kernel writes it."""
-    from t2t_fast.ops._library import poisoned_outputs
+    from t2t_fast.runtime import poisoned_outputs
 
     with poisoned_outputs():
         yield

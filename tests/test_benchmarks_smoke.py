@@ -38,8 +38,7 @@ def run(script: str, *args: str, timeout: float = 120) -> str:
     return _finish(_start(script, *args), timeout)
 
 
-OP_BENCHES = [s for s in ("bench_soft_split.py", "bench_performer.py")
-              if os.path.exists(os.path.join(BENCH, s)) and "--smoke" in open(os.path.join(BENCH, s)).read()]
+OP_BENCHES = ("bench_soft_split.py", "bench_performer.py")  # a missing script or --smoke mode fails the run
 
 
 @pytest.fixture(scope="module")
@@ -162,9 +161,8 @@ def test_summarize_judges_targets():
 
 @pytest.mark.parametrize("name", ["soft_split", "performer"])
 def test_op_benchmarks_smoke(results, name):
-    """bench_soft_split.py and bench_performer.py (written separately) keep their --smoke mode working."""
-    if f"bench_{name}.py" not in OP_BENCHES:
-        pytest.skip(f"bench_{name}.py does not exist or has no --smoke mode")
+    """bench_soft_split.py and bench_performer.py keep their --smoke mode working (without it, ``results``
+    fails: argparse rejects the flag)."""
     rows = json.loads((results / f"{name}.json").read_text())["rows"]
     assert rows and all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
 

@@ -1,9 +1,9 @@
-"""The C++ extension t2t_fast._C: its CPU kernels (and, with -m gpu, its CUDA kernels) against t2t_fast.reference.
+"""The C++ extension t2t_fast._C's operators: their contract and what only the extension has.
 
-Covers forward and backward on odd shapes in every dtype the kernels take (float16/bfloat16 against the float32
-reference on the same inputs), strided inputs (a transposed token view as the image, q/k/v as views of one packed
-projection), the documented operator outputs (statistics, empty tensors), opcheck, float64 gradcheck, and a fuzz
-of bad calls that must raise, never crash.
+The documented operator outputs (statistics, empty tensors), determinism across thread counts, the AVX-512/AVX2/
+baseline micro-kernels, float16 token norms 2..6, opcheck, float64 gradcheck, a fuzz of bad calls straight to
+the operators that must raise, never crash, and (with -m gpu) the CUDA kernels against the CPU ones. Forward and
+backward against the reference on every backend, dtype and odd shape: tests/test_op_backends.py.
 """
 from __future__ import annotations
 
@@ -24,92 +24,21 @@ except ImportError as exc:  # pragma: no cover - depends on the build
                 "`pip install --no-build-isolation -e .`", allow_module_level=True)
 
 import t2t_fast
+from op_harness import leaves, performer_inputs, qkv_of, rel_close, soft_split_inputs
 from t2t_fast import reference as R
 
 ops = torch.ops.t2t_fast
-LOW = (torch.bfloat16, torch.float16)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
-    """max |actual - expected| <= tol * max(max |expected|, 0.1), shapes equal, everything finite.
-
-    Inputs are O(1), so 0.1 floors the scale of outputs that cancel to ~0 (e.g. grad q with a single token).
-    """
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    a, e = actual.double(), expected.double()
-    assert torch.isfinite(a).all(), f"{what}: non-finite values (unwritten output?)"
-    scale = max(e.abs().max().item(), 0.1)
-    err = (a - e).abs().max().item()
-    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} * {scale:.3g}"
-
-
-def tolerance(dtype: torch.dtype, low: float = 2e-2, fp32: float = 2e-5) -> float:
-    return low if dtype in LOW else fp32
 
 
 # ---------------------------------------------------------------------------------------------------------
 # soft_split
 # ---------------------------------------------------------------------------------------------------------
-GEOMETRIES = {  # (kernel, stride, padding) -> (B, C, H, W)
-    (7, 4, 2): (2, 3, 17, 13),
-    (3, 2, 1): (1, 5, 9, 20),
-    (2, 1, 0): (2, 4, 11, 10),
-}
-VARIANTS = ("norm+bias", "norm_weight only", "plain")
-
-
-def soft_split_inputs(geometry, variant: str, layout: str, dtype: torch.dtype, out: int = 13):
-    """Inputs rounded to dtype; norm parameters float32 (the operator contract)."""
-    (k, s, p), (B, C, H, W) = geometry, GEOMETRIES[geometry]
-    if layout == "tokens":  # (B, L, C) tokens viewed as an image, read in place
-        x = torch.randn(B, H * W, C).to(dtype).transpose(1, 2).reshape(B, C, H, W)
-        assert not x.is_contiguous()
-    else:
-        x = torch.randn(B, C, H, W).to(dtype)
-    K = C * k * k
-    weight = (torch.randn(out, K) / math.sqrt(K)).to(dtype)
-    bias = torch.randn(out).to(dtype) if variant == "norm+bias" else None
-    norm_weight = 1 + 0.3 * torch.randn(K) if variant != "plain" else None
-    norm_bias = 0.2 * torch.randn(K) if variant == "norm+bias" else None
-    return x, (k, s, p), weight, bias, norm_weight, norm_bias
-
-
-def leaves(tensors, dtype=None):
-    return [None if t is None else (t.detach().to(dtype) if dtype else t.detach().clone()).requires_grad_()
-            for t in tensors]
-
-
-@pytest.mark.parametrize("layout", ("nchw", "tokens"))
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("geometry", list(GEOMETRIES))
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_soft_split_matches_reference(dtype, geometry, variant, layout, poisoned):
-    x, (k, s, p), *params = soft_split_inputs(geometry, variant, layout, dtype)
-    ours = leaves([x, *params])
-    assert ours[0].is_contiguous() == (layout == "nchw")  # the token view stays a strided view
-    with t2t_fast.backend("cpu"):
-        y = t2t_fast.soft_split(ours[0], k, s, p, *ours[1:])
-    grad = torch.randn(y.shape).to(dtype)
-    y.backward(grad)
-
-    ref = leaves([x, *params], torch.float32)
-    y_ref = R.soft_split(ref[0], k, s, p, *ref[1:])
-    y_ref.backward(grad.float())
-    assert y.dtype == dtype
-    rel_close(y, y_ref, tolerance(dtype, fp32=1e-5), "y")
-    for name, a, r in zip(("x", "weight", "bias", "norm_weight", "norm_bias"), ours, ref):
-        if a is not None:
-            assert a.grad.dtype == a.dtype, name
-            rel_close(a.grad, r.grad, tolerance(dtype, low=3e-2), f"grad {name}")
-
-
 @pytest.mark.parametrize("norm", (True, False))
 def test_soft_split_operator_outputs(norm, poisoned):
     """mean/rstd are the per-patch LayerNorm statistics, or (0,); grad_x is (0,) without compute_grad_x."""
     x, (k, s, p), weight, bias, nw, nb = soft_split_inputs((3, 2, 1), "norm+bias" if norm else "plain", "nchw",
                                                            torch.float32)
-    y, mean, rstd = ops.soft_split_forward(x, [k, k], [s, s], [p, p], weight, bias, nw, nb, 1e-5)
+    y, mean, rstd = ops.soft_split_forward(x, list(k), list(s), list(p), weight, bias, nw, nb, 1e-5)
     if norm:
         cols = torch.nn.functional.unfold(x, k, padding=p, stride=s).transpose(1, 2)
         torch.testing.assert_close(mean, cols.mean(-1), rtol=1e-5, atol=1e-6)
@@ -117,10 +46,10 @@ def test_soft_split_operator_outputs(norm, poisoned):
     else:
         assert mean.shape == rstd.shape == (0,) and mean.dtype == rstd.dtype == torch.float32
     gy = torch.randn_like(y)
-    gx, gw, gb, gnw, gnb = ops.soft_split_backward(gy, x, [k, k], [s, s], [p, p], weight, nw, nb, mean, rstd, False)
+    gx, gw, gb, gnw, gnb = ops.soft_split_backward(gy, x, list(k), list(s), list(p), weight, nw, nb, mean, rstd, False)
     assert gx.shape == (0,) and gw.shape == weight.shape and gb.shape == (weight.shape[0],)
     assert gnw.shape == gnb.shape == ((weight.shape[1],) if norm else (0,)) and gnw.dtype == torch.float32
-    full = ops.soft_split_backward(gy, x, [k, k], [s, s], [p, p], weight, nw, nb, mean, rstd, True)
+    full = ops.soft_split_backward(gy, x, list(k), list(s), list(p), weight, nw, nb, mean, rstd, True)
     assert full[0].shape == x.shape
     for a, b in zip((gw, gb, gnw, gnb), full[1:]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -138,14 +67,14 @@ def test_soft_split_rectangular_geometry_and_strided_weight(poisoned):
 
 def test_backward_is_deterministic_across_runs_and_thread_counts():
     x, (k, s, p), weight, bias, nw, nb = soft_split_inputs((7, 4, 2), "norm+bias", "nchw", torch.float32)
-    y, mean, rstd = ops.soft_split_forward(x, [k, k], [s, s], [p, p], weight, bias, nw, nb, 1e-5)
+    y, mean, rstd = ops.soft_split_forward(x, list(k), list(s), list(p), weight, bias, nw, nb, 1e-5)
     gy = torch.randn_like(y)
     (q, kk, v), w = performer_inputs(700, 16, 8, "bhtd", torch.float32)  # > 1 token segment
     stats = ops.performer_forward(q, kk, v, w, 1e-8)[1:]
     gq = torch.randn_like(q)
 
     def run():
-        return (*ops.soft_split_backward(gy, x, [k, k], [s, s], [p, p], weight, nw, nb, mean, rstd, True),
+        return (*ops.soft_split_backward(gy, x, list(k), list(s), list(p), weight, nw, nb, mean, rstd, True),
                 *ops.performer_forward(q, kk, v, w, 1e-8), *ops.performer_backward(gq, q, kk, v, w, *stats))
 
     threads = torch.get_num_threads()
@@ -162,53 +91,6 @@ def test_backward_is_deterministic_across_runs_and_thread_counts():
 # ---------------------------------------------------------------------------------------------------------
 # performer_attention
 # ---------------------------------------------------------------------------------------------------------
-PERFORMER_SHAPES = ((1, 8, 3), (7, 17, 9), (100, 64, 32), (100, 33, 7))  # (T, d, m)
-
-
-def performer_inputs(T: int, d: int, m: int, layout: str, dtype: torch.dtype, B: int = 2, H: int = 3):
-    """(bases, w): the tensors q, k, v come from, and the random features (as TokenPerformer draws them).
-
-    layout 'bthd': q, k, v (B, T, d); 'bhtd': (B, H, T, d); 'packed': one (B, T, 3d) projection that q, k, v are
-    torch.split views of (strided, as in TokenPerformer) -- see qkv_of.
-    """
-    if layout == "packed":
-        bases = [(0.5 * torch.randn(B, T, 3 * d)).to(dtype)]
-    else:
-        shape = (B, T, d) if layout == "bthd" else (B, H, T, d)
-        bases = [(0.5 * torch.randn(shape)).to(dtype) for _ in range(3)]
-    w = torch.nn.init.orthogonal_(torch.empty(m, d)) * math.sqrt(m)
-    return bases, w
-
-
-def qkv_of(bases):
-    """q, k, v from performer_inputs' bases (split in TokenPerformer's k, q, v order when packed)."""
-    if len(bases) == 1:
-        k, q, v = torch.split(bases[0], bases[0].shape[-1] // 3, dim=-1)
-        return q, k, v
-    return tuple(bases)
-
-
-@pytest.mark.parametrize("layout", ("bthd", "bhtd", "packed"))
-@pytest.mark.parametrize("shape", PERFORMER_SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_performer_matches_reference(dtype, shape, layout, poisoned):
-    bases, w = performer_inputs(*shape, layout, dtype)
-    ours = leaves(bases)
-    q, k, v = qkv_of(ours)
-    assert q.is_contiguous() == (layout != "packed")
-    with t2t_fast.backend("cpu"):
-        y = t2t_fast.performer_attention(q, k, v, w)
-    grad = torch.randn(y.shape).to(dtype)
-    y.backward(grad)
-    ref = leaves(bases, torch.float32)
-    y_ref = R.performer_attention(*qkv_of(ref), w)
-    y_ref.backward(grad.float())
-    assert y.dtype == dtype and y.shape == q.shape
-    rel_close(y, y_ref, tolerance(dtype, fp32=1e-5), "y")
-    for i, (a, r) in enumerate(zip(ours, ref)):
-        rel_close(a.grad, r.grad, tolerance(dtype, low=3e-2, fp32=5e-5), f"grad of input {i}")
-
-
 def test_performer_statistics_follow_the_contract(poisoned):
     """kv, ksum, kmax, denom are the max-shifted sums documented in t2t_fast/ops/performer.py (float64 check)."""
     (q, k, v), w = performer_inputs(37, 12, 5, "bhtd", torch.float32)
@@ -511,7 +393,7 @@ def test_errors_name_the_argument():
 
 
 def test_poison_switch():
-    from t2t_fast.ops._library import poisoned_outputs
+    from t2t_fast.runtime import poisoned_outputs
 
     assert not t2t_fast._C._poison()
     with poisoned_outputs():
@@ -524,87 +406,9 @@ def test_poison_switch():
 # ---------------------------------------------------------------------------------------------------------
 # CUDA kernels (pytest -m gpu)
 # ---------------------------------------------------------------------------------------------------------
-T2T_SOFT_SPLITS = (  # (B, C, H, W, kernel, stride, padding, out, norm): the three soft splits of T2T-ViT-14 at 224
-    (2, 3, 224, 224, 7, 4, 2, 192, True),
-    (2, 64, 56, 56, 3, 2, 1, 192, True),
-    (2, 64, 28, 28, 3, 2, 1, 384, False),
-    (3, 5, 19, 13, 3, 2, 1, 37, True),
-)
-
-
 def _cuda_ready() -> None:
     if not t2t_fast.backends()["cuda"]:
         pytest.skip(t2t_fast.backends()["cuda"].reason)
-
-
-def _run_soft_split(backend: str, x, k, s, p, params, grad):
-    xs = leaves([x, *params])
-    with t2t_fast.backend(backend):
-        y = t2t_fast.soft_split(xs[0], k, s, p, *xs[1:])
-    y.backward(grad)
-    return y, [None if t is None else t.grad for t in xs]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", T2T_SOFT_SPLITS)
-def test_cuda_soft_split(case, dtype, poisoned):
-    _cuda_ready()
-    B, C, H, W, k, s, p, out, norm = case
-    dev = "cuda"
-    x = torch.randn(B, H * W, C, device=dev).to(dtype).transpose(1, 2).reshape(B, C, H, W)  # token view
-    K = C * k * k
-    params = [(torch.randn(out, K, device=dev) / math.sqrt(K)).to(dtype), torch.randn(out, device=dev).to(dtype),
-              (1 + 0.3 * torch.randn(K, device=dev)) if norm else None, 0.2 * torch.randn(K, device=dev) if norm else None]
-    Lh, Lw = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
-    grad = torch.randn(B, Lh * Lw, out, device=dev).to(dtype)
-    y, grads = _run_soft_split("cuda", x, k, s, p, params, grad)
-    ref = leaves([x, *params], torch.float32)
-    y_ref = R.soft_split(ref[0], k, s, p, *ref[1:])
-    y_ref.backward(grad.float())
-    rel_close(y, y_ref, tolerance(dtype, fp32=1e-4), "y")
-    for name, g, r in zip(("x", "weight", "bias", "norm_weight", "norm_bias"), grads, ref):
-        if g is not None:
-            rel_close(g, r.grad, tolerance(dtype, low=3e-2, fp32=1e-4), f"grad {name}")
-    if t2t_fast.backends()["triton"]:
-        pytest.importorskip("t2t_fast.kernels.soft_split")
-        y_tr, grads_tr = _run_soft_split("triton", x, k, s, p, params, grad)
-        rel_close(y, y_tr.float(), tolerance(dtype, fp32=1e-4), "y vs triton")
-        for name, g, t in zip(("x", "weight", "bias"), grads, grads_tr):
-            rel_close(g, t.float(), tolerance(dtype, low=3e-2, fp32=1e-4), f"grad {name} vs triton")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", (3136, 784, 7))
-def test_cuda_performer(T, dtype, poisoned):
-    _cuda_ready()
-    (kqv,), w = performer_inputs(T, 64, 32, "packed", dtype)
-    kqv, w = kqv.cuda(), w.cuda()
-    grad = torch.randn(kqv.shape[0], T, 64, device="cuda").to(dtype)
-
-    def run(backend, dtype_=None):
-        (leaf,) = leaves([kqv], dtype_)
-        q, k, v = qkv_of([leaf])  # strided views of the packed projection
-        if backend == "reference":
-            y = R.performer_attention(q, k, v, w)
-        else:
-            with t2t_fast.backend(backend):
-                y = t2t_fast.performer_attention(q, k, v, w)
-        y.backward(grad.to(y.dtype))
-        return y, list(torch.split(leaf.grad, 64, dim=-1))
-
-    y, grads = run("cuda")
-    y_ref, grads_ref = run("reference", torch.float32)
-    rel_close(y, y_ref, tolerance(dtype, fp32=1e-4), "y")
-    for name, g, r in zip("kqv", grads, grads_ref):
-        rel_close(g, r, tolerance(dtype, low=3e-2, fp32=2e-4), f"grad {name}")
-    if t2t_fast.backends()["triton"]:
-        pytest.importorskip("t2t_fast.kernels.performer")
-        y_tr, grads_tr = run("triton")
-        rel_close(y, y_tr.float(), tolerance(dtype, fp32=1e-4), "y vs triton")
-        for name, g, t in zip("kqv", grads, grads_tr):
-            rel_close(g, t.float(), tolerance(dtype, low=3e-2, fp32=2e-4), f"grad {name} vs triton")
 
 
 @pytest.mark.gpu

@@ -1,10 +1,17 @@
-"""Op front doors: argument checks, backend choice, and every available backend against reference.py."""
+"""Op front doors: the reference math, argument checks, backend choice, autocast, gradcheck.
+
+Every backend against the reference, forward and backward: tests/test_op_backends.py.
+"""
+import dataclasses
+import re
+
 import pytest
 import torch
 
 import t2t_fast
 from t2t_fast import reference
-from t2t_fast.backends import backends
+from t2t_fast.backends import AUTO_ORDER, backends
+from t2t_fast.ops import SOFT_SPLIT
 
 AVAILABLE = [n for n, info in backends().items() if info.available]
 CPU_BACKENDS = [n for n in AVAILABLE if n in ("cpu", "reference", "triton")]
@@ -53,45 +60,6 @@ def test_sinusoid_table_values():
     assert t[0, p, 5].item() == pytest.approx(torch.cos(torch.tensor(p / 10000 ** (4 / 6), dtype=torch.float64)).item())
 
 
-@pytest.mark.parametrize("name", CPU_BACKENDS)
-@pytest.mark.parametrize("layout", ["image", "tokens"])
-@pytest.mark.parametrize("norm", [True, False])
-def test_soft_split_backends_fwd_bwd(name, layout, norm, poisoned):
-    x, k, s, p, weight, bias, nw, nb = _soft_split_args(B=2, C=4, H=9, W=13, norm=norm)
-    if layout == "tokens":  # (B, L, C) tokens seen as a (B, C, H, W) image without a copy
-        x = torch.randn(2, 9 * 13, 4).transpose(1, 2).reshape(2, 4, 9, 13)
-    leaves = [t.clone().requires_grad_() for t in (x, weight, bias) + ((nw, nb) if norm else ())]
-    x_, w_, b_ = leaves[:3]
-    nw_, nb_ = leaves[3:] if norm else (None, None)
-    with t2t_fast.backend(name):
-        y = t2t_fast.soft_split(x_, k, s, p, w_, b_, nw_, nb_)
-    y_ref = reference.soft_split(x, k, s, p, weight, bias, nw, nb)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(y)
-    grads = torch.autograd.grad(y, leaves, g)
-    ref_leaves = [t.clone().requires_grad_() for t in (x, weight, bias) + ((nw, nb) if norm else ())]
-    y2 = reference.soft_split(ref_leaves[0], k, s, p, ref_leaves[1], ref_leaves[2],
-                              *(ref_leaves[3:] if norm else (None, None)))
-    for a, b in zip(grads, torch.autograd.grad(y2, ref_leaves, g)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("name", CPU_BACKENDS)
-@pytest.mark.parametrize("shape", [(2, 7, 8), (1, 2, 13, 12)])
-def test_performer_backends_fwd_bwd(name, shape, poisoned):
-    d = shape[-1]
-    packed = torch.randn(*shape[:-1], 3 * d) * 0.5
-    k, q, v = (t.detach().requires_grad_() for t in torch.split(packed, d, dim=-1))  # strided views
-    w = torch.randn(5, d)
-    with t2t_fast.backend(name):
-        y = t2t_fast.performer_attention(q, k, v, w)
-    y_ref = reference.performer_attention(q, k, v, w)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(y)
-    for a, b in zip(torch.autograd.grad(y, (q, k, v), g), torch.autograd.grad(y_ref, (q, k, v), g)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
 @pytest.mark.parametrize("name", [n for n in CPU_BACKENDS if n != "triton"])
 def test_front_doors_gradcheck_float64(name):
     """float64 gradients; the compiled backends hold LayerNorm parameters in float32, so those stay constant."""
@@ -129,51 +97,148 @@ def test_backend_selection():
                 pass
 
 
-def test_auto_prefers_cpu_extension_on_cpu():
-    from t2t_fast.backends import resolve
+def test_auto_order_and_explicit_choice():
+    """auto takes the CPU extension for CPU tensors when built (never the Triton interpreter), else the
+    reference; an explicit backend that cannot take a call raises ValueError with the reason."""
+    x, k, s, p, weight, bias, nw, nb = _soft_split_args()
+    call = SOFT_SPLIT.arguments(x, k, s, p, weight, bias, nw, nb)
+    assert SOFT_SPLIT.resolve(*call) == ("cpu" if t2t_fast.backends()["cpu"] else "reference")
+    if t2t_fast.backends()["triton"] and "cpu" in SOFT_SPLIT.backends["triton"].devices:  # the interpreter
+        with t2t_fast.backend("triton"):
+            assert SOFT_SPLIT.resolve(*call) == "triton"
+            with pytest.raises(ValueError, match=r"backend 'triton' cannot run this call: takes float32"):
+                t2t_fast.soft_split(*_soft_split_args(dtype=torch.float64))
+            q = torch.randn(1, 3, 8)
+            with pytest.raises(ValueError, match="backend 'triton' cannot run this call: m=300 exceeds"):
+                t2t_fast.performer_attention(q, q, q, torch.randn(300, 8))
 
-    expect = "cpu" if t2t_fast.backends()["cpu"].available else "reference"
-    assert resolve(torch.device("cpu"), "soft_split", ("triton", "cpu", "reference")) == expect
+
+def test_auto_skips_a_backend_whose_verify_rejects(monkeypatch):
+    name = AUTO_ORDER["cpu"][0]
+    if not t2t_fast.backends()[name]:
+        pytest.skip(f"{name} is not available here")
+    limited = dataclasses.replace(SOFT_SPLIT.backends[name], verify=lambda x, *args: f"C={x.shape[1]} exceeds 2")
+    monkeypatch.setitem(SOFT_SPLIT.backends, name, limited)
+    x, k, s, p, weight, bias, nw, nb = _soft_split_args()
+    assert SOFT_SPLIT.resolve(*SOFT_SPLIT.arguments(x, k, s, p, weight, bias, nw, nb)) == "reference"
+    info = t2t_fast.backends("soft_split", x, k, s, p, weight, bias, nw, nb)
+    assert not info[name] and info[name].reason == "C=3 exceeds 2" and "'reference'" in info["auto"].reason
+    torch.testing.assert_close(t2t_fast.soft_split(x, k, s, p, weight, bias, nw, nb),
+                               reference.soft_split(x, k, s, p, weight, bias, nw, nb))
+    with t2t_fast.backend(name), pytest.raises(ValueError, match=f"backend '{name}' cannot run this call: C=3"):
+        t2t_fast.soft_split(x, k, s, p, weight, bias, nw, nb)
 
 
-@pytest.mark.parametrize("bad, err, match", [
-    (dict(x=torch.randn(3, 8, 8)), ValueError, "x must be"),
-    (dict(weight=torch.randn(5, 26)), ValueError, "weight must be"),
-    (dict(weight=torch.randn(5, 27, dtype=torch.float64)), ValueError, "dtype"),
-    (dict(bias=torch.randn(4)), ValueError, "bias must be"),
-    (dict(norm_weight=torch.randn(26)), ValueError, "norm_weight must be"),
-    (dict(norm_weight=None), ValueError, "norm_bias needs norm_weight"),
+def test_backends_per_op():
+    for op in ("soft_split", "performer_attention"):
+        info = t2t_fast.backends(op)
+        assert set(info) == {"triton", "cuda", "cpu", "reference"}
+        assert info["reference"] and "float64" in info["reference"].reason
+        for name, avail in t2t_fast.backends().items():
+            assert bool(info[name]) == bool(avail)
+    with pytest.raises(ValueError, match="op must be one of"):
+        t2t_fast.backends("conv")
+    with pytest.raises(ValueError, match="w must be"):  # a call's arguments are checked as the front door does
+        t2t_fast.backends("performer_attention", *(torch.randn(2, 7, 8),) * 3, torch.randn(4, 7))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad calls: the front door raises one exception type per fault, naming the argument, on every backend
+# ---------------------------------------------------------------------------------------------------------
+META = dict(device="meta")  # a second device on a CPU-only machine
+SOFT_SPLIT_FAULTS = [  # (arguments replaced, exception type, argument the message names)
+    (dict(x=torch.randn(3, 8, 8)), ValueError, "x"),
+    (dict(x=torch.randn(2, 3, 8, 8, 1)), ValueError, "x"),
+    (dict(x=torch.randint(0, 3, (2, 3, 8, 8))), TypeError, "x"),
+    (dict(x=torch.randn(2, 3, 8, 8, dtype=torch.complex64)), TypeError, "x"),
+    (dict(x=torch.randn(0, 3, 8, 8)), ValueError, "x"),
+    (dict(x="image"), TypeError, "x"),
+    (dict(x=None), TypeError, "x"),
+    (dict(weight=torch.randn(5, 26)), ValueError, "weight"),
+    (dict(weight=torch.randn(0, 27)), ValueError, "weight"),
+    (dict(weight=torch.randn(27)), ValueError, "weight"),
+    (dict(weight=torch.randn(5, 27, dtype=torch.float64)), ValueError, "weight"),
+    (dict(weight=torch.randn(5, 27, **META)), ValueError, "weight"),
+    (dict(weight=torch.ones(5, 27, dtype=torch.int64)), TypeError, "weight"),
+    (dict(weight=[[1.0] * 27] * 5), TypeError, "weight"),
+    (dict(weight=None), TypeError, "weight"),
+    (dict(bias=torch.randn(4)), ValueError, "bias"),
+    (dict(bias=torch.randn(1, 5)), ValueError, "bias"),
+    (dict(bias=torch.randn(5, dtype=torch.float16)), ValueError, "bias"),
+    (dict(bias=torch.randn(5, **META)), ValueError, "bias"),
+    (dict(bias=torch.ones(5, dtype=torch.int32)), TypeError, "bias"),
+    (dict(norm_weight=torch.randn(26)), ValueError, "norm_weight"),
+    (dict(norm_weight=torch.randn(3, 9)), ValueError, "norm_weight"),
+    (dict(norm_weight=torch.randn(27, **META)), ValueError, "norm_weight"),
+    (dict(norm_weight=torch.ones(27, dtype=torch.bool)), TypeError, "norm_weight"),
+    (dict(norm_weight=None), ValueError, "norm_bias"),
+    (dict(norm_bias=torch.randn(28)), ValueError, "norm_bias"),
+    (dict(norm_bias=1.0), TypeError, "norm_bias"),
     (dict(kernel_size=0), ValueError, "kernel_size"),
+    (dict(kernel_size=(3, -1)), ValueError, "kernel_size"),
     (dict(kernel_size=(3, 3, 3)), TypeError, "kernel_size"),
-    (dict(kernel_size=(5, 5), padding=0, x=torch.randn(1, 1, 3, 3), weight=torch.randn(5, 25)), ValueError,
-     "smaller than"),
-    (dict(x=torch.randint(0, 3, (2, 3, 8, 8))), TypeError, "floating"),
-    (dict(x=torch.randn(0, 3, 8, 8)), ValueError, "empty"),
-    (dict(x="image"), TypeError, "x must be a torch.Tensor"),
-])
-def test_soft_split_bad_input(bad, err, match):
+    (dict(kernel_size=2.5), TypeError, "kernel_size"),
+    (dict(stride=(2, 0)), ValueError, "stride"),
+    (dict(stride="2"), TypeError, "stride"),
+    (dict(padding=-1), ValueError, "padding"),
+    (dict(padding=[1]), TypeError, "padding"),
+    (dict(kernel_size=(5, 5), padding=0, x=torch.randn(1, 1, 3, 3), weight=torch.randn(5, 25), bias=None,
+          norm_weight=None, norm_bias=None), ValueError, "kernel_size"),
+    (dict(eps=-1.0), ValueError, "eps"),
+    (dict(eps=float("nan")), ValueError, "eps"),
+    (dict(eps="small"), TypeError, "eps"),
+]
+PERFORMER_FAULTS = [
+    (dict(q=torch.randn(7, 8)), ValueError, "q"),
+    (dict(q=torch.randn(1, 2, 2, 7, 8)), ValueError, "q"),
+    (dict(q=torch.randint(0, 2, (2, 7, 8))), TypeError, "q"),
+    (dict(q=torch.randn(2, 0, 8), k=torch.randn(2, 0, 8), v=torch.randn(2, 0, 8)), ValueError, "q"),
+    (dict(q=None), TypeError, "q"),
+    (dict(k=torch.randn(2, 6, 8)), ValueError, "k"),
+    (dict(k=torch.randn(2, 7, 8, **META)), ValueError, "k"),
+    (dict(k=torch.randn(2, 7, 8).numpy()), TypeError, "k"),
+    (dict(v=torch.randn(2, 7, 8, dtype=torch.float64)), ValueError, "v"),
+    (dict(v=torch.ones(2, 7, 8, dtype=torch.int8)), TypeError, "v"),
+    (dict(w=torch.randn(4, 7)), ValueError, "w"),
+    (dict(w=torch.randn(0, 8)), ValueError, "w"),
+    (dict(w=torch.randn(8)), ValueError, "w"),
+    (dict(w=torch.randn(4, 8, **META)), ValueError, "w"),
+    (dict(w=torch.ones(4, 8, dtype=torch.int64)), TypeError, "w"),
+    (dict(w=[[1.0]]), TypeError, "w"),
+    (dict(eps=-1e-8), ValueError, "eps"),
+    (dict(eps=float("inf")), ValueError, "eps"),
+    (dict(eps=None), TypeError, "eps"),
+]
+
+
+def _faults(faults: list) -> list:
+    return [pytest.param(name, bad, err, arg, id=f"{name}-{i}-{arg}")
+            for name in CPU_BACKENDS for i, (bad, err, arg) in enumerate(faults)]
+
+
+def _raises_naming(fn, args: dict, err: type, arg: str) -> None:
+    with pytest.raises(Exception) as info:
+        fn(**args)
+    assert type(info.value) is err, f"{type(info.value).__name__} instead of {err.__name__}: {info.value}"
+    assert re.search(rf"\b{arg}\b", str(info.value)), f"the message does not name {arg!r}: {info.value}"
+
+
+@pytest.mark.parametrize("name, bad, err, arg", _faults(SOFT_SPLIT_FAULTS))
+def test_soft_split_bad_call(name, bad, err, arg):
     args = dict(x=torch.randn(2, 3, 8, 8), kernel_size=3, stride=2, padding=1, weight=torch.randn(5, 27),
-                bias=torch.randn(5), norm_weight=torch.randn(27), norm_bias=torch.randn(27))
+                bias=torch.randn(5), norm_weight=torch.randn(27), norm_bias=torch.randn(27), eps=1e-5)
     args.update(bad)
-    with pytest.raises(err, match=match):
-        t2t_fast.soft_split(**args)
+    with t2t_fast.backend(name):
+        _raises_naming(t2t_fast.soft_split, args, err, arg)
 
 
-@pytest.mark.parametrize("bad, err, match", [
-    (dict(q=torch.randn(7, 8)), ValueError, "q must be"),
-    (dict(k=torch.randn(2, 6, 8)), ValueError, "k shape"),
-    (dict(v=torch.randn(2, 7, 8, dtype=torch.float64)), ValueError, "v dtype"),
-    (dict(w=torch.randn(4, 7)), ValueError, "w must be"),
-    (dict(w=torch.randn(0, 8)), ValueError, "w must be"),
-    (dict(q=torch.randint(0, 2, (2, 7, 8))), TypeError, "floating"),
-    (dict(q=torch.randn(2, 0, 8), k=torch.randn(2, 0, 8), v=torch.randn(2, 0, 8)), ValueError, "empty"),
-    (dict(w=[[1.0]]), TypeError, "w must be a torch.Tensor"),
-])
-def test_performer_bad_input(bad, err, match):
-    args = dict(q=torch.randn(2, 7, 8), k=torch.randn(2, 7, 8), v=torch.randn(2, 7, 8), w=torch.randn(4, 8))
+@pytest.mark.parametrize("name, bad, err, arg", _faults(PERFORMER_FAULTS))
+def test_performer_bad_call(name, bad, err, arg):
+    args = dict(q=torch.randn(2, 7, 8), k=torch.randn(2, 7, 8), v=torch.randn(2, 7, 8), w=torch.randn(4, 8),
+                eps=1e-8)
     args.update(bad)
-    with pytest.raises(err, match=match):
-        t2t_fast.performer_attention(**args)
+    with t2t_fast.backend(name):
+        _raises_naming(t2t_fast.performer_attention, args, err, arg)
 
 
 def test_soft_split_autocast_behaves_like_linear():

@@ -1,0 +1,224 @@
+"""The static sm_90 model (``benchmarks/static_sm90.py``) counts what it claims to count.
+
+Tiny test-only kernels with known answers are compiled for sm_90 in a child process (the kernels must be
+decorated without ``TRITON_INTERPRET``, which this test session sets) and checked against hand counts: a loop
+kernel's warp-instructions against its SASS counted here independently, a plain copy's touched and minimum bytes
+against the exact bytes, a ``tl.dot``'s tensor-core FLOPs against 2*M*N*K (wgmma and mma.sync shapes). The child
+also runs the tool itself on its ``--quick`` soft-split case. The SASS parser, the occupancy and byte helpers
+are checked in process on made-up inputs. Skipped only when Triton's bundled ptxas/cuobjdump are missing.
+"""
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import static_sm90 as sm  # noqa: E402
+
+pytestmark = pytest.mark.skipif(sm.tools_missing() is not None, reason=str(sm.tools_missing()))
+
+LOOP_TRIPS, LOOP_PROGRAMS, LOOP_WARPS, LOOP_BLOCK = 37, 5, 1, 1024
+COPY_N = 64 * 1024
+DOT_SHAPES = {"wgmma": (64, 64, 32, 4), "mma_sync": (16, 16, 16, 1)}  # M, N, K, warps
+DOT_PROGRAMS = 3
+
+
+@triton.jit
+def _loop_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(n):  # 32 elements per thread: a body large enough that ptxas does not unroll it
+        acc = acc * tl.load(x_ptr + i * BLOCK * tl.num_programs(0) + offs) + 1.0
+    tl.store(y_ptr + offs, acc)
+
+
+@triton.jit
+def _copy_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs))
+
+
+@triton.jit
+def _dot_kernel(a_ptr, b_ptr, c_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+    m, n, k = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+    a = tl.load(a_ptr + m[:, None] * K + k[None, :])
+    b = tl.load(b_ptr + k[:, None] * N + n[None, :])
+    tl.store(c_ptr + m[:, None] * N + n[None, :], tl.dot(a, b))
+
+
+def _child(out_dir: str) -> None:
+    """Compile the tiny kernels for sm_90, model them, run the tool's --quick case; results as JSON files."""
+    sm.TRIPS.update(_loop_kernel=lambda a: [a.programs * a["n"]], _copy_kernel=lambda a: [],
+                    _dot_kernel=lambda a: [])
+    launches: list = []
+    with sm.compile_only(launches):
+        x = torch.empty(LOOP_TRIPS * LOOP_PROGRAMS * LOOP_BLOCK)
+        _loop_kernel[(LOOP_PROGRAMS,)](x, torch.empty(LOOP_PROGRAMS * LOOP_BLOCK), LOOP_TRIPS, BLOCK=LOOP_BLOCK,
+                                       num_warps=LOOP_WARPS)
+        _copy_kernel[(COPY_N // 1024,)](torch.empty(COPY_N), torch.empty(COPY_N), BLOCK=1024, num_warps=4)
+        for M, N, K, warps in DOT_SHAPES.values():
+            a, b = torch.empty(M, K, dtype=torch.bfloat16), torch.empty(K, N, dtype=torch.bfloat16)
+            _dot_kernel[(DOT_PROGRAMS,)](a, b, torch.empty(M, N), M=M, N=N, K=K, num_warps=warps)
+    rows = [dict(sm.launch_row(a), sass=sm._cubin_facts(a.cubin)[1]) for a in launches]
+    sm.TRIPS["_loop_kernel"] = lambda a: []  # a kernel change the table missed
+    try:
+        sm.launch_row(launches[0])
+        mismatch = ""
+    except ValueError as e:
+        mismatch = str(e)
+    with open(os.path.join(out_dir, "tiny.json"), "w") as f:
+        json.dump(dict(rows=rows, mismatch=mismatch), f)
+    with open(os.path.join(out_dir, "quick.md"), "w") as f, contextlib.redirect_stdout(f):
+        sm.main(["--quick", "--op", "soft_split", "--json", os.path.join(out_dir, "quick.json")])
+
+
+@pytest.fixture(scope="module")
+def child(tmp_path_factory):
+    out = tmp_path_factory.mktemp("static_sm90")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    tiny = json.loads((out / "tiny.json").read_text())
+    return dict(rows={r["kernel"]: r for r in tiny["rows"]},
+                dots=[r for r in tiny["rows"] if r["kernel"] == "_dot_kernel"], mismatch=tiny["mismatch"],
+                quick=json.loads((out / "quick.json").read_text()), page=(out / "quick.md").read_text())
+
+
+def _hand_count(sass: str) -> tuple[int, int]:
+    """(instructions outside the loop, instructions of the loop body) of a one-loop kernel, counted here."""
+    code = [(int(a, 16), line) for a, line in re.findall(r"/\*([0-9a-f]{4})\*/\s+([^;]*);", sass)]
+    end = next(i for i, (a, line) in enumerate(code) if re.search(rf"BRA 0x{a:x}\s*$", line))
+    back = [(a, int(t, 16)) for a, line in code[:end] for t in re.findall(r"BRA 0x([0-9a-f]+)", line)
+            if int(t, 16) < a]
+    assert len(back) == 1, back
+    tail, head = back[0]
+    body = sum(1 for a, _ in code[:end] if head <= a <= tail)
+    return end - body, body
+
+
+def test_loop_warp_instructions_match_a_hand_count(child):
+    row = child["rows"]["_loop_kernel"]
+    outside, body = _hand_count(row["sass"])
+    assert body > 3 and outside > 3
+    assert row["warp_instructions"] == LOOP_WARPS * LOOP_PROGRAMS * (outside + body * LOOP_TRIPS)
+    assert row["issue_floor_us"] == pytest.approx(
+        row["warp_instructions"] / (sm.SMS * sm.ISSUE_PER_CLOCK * sm.CLOCK_HZ) * 1e6, abs=1e-3)
+    assert [lp["trips_per_program"] for lp in row["loops"]] == [LOOP_TRIPS]
+
+
+def test_trip_count_mismatch_is_an_error(child):
+    assert "TRIPS gives 0 loop(s), its SASS has 1" in child["mismatch"]
+
+
+def test_copy_bytes_are_exact(child):
+    row = child["rows"]["_copy_kernel"]
+    assert row["min_bytes"] == row["touched_bytes"] == 2 * COPY_N * 4
+    assert row["tc_flops"] == 0 and row["spills"] == 0
+    assert row["mix"]["ldg"] == row["mix"]["stg"]
+
+
+@pytest.mark.parametrize("name", list(DOT_SHAPES))
+def test_dot_flops_are_2mnk(child, name):
+    M, N, K, warps = DOT_SHAPES[name]
+    row = next(r for r in child["dots"] if r["warps"] == warps)
+    mnemonic = "HGMMA" if name == "wgmma" else "HMMA"
+    assert re.search(rf"\b{mnemonic}\.", row["sass"]), f"expected {mnemonic} for {name}"
+    assert row["tc_flops"] == DOT_PROGRAMS * 2 * M * N * K
+    assert set(row["tc_flops_by_type"]) == {"bf16"}
+
+
+def test_quick_run_rows_and_page(child):
+    rows, summary = child["quick"]["rows"], child["quick"]["summary"]
+    needed = {"op", "kernel", "case", "direction", "regs", "spills", "smem_bytes", "ctas_per_sm",
+              "warp_instructions", "issue_floor_us", "min_bytes", "touched_bytes", "roofline_us", "predicted_us"}
+    assert all(needed <= set(r) for r in rows), [needed - set(r) for r in rows]
+    triton_rows = [r for r in rows if r["kernel"].startswith("_")]
+    assert {"_prepare_weight_kernel", "_forward_kernel"} <= {r["kernel"] for r in triton_rows}
+    for r in triton_rows:
+        assert r["predicted_us"] == max(r["issue_floor_us"], r["roofline_us"])
+        assert 0 < r["min_bytes"] and r["ctas_per_sm"] >= 1 and r["direction"] == "fwd"
+    ref = [r for r in rows if r["kernel"] == "reference"]
+    assert len(ref) == 1 and ref[0]["predicted_us"] > 0
+    # stage 1: unfold, autocast's fp32 cast, the LayerNorm (with its contiguous copy), the cast back, one GEMM
+    assert [op["name"] for op in ref[0]["ops"]] == ["im2col", "_to_copy", "native_layer_norm:contiguous",
+                                                   "native_layer_norm", "_to_copy", "addmm"]
+    assert ref[0]["tc_flops"] == 2 * 64 * 56 * 56 * 192 * 147
+    assert summary[0]["speedup"] == pytest.approx(summary[0]["reference_us"] / summary[0]["fused_us"], rel=1e-3)
+    assert "prediction from compiled code, not a measurement" in child["page"]
+    assert "| soft_split | stage1_224 | fwd |" in child["page"]
+
+
+def test_sm90_host_patch_points_exist():
+    """The names sm90_host() patches are still in the kernels' host code."""
+    import t2t_fast.kernels.performer as performer
+    import t2t_fast.kernels.soft_split as soft_split
+
+    before = soft_split._num_sms, performer._sm_count
+    with sm.sm90_host():
+        assert soft_split._num_sms(0) == sm.SMS and performer._sm_count(torch.device("cpu")) == sm.SMS
+    assert (soft_split._num_sms, performer._sm_count) == before
+    assert sm.on_sm90(torch.empty(2)).is_cuda
+
+
+def test_analyze_sass_nested_loops_and_calls():
+    lines = ["MOV R0, RZ", "ISETP.GE.AND P0, PT, R0, 0x4, PT",  # 0x00, 0x10
+             "IADD3 R1, R1, 0x1, RZ",  # 0x20: outer loop head
+             "LDG.E.128 R4, desc[UR4][R2.64]",  # 0x30: inner loop head
+             "CALL.REL.NOINC 0xc0",  # 0x40
+             "@P0 BRA 0x30",  # 0x50: inner back edge
+             "HMMA.16816.F32.BF16 R8, R4, R6, R8",  # 0x60
+             "@P1 BRA 0x20",  # 0x70: outer back edge
+             "STG.E [R2.64], R8",  # 0x80
+             "EXIT", "BRA 0xa0", "NOP",  # 0x90, 0xa0 (self-branch), 0xb0
+             "FFMA R1, R2, R3, R4", "RET.REL.NODEC R20 0x0",  # 0xc0: subroutine, 0xd0
+             "BRA 0xe0", "NOP", "NOP"]  # 0xe0: self-branch, padding
+    sass = "\n".join(f"        /*{16 * i:04x}*/                   {line} ;" for i, line in enumerate(lines))
+    outside, loops = sm.analyze_sass(sm.parse_sass(sass))
+    assert [(lp.start, lp.end) for lp in loops] == [(0x20, 0x70), (0x30, 0x50)]
+    assert outside.ops == ["MOV", "ISETP.GE.AND", "STG.E", "EXIT"]
+    assert loops[0].ops == ["IADD3", "HMMA.16816.F32.BF16", "BRA"]
+    assert loops[1].ops == ["LDG.E.128", "CALL.REL.NOINC", "FFMA", "RET.REL.NODEC", "BRA"]
+    assert loops[1].touched() == 32 * 16 and outside.touched() == 32 * 4
+    assert loops[0].mma() == {"bf16": 2 * 16 * 8 * 16}
+    assert loops[1].mix()["ldg"] == 1 and loops[0].mix()["int"] == 1
+
+
+def test_mma_and_access_widths():
+    assert sm._mma_work("HGMMA.64x32x16.F32.BF16") == ("bf16", 2 * 64 * 32 * 16 / 4)
+    assert sm._mma_work("HMMA.1688.F32.TF32") == ("tf32", 2 * 16 * 8 * 8)
+    with pytest.raises(ValueError, match="not modelled"):
+        sm._mma_work("HMMA.NEW.F32")
+    assert [sm._access_bytes(op) for op in ("LDG.E", "LDG.E.64", "LDGSTS.E.BYPASS.128", "LDG.E.U16", "STG.E.U8",
+                                            "LDG.E.LTC128B")] == [4, 8, 16, 2, 1, 4]
+
+
+def test_ctas_per_sm():
+    assert sm.ctas_per_sm(114, 8, 32768) == 2  # 3840 registers per warp: 4 warps per sub-partition
+    assert sm.ctas_per_sm(32, 4, 0) == 16  # warps: 64 / 4
+    assert sm.ctas_per_sm(16, 1, 0) == 32  # blocks
+    assert sm.ctas_per_sm(64, 4, 100 * 1024) == 2  # shared memory: 228 KB / (100 + 1) KB
+    assert sm.ctas_per_sm(64, 4, 228 * 1024) == 0  # over 227 KB per block
+
+
+def test_distinct_bytes_merges_aliases():
+    kqv = torch.empty(4, 10, 12)
+    k, q, v = torch.split(kqv, 4, dim=-1)
+    assert sm.distinct_bytes([q]) == 4 * 10 * 4 * 4
+    assert sm.distinct_bytes([k, q, v, kqv]) == kqv.numel() * 4
+    assert sm.distinct_bytes([q, q[:, :5], torch.empty(3)]) == 4 * 10 * 4 * 4 + 12
+    assert sm.distinct_bytes([torch.empty(1, 5).expand(7, 5)]) == 20
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1])
