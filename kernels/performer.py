@@ -374,15 +374,17 @@ def _config(d: int, m: int, dtype: torch.dtype) -> _Config:
     bfloat16: 64-token tiles (one warpgroup's wgmma rows) while the padded d x m is at most 2048, 32-token tiles
     (mma.sync) up to MAX_TILE, so that the (tokens x d) and (tokens x m) float32 tiles, w's two parts and kv stay
     within registers and shared memory. float32 and float16 (tf32x3 splits every operand in two): 16-token
-    tiles, which hold them without spilling; past 2048 a second group of warps shares them. CTAs per SM as
-    compiled for sm_90 (registers, shared memory; tests/test_performer_sm90.py checks them).
+    tiles, which hold them without spilling; past 2048 or at d > 64 a second group of warps shares them. CTAs
+    per SM as compiled for sm_90 (registers, shared memory; tests/test_performer_sm90.py checks them).
     """
     block_d = max(16, triton.next_power_of_2(d))
     block_m = max(16, triton.next_power_of_2(m))
     small = block_d * block_m <= 2048
-    if dtype == torch.float32:
-        return _Config(16, block_d, block_m, 4 if small else 8, 2, 4 if small else 2, 3 if small else 1)
-    if dtype == torch.float16:  # widening to float32 costs registers
+    if dtype != torch.bfloat16:
+        small = small and block_d <= 64  # d = 128 rows of tf32x3 operands spill 4 warps
+        if dtype == torch.float32:
+            return _Config(16, block_d, block_m, 4 if small else 8, 2, 4 if small else 2, 3 if small else 1)
+        # float16: widening to float32 costs registers
         return _Config(16, block_d, block_m, 4 if small else 8, 2, 3 if small else 1, 2 if small else 1)
     if small:
         return _Config(64, block_d, block_m, 4, 2, 4, 3)
