@@ -371,20 +371,18 @@ class _Config(NamedTuple):
 def _config(d: int, m: int, dtype: torch.dtype) -> _Config:
     """Tiles for head width d, m features, the input dtype (``verify`` refuses m past MAX_M, d x m past MAX_TILE).
 
-    bfloat16: 64-token tiles (one warpgroup's wgmma rows) while the padded d x m is at most 2048, 32-token tiles
-    (mma.sync) up to MAX_TILE, so that the (tokens x d) and (tokens x m) float32 tiles, w's two parts and kv stay
-    within registers and shared memory. float32 and float16 (tf32x3 splits every operand in two): 16-token
-    tiles, which hold them without spilling; past 2048 or at d > 64 a second group of warps shares them. CTAs
+    bfloat16: 64-token tiles (one warpgroup's wgmma rows) while the padded d x m is at most 2048 and d <= 64,
+    32-token tiles (mma.sync) up to MAX_TILE, so that the (tokens x d) and (tokens x m) float32 tiles, w's two
+    parts and kv stay within registers and shared memory. float32 and float16 (tf32x3 splits every operand in
+    two): 16-token tiles, which hold them without spilling; past that a second group of warps shares them. CTAs
     per SM as compiled for sm_90 (registers, shared memory; tests/test_performer_sm90.py checks them).
     """
     block_d = max(16, triton.next_power_of_2(d))
     block_m = max(16, triton.next_power_of_2(m))
-    small = block_d * block_m <= 2048
-    if dtype != torch.bfloat16:
-        small = small and block_d <= 64  # d = 128 rows of tf32x3 operands spill 4 warps
-        if dtype == torch.float32:
-            return _Config(16, block_d, block_m, 4 if small else 8, 2, 4 if small else 2, 3 if small else 1)
-        # float16: widening to float32 costs registers
+    small = block_d * block_m <= 2048 and block_d <= 64
+    if dtype == torch.float32:
+        return _Config(16, block_d, block_m, 4 if small else 8, 2, 4 if small else 2, 3 if small else 1)
+    if dtype == torch.float16:  # widening to float32 costs registers
         return _Config(16, block_d, block_m, 4 if small else 8, 2, 3 if small else 1, 2 if small else 1)
     if small:
         return _Config(64, block_d, block_m, 4, 2, 4, 3)

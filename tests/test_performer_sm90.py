@@ -57,6 +57,10 @@ def _compile_sm90(fn, d: int, m: int, dtype: torch.dtype):
     consts = kernel._constexprs(d, m, dtype, interp=False)
     options = dict(num_warps=consts.pop("num_warps"), num_stages=consts.pop("num_stages"))
     io_ptrs, _ = TOKEN_KERNELS[fn.__name__]
+    # as the launcher specializes the token performer's call (H = 1; q, k, v views of a packed projection, w
+    # contiguous): unit strides of the last dimension and H = 1 become constants, pointers, T and the other
+    # strides are multiples of 16
+    consts.update({name: 1 for name in fn.arg_names if re.fullmatch(r"s[a-z]_d|H", name)})
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -68,6 +72,8 @@ def _compile_sm90(fn, d: int, m: int, dtype: torch.dtype):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
+            if re.fullmatch(r"s[a-z]_[bhtm]|T", name):
+                attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, signature, consts, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options), options["num_warps"]
 
