@@ -1,55 +1,70 @@
 """Triton kernels of ``performer_attention`` (contract: ``t2t_fast/ops/performer.py``).
 
-The random features are recomputed on the fly in float32 and never written to memory. With
-a_tj = k_t.w_j - |k_t|^2/2 and b_tj = q_t.w_j - |q_t|^2/2:
+The random features are recomputed on the fly in float32 and never written to memory. The kernels work in
+base 2: with w2 = w log2(e), a_tj = (k_t.w2_j - |k_t|^2 log2(e)/2) and b_tj likewise for q (the logits of the
+contract times log2(e)), every exponential is one exp2. Per (b, h), the T tokens are split into chunks (one
+program each) walked in tiles of BLOCK_T tokens.
 
 forward
-  1. ``_kv_partial_kernel``: per (b, h) and chunk of T, the chunk's max of a and S = sum_t exp(a_t - max) v_t
-     (m x d), z = sum_t exp(a_t - max) (m), rescaled online tile by tile.
+  1. ``_kv_partial_kernel``: per chunk, its max of a and S^T = sum_t v_t exp2(a_t - max) (d x m, so the
+     tensor-core tile's rows are the d columns of v), z = sum_t exp2(a_t - max) (m), rescaled online tile by
+     tile.
   2. ``_combine_kernel``: per (b, h), kmax = max over chunks and kv, ksum = sum of the chunk partials rescaled
      to kmax (a fixed-order loop: deterministic, no atomics).
-  3. ``_attend_kernel``: per (b, h) and chunk, qmax_t, Bq = exp(b - qmax), y = Bq kv / denom.
-backward (Bq as above, A = exp(a - kmax); qmax and kmax cancel from the function, so they are constants)
-  1. ``_query_grad_kernel``: per (b, h) and chunk, recompute y, then dnum = dy/den, dden = -(dy.y)/den,
-     db = (dnum kv^T + dden ksum) * Bq, dq = db w - q rowsum(db); chunk partials of dS = Bq^T dnum and
-     dz = Bq^T dden.
+  3. ``_attend_kernel``: per chunk, qmax_t, Bq = exp2(b - qmax), y = Bq kv / denom. |q_t|^2 cancels from Bq
+     (qmax holds it too), so it only enters the eps term.
+backward (Bq as above, A = exp2(a - kmax); qmax and kmax cancel from the function, so they are constants).
+With G = dy kv^T (T x m) the row dy.y is sum_j Bq_tj G_tj / den_t, so y is never recomputed:
+  1. ``_query_grad_kernel``: r = rowsum(Bq * G), E = (G - r/den z) * Bq, dq = (E w - q rowsum(E)) / den;
+     chunk partials of dS^T = dy^T (Bq / den) and dz = -sum_t Bq r / den^2.
   2. ``_combine_kernel`` sums the partials into dS, dz.
-  3. ``_key_grad_kernel``: per (b, h) and chunk, da = (v dS^T + dz) * A, dv = A dS, dk = da w - k rowsum(da).
+  3. ``_key_grad_kernel``: da = (v dS^T + dz) * A, dv = A dS, dk = da w - k rowsum(da).
+
+Precision: float32 inputs run every product as three tf32 products (tf32x3), which the 1e-5 accuracy needs;
+so do float16 inputs (widened to float32), whose range cannot hold every w's high and low parts. bfloat16
+inputs feed the tensor cores in bf16: the logits x.w^T as two products against w split into a bf16 high and
+low part, the features and the float32 statistics rounded to bf16 for the other products (float32
+accumulation throughout).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from t2t_fast.runtime import empty
+from t2t_fast.runtime import empty, first_exceeded, triton_interpret
 
+# The largest head width, number of features and padded d x m (powers of two) whose tiles (tokens x d, tokens x m,
+# w, kv) fit one sm_90 CTA without spilling (tests/test_performer_sm90.py); ``verify`` refuses the rest.
 MAX_D = 128
-MAX_M = 256
+MAX_M = 64
+MAX_TILE = 4096
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _COMBINE_BLOCK = 1024
-# fp32 products on tensor cores as three tf32 products (hi*hi + hi*lo + lo*hi): fp32-level accuracy, which the
-# exponentials of the features need; plain fp32 ("ieee") dots run on FMA units and spill registers here.
-_DOT = tl.constexpr("tf32x3")
+# The logit products x.w^T, by input dtype: one tf32x3 product (float32, float16), or two bf16 products against
+# w's high and low parts (bfloat16).
+_X3, _BF16_SPLIT = 0, 1
 
 
 @triton.jit
-def _load_rows(ptr, stride_t, stride_d, t0, T, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rows t0..t0+BLOCK_T of a (T, D) strided matrix as float32, zero-padded to (BLOCK_T, BLOCK_D); also the
+def _load_rows(ptr, stride_t, stride_d, t0, T, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows t0..t0+BLOCK_T of a (T, D) strided matrix in its dtype, zero-padded to (BLOCK_T, BLOCK_D); also the
     row mask."""
     t = t0 + tl.arange(0, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
     t_ok = t < T
     x = tl.load(ptr + t[:, None].to(tl.int64) * stride_t + d[None, :] * stride_d,
                 mask=t_ok[:, None] & (d[None, :] < D), other=0.0)
-    return x.to(tl.float32), t_ok
+    return x, t_ok
 
 
 @triton.jit
-def _store_rows(ptr, x, t0, T, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _store_rows(ptr, x, t0, T, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Store a (BLOCK_T, BLOCK_D) tile into rows t0.. of a contiguous (T, D) matrix, in its dtype."""
     t = t0 + tl.arange(0, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
@@ -58,29 +73,102 @@ def _store_rows(ptr, x, t0, T, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _load_vec(ptr, N, BLOCK: tl.constexpr):
+def _load_mat(ptr, R: tl.constexpr, C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+              TRANS: tl.constexpr):
+    """A contiguous float32 (R, C) matrix zero-padded to (BLOCK_R, BLOCK_C), or its transpose if TRANS."""
+    if TRANS:
+        c = tl.arange(0, BLOCK_C)[:, None]
+        r = tl.arange(0, BLOCK_R)[None, :]
+    else:
+        r = tl.arange(0, BLOCK_R)[:, None]
+        c = tl.arange(0, BLOCK_C)[None, :]
+    return tl.load(ptr + r * C + c, mask=(r < R) & (c < C), other=0.0)
+
+
+@triton.jit
+def _load_vec(ptr, N: tl.constexpr, BLOCK: tl.constexpr):
     """A contiguous float32 vector of length N padded with zeros to BLOCK."""
     return tl.load(ptr + tl.arange(0, BLOCK), mask=tl.arange(0, BLOCK) < N, other=0.0)
 
 
 @triton.jit
-def _logits(x, w, row_ok, M, MASK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
-    """x w^T - |x|^2/2 for a (BLOCK_T, BLOCK_D) tile x and (BLOCK_M, BLOCK_D) w, -inf at padded features and,
-    when MASK_ROWS, at padded rows (else those rows hold the finite logits of x = 0)."""
-    logit = tl.dot(x, tl.trans(w), input_precision=_DOT) - 0.5 * tl.sum(x * x, axis=1)[:, None]
-    ok = (tl.arange(0, BLOCK_M) < M)[None, :]
-    if MASK_ROWS:
-        ok = ok & row_ok[:, None]
-    return tl.where(ok, logit, float("-inf"))
+def _op(x, OP: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """float32 x as a tensor-core operand of dtype OP. EMULATE_BF16 (the interpreter has no bf16 arithmetic):
+    x rounded to bf16 (nearest even) but kept in float32, so interpreted runs see the GPU's rounding."""
+    if EMULATE_BF16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(OP)
 
 
 @triton.jit
-def _query_features(x, w, row_ok, M, BLOCK_M: tl.constexpr):
-    """Bq = exp(b - qmax), qmax the row max of b, zero at padded rows and features. Returns (Bq, qmax)."""
-    b = _logits(x, w, row_ok, M, False, BLOCK_M)  # finite row maxes, also on padded rows
-    qmax = tl.max(b, axis=1)
-    bq = tl.where(row_ok[:, None], tl.exp(b - qmax[:, None]), 0.0)
-    return bq, qmax
+def _in_op(x, OP: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """A tile x loaded in the input dtype as a tensor-core operand of dtype OP (exact: OP is that dtype, or
+    float32 under EMULATE_BF16)."""
+    if EMULATE_BF16:
+        return x.to(tl.float32)
+    else:
+        return x.to(OP)
+
+
+@triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr):
+    """a @ b + acc with float32 accumulation; PREC applies to float32 operands."""
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _load_w(w_ptr, sw_m, sw_d, M: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+            LOGIT: tl.constexpr, OP: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """w * log2(e) (BLOCK_M, BLOCK_D), zero-padded, as (hi, lo) operands of the logit products (see _X3); lo is
+    unused by _X3."""
+    j = tl.arange(0, BLOCK_M)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    w = tl.load(w_ptr + j * sw_m + d * sw_d, mask=(j < M) & (d < D), other=0.0) * 1.4426950408889634
+    if LOGIT == 1:
+        hi = _op(w, OP, EMULATE_BF16)
+        lo = _op(w - hi.to(tl.float32), OP, EMULATE_BF16)
+    else:
+        hi = w
+        lo = w
+    return hi, lo
+
+
+@triton.jit
+def _xw(x, w_hi, w_lo, LOGIT: tl.constexpr, PREC: tl.constexpr, OP: tl.constexpr, EMULATE_BF16: tl.constexpr,
+        M: tl.constexpr, BLOCK_M: tl.constexpr):
+    """x.w2^T (BLOCK_T, BLOCK_M) float32 of a tile x in its dtype, -inf at padded features."""
+    xo = _in_op(x, OP, EMULATE_BF16)
+    if LOGIT == 1:
+        dot = tl.dot(xo, tl.trans(w_lo), tl.dot(xo, tl.trans(w_hi)))
+    else:
+        dot = tl.dot(xo, tl.trans(w_hi), input_precision=PREC)
+    if M < BLOCK_M:
+        dot = tl.where((tl.arange(0, BLOCK_M) < M)[None, :], dot, float("-inf"))
+    return dot
+
+
+@triton.jit
+def _half_norm(x, row_ok, MASK_ROWS: tl.constexpr):
+    """|x|^2 log2(e)/2 per row of a tile x in its dtype; +inf, when MASK_ROWS, at rows where row_ok is false."""
+    xf = x.to(tl.float32)
+    half_norm = 0.7213475204444817 * tl.sum(xf * xf, axis=1)
+    if MASK_ROWS:
+        half_norm = tl.where(row_ok, half_norm, float("inf"))
+    return half_norm
+
+
+@triton.jit
+def _times_w(g, w_hi, w_lo, LOGIT: tl.constexpr, PREC: tl.constexpr, OP: tl.constexpr,
+             EMULATE_BF16: tl.constexpr):
+    """g @ w2 (BLOCK_T, BLOCK_D) float32 for a float32 (BLOCK_T, BLOCK_M) tile g, with the logits' split of w."""
+    if LOGIT == 1:
+        g16 = _op(g, OP, EMULATE_BF16)
+        return tl.dot(g16, w_lo, tl.dot(g16, w_hi))
+    else:
+        return tl.dot(g, w_hi, input_precision=PREC)
 
 
 @triton.jit
@@ -93,43 +181,47 @@ def _chunk(pid, H, T, n_chunks, tiles_per_chunk, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
+def _store_partial(part_ptr, pid, st, z, M: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """Row ``pid`` of a (programs, M*D + M) buffer: S (M, D) row-major from its transpose st (BLOCK_D, BLOCK_M),
+    then z (M)."""
+    d = tl.arange(0, BLOCK_D)[:, None]
+    j = tl.arange(0, BLOCK_M)[None, :]
+    base = part_ptr + pid.to(tl.int64) * (M * D + M)
+    tl.store(base + j * D + d, st, mask=(j < M) & (d < D))
+    tl.store(base + M * D + tl.arange(0, BLOCK_M), z, mask=tl.arange(0, BLOCK_M) < M)
+
+
+@triton.jit
 def _kv_partial_kernel(k_ptr, v_ptr, w_ptr, part_ptr, pmax_ptr,
-                       H, T, D, M, n_chunks, tiles_per_chunk,
+                       H, T, n_chunks, tiles_per_chunk,
                        sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sw_m, sw_d,
+                       D: tl.constexpr, M: tl.constexpr, LOGIT: tl.constexpr, PREC: tl.constexpr,
+                       OP: tl.constexpr, EMULATE_BF16: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     pid = tl.program_id(0)
     b, h, _, t_start, n_tiles = _chunk(pid, H, T, n_chunks, tiles_per_chunk, BLOCK_T)
     k_ptr += b * sk_b + h * sk_h
     v_ptr += b * sv_b + h * sv_h
-    w = _load_rows(w_ptr, sw_m, sw_d, 0, M, D, BLOCK_M, BLOCK_D)[0]
+    w_hi, w_lo = _load_w(w_ptr, sw_m, sw_d, M, D, BLOCK_M, BLOCK_D, LOGIT, OP, EMULATE_BF16)
 
-    s = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    z = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    st = tl.zeros((BLOCK_D, BLOCK_M), dtype=tl.float32)
+    z = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)  # summed over its rows once, after the loop
     run_max = tl.max(tl.full((BLOCK_M,), float("-inf"), tl.float32), axis=0)  # a -inf fp32 scalar
     for i in range(n_tiles):  # the first tile holds a valid row, so run_max is finite from then on
         t0 = t_start + i * BLOCK_T
         k, t_ok = _load_rows(k_ptr, sk_t, sk_d, t0, T, D, BLOCK_T, BLOCK_D)
-        a = _logits(k, w, t_ok, M, True, BLOCK_M)
+        a = _xw(k, w_hi, w_lo, LOGIT, PREC, OP, EMULATE_BF16, M, BLOCK_M) - _half_norm(k, t_ok, True)[:, None]
         new_max = tl.maximum(run_max, tl.max(tl.max(a, axis=1), axis=0))
-        alpha = tl.exp(run_max - new_max)
-        p = tl.exp(a - new_max)
+        alpha = tl.exp2(run_max - new_max)
+        p = tl.exp2(a - new_max)
         v = _load_rows(v_ptr, sv_t, sv_d, t0, T, D, BLOCK_T, BLOCK_D)[0]
-        s = s * alpha + tl.dot(tl.trans(p), v, input_precision=_DOT)
-        z = z * alpha + tl.sum(p, axis=0)
+        st = _dot(tl.trans(_in_op(v, OP, EMULATE_BF16)), _op(p, OP, EMULATE_BF16), st * alpha, PREC)
+        z = z * alpha + p
         run_max = new_max
 
-    _store_partial(part_ptr, pid, s, z, M, D, BLOCK_M, BLOCK_D)
-    tl.store(pmax_ptr + pid, run_max)
-
-
-@triton.jit
-def _store_partial(part_ptr, pid, s, z, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Row ``pid`` of a (programs, M*D + M) buffer: s (M, D) row-major, then z (M)."""
-    j = tl.arange(0, BLOCK_M)
-    d = tl.arange(0, BLOCK_D)
-    base = part_ptr + pid.to(tl.int64) * (M * D + M)
-    tl.store(base + j[:, None] * D + d[None, :], s, mask=(j[:, None] < M) & (d[None, :] < D))
-    tl.store(base + M * D + j, z, mask=j < M)
+    _store_partial(part_ptr, pid, st, tl.sum(z, axis=0), M, D, BLOCK_M, BLOCK_D)
+    tl.store(pmax_ptr + pid, run_max * 0.6931471805599453)
 
 
 @triton.jit
@@ -164,32 +256,40 @@ def _combine_kernel(part_ptr, pmax_ptr, s_ptr, z_ptr, max_ptr, M, D, n_chunks, n
 
 @triton.jit
 def _attend_kernel(q_ptr, w_ptr, kv_ptr, ksum_ptr, kmax_ptr, y_ptr, den_ptr,
-                   H, T, D, M, n_chunks, tiles_per_chunk, eps_log, eps_sign,
+                   H, T, n_chunks, tiles_per_chunk, eps_log2, eps_sign,
                    sq_b, sq_h, sq_t, sq_d, sw_m, sw_d,
+                   D: tl.constexpr, M: tl.constexpr, LOGIT: tl.constexpr, PREC: tl.constexpr,
+                   OP: tl.constexpr, EMULATE_BF16: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     b, h, bh, t_start, n_tiles = _chunk(tl.program_id(0), H, T, n_chunks, tiles_per_chunk, BLOCK_T)
     q_ptr += b * sq_b + h * sq_h
     y_ptr += bh * T * D
     den_ptr += bh * T
-    w = _load_rows(w_ptr, sw_m, sw_d, 0, M, D, BLOCK_M, BLOCK_D)[0]
-    s = _load_rows(kv_ptr + bh * M * D, D, 1, 0, M, D, BLOCK_M, BLOCK_D)[0]
+    w_hi, w_lo = _load_w(w_ptr, sw_m, sw_d, M, D, BLOCK_M, BLOCK_D, LOGIT, OP, EMULATE_BF16)
+    s = _op(_load_mat(kv_ptr + bh * M * D, M, D, BLOCK_M, BLOCK_D, False), OP, EMULATE_BF16)
     z = _load_vec(ksum_ptr + bh * M, M, BLOCK_M)
-    kmax = tl.load(kmax_ptr + bh)
+    eps_log2 -= tl.load(kmax_ptr + bh) * 1.4426950408889634
 
     for i in range(n_tiles):
         t0 = t_start + i * BLOCK_T
         q, t_ok = _load_rows(q_ptr, sq_t, sq_d, t0, T, D, BLOCK_T, BLOCK_D)
-        bq, qmax = _query_features(q, w, t_ok, M, BLOCK_M)
-        den = tl.sum(bq * z[None, :], axis=1) + eps_sign * tl.exp(eps_log - qmax - kmax)
-        y = tl.dot(bq, s, input_precision=_DOT) / den[:, None]
+        # the row's |q|^2 cancels from Bq = exp2(b - qmax); it stays in qmax for the eps term
+        bl = _xw(q, w_hi, w_lo, LOGIT, PREC, OP, EMULATE_BF16, M, BLOCK_M)
+        bmax = tl.max(bl, axis=1)
+        bq = tl.exp2(bl - bmax[:, None])
+        den = tl.sum(bq * z[None, :], axis=1) \
+            + eps_sign * tl.exp2(eps_log2 - bmax + _half_norm(q, t_ok, False))
+        y = _dot(_op(bq, OP, EMULATE_BF16), s, None, PREC) * (1.0 / den)[:, None]
         _store_rows(y_ptr, y, t0, T, D, BLOCK_T, BLOCK_D)
         tl.store(den_ptr + t0 + tl.arange(0, BLOCK_T), den, mask=t_ok)
 
 
 @triton.jit
 def _query_grad_kernel(dy_ptr, q_ptr, w_ptr, kv_ptr, ksum_ptr, den_ptr, dq_ptr, part_ptr,
-                       H, T, D, M, n_chunks, tiles_per_chunk,
+                       H, T, n_chunks, tiles_per_chunk,
                        sg_b, sg_h, sg_t, sg_d, sq_b, sq_h, sq_t, sq_d, sw_m, sw_d,
+                       D: tl.constexpr, M: tl.constexpr, LOGIT: tl.constexpr, PREC: tl.constexpr,
+                       OP: tl.constexpr, EMULATE_BF16: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     pid = tl.program_id(0)
     b, h, bh, t_start, n_tiles = _chunk(pid, H, T, n_chunks, tiles_per_chunk, BLOCK_T)
@@ -197,70 +297,96 @@ def _query_grad_kernel(dy_ptr, q_ptr, w_ptr, kv_ptr, ksum_ptr, den_ptr, dq_ptr, 
     q_ptr += b * sq_b + h * sq_h
     den_ptr += bh * T
     dq_ptr += bh * T * D
-    w = _load_rows(w_ptr, sw_m, sw_d, 0, M, D, BLOCK_M, BLOCK_D)[0]
-    s = _load_rows(kv_ptr + bh * M * D, D, 1, 0, M, D, BLOCK_M, BLOCK_D)[0]
+    w_hi, w_lo = _load_w(w_ptr, sw_m, sw_d, M, D, BLOCK_M, BLOCK_D, LOGIT, OP, EMULATE_BF16)
+    st = _op(_load_mat(kv_ptr + bh * M * D, M, D, BLOCK_M, BLOCK_D, True), OP, EMULATE_BF16)  # S^T
     z = _load_vec(ksum_ptr + bh * M, M, BLOCK_M)
 
-    ds = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    dz = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    dst = tl.zeros((BLOCK_D, BLOCK_M), dtype=tl.float32)
+    dz = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)  # summed over its rows once, after the loop
     for i in range(n_tiles):
         t0 = t_start + i * BLOCK_T
         q, t_ok = _load_rows(q_ptr, sq_t, sq_d, t0, T, D, BLOCK_T, BLOCK_D)
-        bq = _query_features(q, w, t_ok, M, BLOCK_M)[0]
-        den = tl.load(den_ptr + t0 + tl.arange(0, BLOCK_T), mask=t_ok, other=1.0)
+        bl = _xw(q, w_hi, w_lo, LOGIT, PREC, OP, EMULATE_BF16, M, BLOCK_M)
+        bq = tl.exp2(bl - tl.max(bl, axis=1)[:, None])  # |q|^2 cancels
+        rden = 1.0 / tl.load(den_ptr + t0 + tl.arange(0, BLOCK_T), mask=t_ok, other=1.0)
         dy = _load_rows(dy_ptr, sg_t, sg_d, t0, T, D, BLOCK_T, BLOCK_D)[0]
-        y = tl.dot(bq, s, input_precision=_DOT) / den[:, None]
-        dnum = dy / den[:, None]
-        dden = -tl.sum(dy * y, axis=1) / den
-        db = (tl.dot(dnum, tl.trans(s), input_precision=_DOT) + dden[:, None] * z[None, :]) * bq
-        dq = tl.dot(db, w, input_precision=_DOT) - q * tl.sum(db, axis=1)[:, None]
+        g = _dot(_in_op(dy, OP, EMULATE_BF16), st, None, PREC)  # dy kv^T
+        r_den = tl.sum(bq * g, axis=1) * rden  # dy . y
+        e = (g - r_den[:, None] * z[None, :]) * bq
+        bq_den = bq * rden[:, None]
+        dst = _dot(tl.trans(_in_op(dy, OP, EMULATE_BF16)), _op(bq_den, OP, EMULATE_BF16), dst, PREC)
+        dz -= bq_den * r_den[:, None]
+        dq = _times_w(e, w_hi, w_lo, LOGIT, PREC, OP, EMULATE_BF16) * (0.6931471805599453 * rden)[:, None] \
+            - q.to(tl.float32) * (tl.sum(e, axis=1) * rden)[:, None]
         _store_rows(dq_ptr, dq, t0, T, D, BLOCK_T, BLOCK_D)
-        ds += tl.dot(tl.trans(bq), dnum, input_precision=_DOT)
-        dz += tl.sum(bq * dden[:, None], axis=0)
 
-    _store_partial(part_ptr, pid, ds, dz, M, D, BLOCK_M, BLOCK_D)
+    _store_partial(part_ptr, pid, dst, tl.sum(dz, axis=0), M, D, BLOCK_M, BLOCK_D)
 
 
 @triton.jit
 def _key_grad_kernel(k_ptr, v_ptr, w_ptr, ds_ptr, dz_ptr, kmax_ptr, dk_ptr, dv_ptr,
-                     H, T, D, M, n_chunks, tiles_per_chunk,
+                     H, T, n_chunks, tiles_per_chunk,
                      sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sw_m, sw_d,
+                     D: tl.constexpr, M: tl.constexpr, LOGIT: tl.constexpr, PREC: tl.constexpr,
+                     OP: tl.constexpr, EMULATE_BF16: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     b, h, bh, t_start, n_tiles = _chunk(tl.program_id(0), H, T, n_chunks, tiles_per_chunk, BLOCK_T)
     k_ptr += b * sk_b + h * sk_h
     v_ptr += b * sv_b + h * sv_h
     dk_ptr += bh * T * D
     dv_ptr += bh * T * D
-    w = _load_rows(w_ptr, sw_m, sw_d, 0, M, D, BLOCK_M, BLOCK_D)[0]
-    ds = _load_rows(ds_ptr + bh * M * D, D, 1, 0, M, D, BLOCK_M, BLOCK_D)[0]
+    w_hi, w_lo = _load_w(w_ptr, sw_m, sw_d, M, D, BLOCK_M, BLOCK_D, LOGIT, OP, EMULATE_BF16)
+    ds = _op(_load_mat(ds_ptr + bh * M * D, M, D, BLOCK_M, BLOCK_D, False), OP, EMULATE_BF16)
+    dst = _op(_load_mat(ds_ptr + bh * M * D, M, D, BLOCK_M, BLOCK_D, True), OP, EMULATE_BF16)
     dz = _load_vec(dz_ptr + bh * M, M, BLOCK_M)
-    kmax = tl.load(kmax_ptr + bh)
+    kmax2 = tl.load(kmax_ptr + bh) * 1.4426950408889634
 
     for i in range(n_tiles):
         t0 = t_start + i * BLOCK_T
         k, t_ok = _load_rows(k_ptr, sk_t, sk_d, t0, T, D, BLOCK_T, BLOCK_D)
         v = _load_rows(v_ptr, sv_t, sv_d, t0, T, D, BLOCK_T, BLOCK_D)[0]
-        ak = tl.exp(_logits(k, w, t_ok, M, True, BLOCK_M) - kmax)
-        dv = tl.dot(ak, ds, input_precision=_DOT)
-        da = (tl.dot(v, tl.trans(ds), input_precision=_DOT) + dz[None, :]) * ak
-        dk = tl.dot(da, w, input_precision=_DOT) - k * tl.sum(da, axis=1)[:, None]
+        ak = tl.exp2(_xw(k, w_hi, w_lo, LOGIT, PREC, OP, EMULATE_BF16, M, BLOCK_M)
+                     - (_half_norm(k, t_ok, True) + kmax2)[:, None])
+        _store_rows(dv_ptr, _dot(_op(ak, OP, EMULATE_BF16), ds, None, PREC), t0, T, D, BLOCK_T, BLOCK_D)
+        da = (_dot(_in_op(v, OP, EMULATE_BF16), dst, None, PREC) + dz[None, :]) * ak
+        dk = _times_w(da, w_hi, w_lo, LOGIT, PREC, OP, EMULATE_BF16) * 0.6931471805599453 \
+            - k.to(tl.float32) * tl.sum(da, axis=1)[:, None]
         _store_rows(dk_ptr, dk, t0, T, D, BLOCK_T, BLOCK_D)
-        _store_rows(dv_ptr, dv, t0, T, D, BLOCK_T, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------------------
-def _config(d: int, m: int) -> tuple[int, int, int, int]:
-    """(BLOCK_T, BLOCK_D, BLOCK_M, num_warps) for head width d and m features.
+class _Config(NamedTuple):
+    """Tile sizes, warps and CTAs per SM of one (d, m, dtype)."""
+    block_t: int
+    block_d: int
+    block_m: int
+    num_warps: int
+    num_stages: int
+    fwd_ctas: int  # CTAs per SM the forward kernels' registers and shared memory allow (sm_90 compile test)
+    bwd_ctas: int  # the same for the gradient kernels
 
-    16-row tiles keep the loop-invariant w and kv (both split in two for the tf32x3 dots, and replicated in
-    every warp as mma B operands) in registers without spilling at d = 64, m = 32 (sm_90, checked with
-    ptxas); past 64 x 32 a second group of warps shares them.
+
+def _config(d: int, m: int, dtype: torch.dtype) -> _Config:
+    """Tiles for head width d, m features, the input dtype (``verify`` refuses m past MAX_M, d x m past MAX_TILE).
+
+    bfloat16: 64-token tiles (one warpgroup's wgmma rows) while the padded d x m is at most 2048 and d <= 64,
+    32-token tiles (mma.sync) up to MAX_TILE, so that the (tokens x d) and (tokens x m) float32 tiles, w's two
+    parts and kv stay within registers and shared memory. float32 and float16 (tf32x3 splits every operand in
+    two): 16-token tiles, which hold them without spilling; past that a second group of warps shares them. CTAs
+    per SM as compiled for sm_90 (registers, shared memory; tests/test_performer_sm90.py checks them).
     """
     block_d = max(16, triton.next_power_of_2(d))
     block_m = max(16, triton.next_power_of_2(m))
-    return 16, block_d, block_m, 4 if block_d * block_m <= 2048 else 8
+    small = block_d * block_m <= 2048 and block_d <= 64
+    if dtype == torch.float32:
+        return _Config(16, block_d, block_m, 4 if small else 8, 2, 4 if small else 2, 3 if small else 1)
+    if dtype == torch.float16:  # widening to float32 costs registers
+        return _Config(16, block_d, block_m, 4 if small else 8, 2, 3 if small else 1, 2 if small else 1)
+    if small:
+        return _Config(64, block_d, block_m, 4, 2, 4, 3)
+    return _Config(32, block_d, block_m, 4, 2, 3, 2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -270,34 +396,81 @@ def _sm_count(device: torch.device) -> int:
     return 2  # the interpreter: few programs, but still several chunks per (b, h) so the combine is exercised
 
 
-def _tiles_per_chunk(n_tiles: int, bh: int, device: torch.device) -> int:
-    """T-tiles per chunk of the chunked reductions: enough chunks for ~4 programs per SM, no more."""
-    chunks_wanted = triton.cdiv(4 * _sm_count(device), bh)
-    return triton.cdiv(n_tiles, min(n_tiles, chunks_wanted))
+class _Grid(NamedTuple):
+    """The chunking of T shared by every launch of one call: programs = bh * n_chunks on grid axis 0."""
+    tiles_per_chunk: int
+    n_chunks: int
+    programs: int
+    combine_programs: int
 
 
-def _check(q: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int, int, int]:
+def _grid(bh: int, T: int, m: int, d: int, block_t: int, ctas_per_sm: int, sm_count: int) -> _Grid:
+    """Chunks of T per (b, h): about one wave of programs (ctas_per_sm on every SM), never more than fit, so no
+    partial second wave; at least one tile each. Programs of the token kernels and of the combine lie on grid
+    axis 0 (up to 2^31 - 1), the token blocks' index inside the program id."""
+    n_tiles = triton.cdiv(T, block_t)
+    chunks_wanted = max(1, (ctas_per_sm * sm_count) // bh)
+    tpc = triton.cdiv(n_tiles, min(n_tiles, chunks_wanted))
+    n_chunks = triton.cdiv(n_tiles, tpc)
+    return _Grid(tpc, n_chunks, bh * n_chunks, bh * triton.cdiv(m * d + m, _COMBINE_BLOCK))
+
+
+def _modes(dtype: torch.dtype, interp: bool) -> dict:
+    """The constexprs that pick the products' precision for an input dtype (see the module docstring)."""
+    if dtype == torch.bfloat16:
+        return dict(LOGIT=_BF16_SPLIT, PREC="ieee", OP=tl.float32 if interp else tl.bfloat16,
+                    EMULATE_BF16=interp)
+    return dict(LOGIT=_X3, PREC="ieee" if interp else "tf32x3", OP=tl.float32, EMULATE_BF16=False)
+
+
+def _device_guard(device: torch.device):
+    """Launch on the tensors' GPU, whichever is current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def verify(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, eps: float) -> Optional[str]:
+    """None when these kernels take the ``forward`` call (and its backward), else the limit it passes.
+
+    Shapes only (arguments already checked by the front door): no launch, no allocation, traceable."""
+    d, m = q.shape[-1], w.shape[0]
+    tile = max(16, triton.next_power_of_2(d)) * max(16, triton.next_power_of_2(m))
+    return first_exceeded(("d", d, MAX_D), ("m", m, MAX_M), ("padded d x m", tile, MAX_TILE))
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, eps: float
+           ) -> tuple[int, int, int, int, int]:
     if q.dtype not in DTYPES:
         raise TypeError(f"performer triton kernels: q, k, v must be float32, float16 or bfloat16, got {q.dtype}")
     if q.dim() != 4:
         raise ValueError(f"performer triton kernels: q, k, v must be (B, H, T, d), got shape {tuple(q.shape)}")
+    reason = verify(q, k, v, w, eps)
+    if reason is not None:
+        raise ValueError(f"performer triton kernels: {reason}")
     B, H, T, d = q.shape
-    m = w.shape[0]
-    if d > MAX_D:
-        raise ValueError(f"performer triton kernels: head width d must be <= {MAX_D}, got {d}")
-    if m > MAX_M:
-        raise ValueError(f"performer triton kernels: the number of random features m (w.shape[0]) must be "
-                         f"<= {MAX_M}, got {m}")
-    return B, H, T, d, m
+    return B, H, T, d, w.shape[0]
 
 
 def _combine(part: torch.Tensor, pmax: torch.Tensor | None, s: torch.Tensor, z: torch.Tensor,
-             top: torch.Tensor | None, m: int, d: int, n_chunks: int) -> None:
-    bh = part.shape[0]
-    n_blocks = triton.cdiv(m * d + m, _COMBINE_BLOCK)
+             top: torch.Tensor | None, m: int, d: int, n_chunks: int, programs: int) -> None:
     shifted = pmax is not None
-    _combine_kernel[(bh * n_blocks,)](part, pmax if shifted else part, s, z, top if shifted else z, m, d,
-                                      n_chunks, n_blocks, SHIFTED=shifted, BLOCK=_COMBINE_BLOCK)
+    _combine_kernel[(programs,)](part, pmax if shifted else part, s, z, top if shifted else z, m, d, n_chunks,
+                                 programs // part.shape[0], SHIFTED=shifted, BLOCK=_COMBINE_BLOCK)
+
+
+def _constexprs(d: int, m: int, dtype: torch.dtype, interp: bool) -> dict:
+    """The token kernels' constexprs and launch options (num_warps, num_stages) for head width d, m features."""
+    cfg = _config(d, m, dtype)
+    return dict(D=d, M=m, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_modes(dtype, interp))
+
+
+def _launch_args(q: torch.Tensor, w: torch.Tensor, grads: bool) -> tuple[_Grid, dict]:
+    """The chunking and the kernels' constexprs and launch options for the forward (grads=False) or backward."""
+    B, H, T, d = q.shape
+    m = w.shape[0]
+    cfg = _config(d, m, q.dtype)
+    grid = _grid(B * H, T, m, d, cfg.block_t, cfg.bwd_ctas if grads else cfg.fwd_ctas, _sm_count(q.device))
+    return grid, _constexprs(d, m, q.dtype, triton_interpret())
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, eps: float
@@ -307,32 +480,28 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, 
     Returns y (B, H, T, d) in q's dtype, kv (B, H, m, d), ksum (B, H, m), kmax (B, H), denom (B, H, T), all
     statistics float32 (see ``t2t_fast/ops/performer.py``).
     """
-    B, H, T, d, m = _check(q, w)
+    B, H, T, d, m = _check(q, k, v, w, eps)
     w = w.float()
-    block_t, block_d, block_m, warps = _config(d, m)
+    grid, consts = _launch_args(q, w, grads=False)
     dev, f32 = q.device, torch.float32
-    bh = B * H
-    n_tiles = triton.cdiv(T, block_t)
-    tpc = _tiles_per_chunk(n_tiles, bh, dev)
-    n_chunks = triton.cdiv(n_tiles, tpc)
-    blocks = dict(BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_M=block_m, num_warps=warps)
-
-    part = empty((bh, n_chunks, m * d + m), f32, dev)
-    pmax = empty((bh, n_chunks), f32, dev)
-    _kv_partial_kernel[(bh * n_chunks,)](k, v, w, part, pmax, H, T, d, m, n_chunks, tpc,
-                                         *k.stride(), *v.stride(), *w.stride(), **blocks)
-    kv = empty((B, H, m, d), f32, dev)
-    ksum = empty((B, H, m), f32, dev)
-    kmax = empty((B, H), f32, dev)
-    _combine(part, pmax, kv, ksum, kmax, m, d, n_chunks)
-
-    y = empty((B, H, T, d), q.dtype, dev)
-    denom = empty((B, H, T), f32, dev)
-    # eps * m * exp(-qmax - kmax) evaluated as sign * exp(log|eps m| - qmax - kmax): no overflow of exp alone
-    eps_log = math.log(abs(eps) * m) if eps != 0 else float("-inf")
+    bh, nc, tpc = B * H, grid.n_chunks, grid.tiles_per_chunk
+    # eps * m * exp(-qmax - kmax) evaluated as sign * exp2(log2|eps m| - qmax2 - kmax2): no overflow of exp alone
+    eps_log2 = math.log2(abs(eps) * m) if eps != 0 else float("-inf")
     eps_sign = -1.0 if eps < 0 else 1.0
-    _attend_kernel[(bh * n_chunks,)](q, w, kv, ksum, kmax, y, denom, H, T, d, m, n_chunks, tpc, eps_log, eps_sign,
-                                     *q.stride(), *w.stride(), **blocks)
+    with _device_guard(dev):
+        part = empty((bh, nc, m * d + m), f32, dev)
+        pmax = empty((bh, nc), f32, dev)
+        _kv_partial_kernel[(grid.programs,)](k, v, w, part, pmax, H, T, nc, tpc,
+                                             *k.stride(), *v.stride(), *w.stride(), **consts)
+        kv = empty((B, H, m, d), f32, dev)
+        ksum = empty((B, H, m), f32, dev)
+        kmax = empty((B, H), f32, dev)
+        _combine(part, pmax, kv, ksum, kmax, m, d, nc, grid.combine_programs)
+
+        y = empty((B, H, T, d), q.dtype, dev)
+        denom = empty((B, H, T), f32, dev)
+        _attend_kernel[(grid.programs,)](q, w, kv, ksum, kmax, y, denom, H, T, nc, tpc, eps_log2, eps_sign,
+                                         *q.stride(), *w.stride(), **consts)
     return y, kv, ksum, kmax, denom
 
 
@@ -343,39 +512,24 @@ def backward(grad_y: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
     Returns grad_q, grad_k, grad_v: (B, H, T, d) in q's dtype.
     """
-    B, H, T, d, m = _check(q, w)
+    B, H, T, d, m = _check(q, k, v, w, 0.0)
     w = w.float()
     kv, ksum, kmax, denom = (t.float().contiguous() for t in (kv, ksum, kmax, denom))
-    block_t, block_d, block_m, warps = _config(d, m)
+    grid, consts = _launch_args(q, w, grads=True)
     dev, f32 = q.device, torch.float32
-    bh = B * H
-    n_tiles = triton.cdiv(T, block_t)
-    tpc = _tiles_per_chunk(n_tiles, bh, dev)
-    n_chunks = triton.cdiv(n_tiles, tpc)
-    blocks = dict(BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_M=block_m, num_warps=warps)
+    bh, nc, tpc = B * H, grid.n_chunks, grid.tiles_per_chunk
+    with _device_guard(dev):
+        grad_q = empty((B, H, T, d), q.dtype, dev)
+        part = empty((bh, nc, m * d + m), f32, dev)
+        _query_grad_kernel[(grid.programs,)](grad_y, q, w, kv, ksum, denom, grad_q, part, H, T, nc, tpc,
+                                             *grad_y.stride(), *q.stride(), *w.stride(), **consts)
+        ds = empty((B, H, m, d), f32, dev)
+        dz = empty((B, H, m), f32, dev)
+        _combine(part, None, ds, dz, None, m, d, nc, grid.combine_programs)
 
-    grad_q = empty((B, H, T, d), q.dtype, dev)
-    part = empty((bh, n_chunks, m * d + m), f32, dev)
-    _query_grad_kernel[(bh * n_chunks,)](grad_y, q, w, kv, ksum, denom, grad_q, part, H, T, d, m, n_chunks, tpc,
-                                         *grad_y.stride(), *q.stride(), *w.stride(), **blocks)
-    ds = empty((B, H, m, d), f32, dev)
-    dz = empty((B, H, m), f32, dev)
-    _combine(part, None, ds, dz, None, m, d, n_chunks)
-
-    grad_k = empty((B, H, T, d), q.dtype, dev)
-    grad_v = empty((B, H, T, d), q.dtype, dev)
-    _key_grad_kernel[(bh * n_chunks,)](k, v, w, ds, dz, kmax, grad_k, grad_v, H, T, d, m, n_chunks, tpc,
-                                       *k.stride(), *v.stride(), *w.stride(), **blocks)
+        grad_k = empty((B, H, T, d), q.dtype, dev)
+        grad_v = empty((B, H, T, d), q.dtype, dev)
+        _key_grad_kernel[(grid.programs,)](k, v, w, ds, dz, kmax, grad_k, grad_v, H, T, nc, tpc,
+                                           *k.stride(), *v.stride(), *w.stride(), **consts)
     return grad_q, grad_k, grad_v
 
-
-def verify(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, eps: float) -> str | None:
-    """None when these kernels take the ``forward`` call (and its backward), else the limit it passes.
-
-    Shapes only (arguments already checked by the front door): no launch, no allocation, traceable."""
-    d, m = q.shape[-1], w.shape[0]
-    if d > MAX_D:
-        return f"d={d} exceeds {MAX_D}"
-    if m > MAX_M:
-        return f"m={m} exceeds {MAX_M}"
-    return None

@@ -132,6 +132,32 @@ def test_performer_fp16_large_token_norms_stay_finite(poisoned):
         rel_close(a.grad, r.grad, 3e-2, f"grad {name}")
 
 
+def check_performer_eps_term_in_log_space(device: str) -> None:
+    """Token norms 13..20 put qmax + kmax far below -88.7, where exp(-qmax - kmax) overflows float32: with eps = 0
+    (0 * inf) or eps > 0 (inf) a direct eps * m * exp(-qmax - kmax) breaks the denominator. Forward and gradients
+    against the plain function in float64 (whose range holds these features)."""
+    B, T, d, m = 2, 50, 64, 32
+    x = torch.randn(3, B, T, d)
+    x = x / x.norm(dim=-1, keepdim=True) * torch.empty(3, B, T, 1).uniform_(13, 20)
+    w = torch.nn.init.orthogonal_(torch.empty(m, d)) * math.sqrt(m)
+    grad = torch.randn(B, T, d)
+    for eps in (0.0, 1e-8):
+        ours = leaves(list(x.to(device).unbind(0)))
+        with t2t_fast.backend(device):
+            y = t2t_fast.performer_attention(*ours, w.to(device), eps)
+        y.backward(grad.to(device))
+        ref = leaves(list(x.unbind(0)), torch.float64)
+        y_ref = R.performer_attention(*ref, w.double(), eps)
+        y_ref.backward(grad.double())
+        rel_close(y.cpu(), y_ref, 1e-4, f"y, eps={eps}")
+        for name, a, r in zip("qkv", ours, ref):
+            rel_close(a.grad.cpu(), r.grad, 1e-4, f"grad {name}, eps={eps}")
+
+
+def test_performer_eps_term_in_log_space(poisoned):
+    check_performer_eps_term_in_log_space("cpu")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # float64: gradcheck through the front door, opcheck on the operators
 # ---------------------------------------------------------------------------------------------------------
@@ -383,6 +409,12 @@ def test_poison_switch():
 def _cuda_ready() -> None:
     if not t2t_fast.backends()["cuda"]:
         pytest.skip(t2t_fast.backends()["cuda"].reason)
+
+
+@pytest.mark.gpu
+def test_cuda_performer_eps_term_in_log_space(poisoned):
+    _cuda_ready()
+    check_performer_eps_term_in_log_space("cuda")
 
 
 @pytest.mark.gpu

@@ -89,10 +89,11 @@ CASES = [
     (2, 1, 8, 12, None),
     (2, 7, 24, 20, None),
     (1, 100, 40, 12, 2),
-    (2, 100, 16, 256, None),
+    (2, 100, 16, 64, None),
     (1, 333, 64, 32, None),
     (2, 45, 64, 32, 3),
-    (1, 20, 128, 256, None),  # the largest d and m
+    (1, 20, 128, 32, None),  # the largest d, and the largest m at d = 64 (d x m tiles of at most 4096)
+    (1, 20, 64, 64, None),
 ]
 
 
@@ -160,10 +161,11 @@ def test_stress_matches_float64_where_float32_reference_fails(kind, poisoned):
     _close(gx, gx_ref, 5e-5)
 
 
-@pytest.mark.parametrize("d, m", [(129, 32), (64, 257)])
+@pytest.mark.parametrize("d, m", [(129, 32), (64, 257), (64, 65), (128, 64)])
 def test_limits_raise_value_error(d, m):
+    """Past MAX_D, MAX_M, or a d x m tile (padded to powers of two) that does not fit an sm_90 CTA."""
     q, k, v = _split(_packed(1, 3, d, None).detach(), d, None)
-    with t2t_fast.backend("triton"), pytest.raises(ValueError, match="exceeds 128|exceeds 256"):
+    with t2t_fast.backend("triton"), pytest.raises(ValueError, match="exceeds 128|exceeds 64|exceeds 4096"):
         t2t_fast.performer_attention(q, k, v, torch.randn(m, d, device=DEV))
 
 

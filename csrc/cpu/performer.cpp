@@ -155,7 +155,11 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t chunks = (T + kChunk - 1) / kChunk;
   scalar_t* yp = y.data_ptr<scalar_t>();
   float* dp = denom.data_ptr<float>();
-  const acc_t eps_m = static_cast<acc_t>(eps) * static_cast<acc_t>(m);
+  // eps * m * exp(-qmax - kmax) as sign * exp(log|eps m| - qmax - kmax): exp(-qmax - kmax) alone overflows once
+  // qmax + kmax < -88.7 (token norms of ~13 and more), and with eps = 0 that would be 0 * inf.
+  const acc_t eps_log = eps == 0 ? -std::numeric_limits<acc_t>::infinity()
+                                 : static_cast<acc_t>(std::log(std::abs(eps) * static_cast<double>(m)));
+  const acc_t eps_sign = eps < 0 ? acc_t(-1) : acc_t(1);
   parallel_items(BH * chunks, [&](const auto& claim) {
     std::vector<acc_t> Qc(kChunk * d), bq(kChunk * m), Yc(kChunk * d), den(kChunk);
     for (int64_t item = claim(); item >= 0; item = claim()) {
@@ -172,7 +176,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           r[j] = std::exp(r[j] - qmax);
           sum += r[j] * z[j];
         }
-        den[t] = sum + eps_m * std::exp(-(qmax + kmax_acc[bh]));
+        den[t] = sum + eps_sign * std::exp(eps_log - qmax - kmax_acc[bh]);
       }
       gemm(n, bq.data(), m, kv_pk[bh], Yc.data(), d, false);
       for (int64_t t = 0; t < n; ++t) {

@@ -55,7 +55,7 @@ size_t performer_forward_workspace(const PerformerDims& s);
 // w (m, d) float32 contiguous. y (B, H, T, d) contiguous; kv (B, H, m, d), ksum (B, H, m), kmax (B, H),
 // denom (B, H, T) float32 contiguous.
 cudaError_t performer_forward(DType dtype, const PerformerDims& s, TokenView q, TokenView k, TokenView v,
-                              const float* w, float eps, void* y, float* kv, float* ksum, float* kmax, float* denom,
+                              const float* w, double eps, void* y, float* kv, float* ksum, float* kmax, float* denom,
                               void* workspace, cudaStream_t stream);
 
 size_t performer_backward_workspace(const PerformerDims& s);

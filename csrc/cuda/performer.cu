@@ -163,7 +163,8 @@ __global__ void merge_kernel(PerformerDims s, int64_t segs, const float* __restr
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     out_kernel(PerformerDims s, TokenView q, const float* __restrict__ w, const float* __restrict__ kv,
-               const float* __restrict__ ksum, const float* __restrict__ kmax, float eps, T* __restrict__ y,
+               const float* __restrict__ ksum, const float* __restrict__ kmax, float eps_log, float eps_sign,
+               T* __restrict__ y,
                float* __restrict__ denom) {
   __shared__ float Qc[kChunk * kMaxD], Bq[kChunk * kMaxM], sq[kChunk], qmax[kChunk], den[kChunk];
   const int64_t bh = blockIdx.x, t0 = static_cast<int64_t>(blockIdx.y) * kChunk;
@@ -180,7 +181,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = lane; j < m; j += 32) sum += Bq[t * m + j] * z[j];
     sum = warp_sum(sum);
     if (lane == 0) {
-      den[t] = sum + eps * static_cast<float>(m) * __expf(-(qmax[t] + kmax[bh]));
+      den[t] = sum + eps_sign * __expf(eps_log - qmax[t] - kmax[bh]);
       denom[bh * s.T + t0 + t] = den[t];
     }
   }
@@ -333,18 +334,23 @@ size_t performer_forward_workspace(const PerformerDims& s) {
 }
 
 cudaError_t performer_forward(DType dtype, const PerformerDims& s, TokenView q, TokenView k, TokenView v,
-                              const float* w, float eps, void* y, float* kv, float* ksum, float* kmax, float* denom,
+                              const float* w, double eps, void* y, float* kv, float* ksum, float* kmax, float* denom,
                               void* workspace, cudaStream_t stream) {
   if (s.d > kMaxHeadDim || s.m > kMaxFeatures) return cudaErrorInvalidValue;
   const int64_t BH = s.B * s.H, segs = segments(s);
   float* partial = static_cast<float*>(workspace);
+  // eps * m * exp(-qmax - kmax) as sign * exp(log|eps m| - qmax - kmax): exp(-qmax - kmax) alone overflows once
+  // qmax + kmax < -88.7 (token norms of ~13 and more), and with eps = 0 that would be 0 * inf.
+  const float eps_log = eps == 0 ? -INFINITY : static_cast<float>(log(fabs(eps) * static_cast<double>(s.m)));
+  const float eps_sign = eps < 0 ? -1.f : 1.f;
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     kv_kernel<T><<<dim3(static_cast<unsigned>(BH), static_cast<unsigned>(segs)), kThreads, 0, stream>>>(s, k, v, w, segs,
                                                                                                       partial);
     merge_kernel<<<static_cast<unsigned>(BH), kThreads, 0, stream>>>(s, segs, partial, kv, ksum, kmax);
     const dim3 grid(static_cast<unsigned>(BH), static_cast<unsigned>((s.T + kChunk - 1) / kChunk));
-    out_kernel<T><<<grid, kThreads, 0, stream>>>(s, q, w, kv, ksum, kmax, eps, static_cast<T*>(y), denom);
+    out_kernel<T><<<grid, kThreads, 0, stream>>>(s, q, w, kv, ksum, kmax, eps_log, eps_sign, static_cast<T*>(y),
+                                                 denom);
     return cudaGetLastError();
   });
 }

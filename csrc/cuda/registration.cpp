@@ -68,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_split_forward_cuda(
                    nb = contiguous_or_undefined(norm_bias);
   check_launch(gpu::soft_split_forward(dtype_of(x), dims_of(g, x), x.data_ptr(), weight_t.data_ptr(),
                                        b.defined() ? b.data_ptr() : nullptr, float_ptr(nw), float_ptr(nb),
-                                       static_cast<float>(eps), y.data_ptr(),
+                                       eps, y.data_ptr(),
                                        g.has_norm ? mean.data_ptr<float>() : nullptr,
                                        g.has_norm ? rstd.data_ptr<float>() : nullptr, stream_of(x)),
                "soft_split_forward");
@@ -107,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> performer
   const at::Tensor wc = w.contiguous();
   const at::Tensor ws = workspace(gpu::performer_forward_workspace(dims), q);
   check_launch(gpu::performer_forward(dtype_of(q), dims, view_of(q), view_of(k), view_of(v), wc.data_ptr<float>(),
-                                      static_cast<float>(eps), y.data_ptr(), kv.data_ptr<float>(),
+                                      eps, y.data_ptr(), kv.data_ptr<float>(),
                                       ksum.data_ptr<float>(), kmax.data_ptr<float>(), denom.data_ptr<float>(),
                                       ws.data_ptr(), stream_of(q)),
                "performer_forward");
