@@ -206,7 +206,7 @@ def _forward_kernel(
     BM: tl.constexpr = TH * TW
     row_ok, s_ok, xrow, yrow, bits, interior = _tile(tl.program_id(0), TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW,
                                                  PH, PW, sxb, sxh, sxw, BIG, TH, TW)
-    col0 = tl.program_id(1) * (BN0 + BN1)
+    col0 = tl.program_id(1) * BN0  # column groups (axis 1) only exist without the second block
     acc0 = tl.zeros((BM, BN0), dtype=tl.float32)
     acc1 = tl.zeros((BM, BN1), dtype=tl.float32)
     s1 = tl.zeros((BM, BK), dtype=tl.float32)
@@ -259,13 +259,14 @@ def _backward_weight_kernel(
     PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr,
     BK: tl.constexpr,
 ):
-    """Program (group g, chunk kc of BK q rows) over tiles g, g+G, ...: part[g, q, n] = sum dy[t, n] xhat[t, q]
-    (x without the norm), and in chunk 0 dbp[g, n] = sum dy[t, n]; with NEED_STATS (wt = (gamma*W)^T)
-    stat[kc, 0/1, t] = sum over the chunk of gamma*g*xhat, gamma*g, with g = dy @ W."""
+    """Program (group g, chunk kc of BK q rows; column group cg on axis 1) over tiles g, g+G, ...: part[g, q, n] =
+    sum dy[t, n] xhat[t, q] (x without the norm) for the group's columns n, and in chunk 0 dbp[g, n] = sum dy[t, n];
+    with NEED_STATS (wt = (gamma*W)^T) stat[cg*NKB + kc, 0/1, t] = sum over the chunk and the columns of
+    gamma*g*xhat, gamma*g, with g = dy @ W."""
     g = tl.program_id(0) // NKB
     kc = tl.program_id(0) % NKB
     q = kc * BK + tl.arange(0, BK)
-    cols0 = tl.arange(0, BN0)
+    cols0 = tl.program_id(1) * BN0 + tl.arange(0, BN0)  # column groups only exist without the second block
     cols1 = BN0 + tl.arange(0, BN1)
     dt = wt_ptr.dtype.element_ty
     dw0 = tl.zeros((BK, BN0), dtype=tl.float32)
@@ -298,7 +299,7 @@ def _backward_weight_kernel(
             gg = tl.dot(dy0.to(dt), tl.trans(wc0), input_precision=PREC)
             if HAS_N1:
                 gg = tl.dot(dy1.to(dt), tl.trans(wc1), gg, input_precision=PREC)
-            srow = stat_ptr + kc * 2 * M + yrow
+            srow = stat_ptr + (tl.program_id(1) * NKB + kc) * 2 * M + yrow
             tl.store(srow, tl.sum(gg * a, axis=1), mask=row_ok)
             tl.store(srow + M, tl.sum(gg, axis=1), mask=row_ok)
     part = part_ptr + (g * KP + q)[:, None] * NP
@@ -435,10 +436,11 @@ def _extent(t: Tensor) -> int:
     return sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
 
 
-def _columns(n: int) -> tuple[int, int, int]:
-    """(BN0, BN1, groups): a program covers BN0 + BN1 output columns (BN1 = 0: one block), powers of two."""
-    if n > 384:
-        return 256, 0, triton.cdiv(n, 256)
+def _columns(n: int, cap: int) -> tuple[int, int, int]:
+    """(BN0, BN1, groups): a program covers BN0 + BN1 output columns (BN1 = 0: one block), powers of two; past
+    1.5 * cap columns, groups of cap columns (BN1 = 0 whenever there are several groups)."""
+    if n > cap + cap // 2:
+        return cap, 0, triton.cdiv(n, cap)
     bn0 = max(16, 1 << (n.bit_length() - 1))
     rest = n - bn0
     return (bn0, 0, 1) if rest <= 0 else (bn0, _pow2(rest, 16, bn0), 1)
@@ -491,19 +493,21 @@ class _Geometry:
         self.N = weight.shape[0]
         # tap-major order when channels are x's densest axis (token tensors viewed as images)
         self.tap_major = self.C >= 16 and x.stride(1) < min(x.stride(2), x.stride(3))
+        self.half = x.dtype != torch.float32  # 16-bit inputs: the larger tiles (also under the interpreter)
+        # fp32 takes half the q rows per backward chunk: its 3xTF32 operands would spill and overflow shared memory
+        chunk = _BKB if self.half else _BKB // 2
         if self.tap_major:
-            self.bk = min(_BKB, 1 << (self.C.bit_length() - 1))  # q rows per chunk (one tap)
+            self.bk = min(chunk, 1 << (self.C.bit_length() - 1))  # q rows per chunk (one tap)
             self.CP = triton.cdiv(self.C, self.bk) * self.bk
             self.KP = self.KHW * self.CP
         else:
-            self.bk = _BKB
+            self.bk = chunk
             self.CP = self.C
             self.KP = triton.cdiv(self.K, _BKB) * _BKB
-        self.BN0, self.BN1, self.col_groups = _columns(self.N)
+        self.BN0, self.BN1, self.col_groups = _columns(self.N, 256 if self.half else 128)  # fp32: 3xTF32 registers
         self.NP = self.col_groups * (self.BN0 + self.BN1)
         # the dot operands' dtype: fp32 under the interpreter, else x's
         self.dot_dtype = torch.float32 if triton_interpret() else x.dtype
-        self.half = x.dtype != torch.float32  # 16-bit inputs: the larger tiles (also under the interpreter)
         # 3xTF32 keeps fp32 accuracy on the tensor cores; only fp32 operands on a GPU look at it
         self.prec = "tf32x3" if self.dot_dtype == torch.float32 and not triton_interpret() else "tf32"
         big = max(_extent(x), self.M * max(self.NP, self.KP), self.B * self.C * self.H * self.W)
@@ -511,7 +515,8 @@ class _Geometry:
         # forward: 128 tokens per program (two warpgroups) unless the columns need the registers
         self.fwd_bm = 128 if self.BN0 + self.BN1 <= 256 and self.half and not self.tap_major else 64
         self.fwd_tile = self.tiles(self.fwd_bm)
-        self.fwd_bk = self.bk if self.tap_major else (32 if self.half else 16)
+        self.fwd_bk = self.bk if self.tap_major and self.half else (32 if self.half else 16)
+        self.stages = 3 if self.half else 2  # software-pipelining depth of the forward and weight-gradient loops
         self.bwd_tile = self.tiles(64)
         self.nkb = self.KP // self.bk
 
@@ -533,7 +538,7 @@ class _Geometry:
     def groups(self, sms: int) -> int:
         """Token groups of the weight-gradient kernel: about two programs per SM, partials bounded."""
         tiles = self.num_tiles(self.bwd_tile)
-        return max(1, min(tiles, triton.cdiv(2 * sms, self.nkb), _PARTIAL_BYTES // (4 * self.KP * self.NP)))
+        return max(1, min(tiles, triton.cdiv(2 * sms, self.nkb * self.col_groups), _PARTIAL_BYTES // (4 * self.KP * self.NP)))
 
     def grids(self, sms: int) -> dict[str, tuple[int, ...]]:
         """The launch grid of every kernel; token blocks (or token groups, pixel blocks) on axis 0."""
@@ -544,7 +549,7 @@ class _Geometry:
         return {
             "prepare": (self.nkb, self.NP // bn),
             "forward": (self.num_tiles(self.fwd_tile), self.col_groups),
-            "backward_weight": (self.groups(sms) * self.nkb,),
+            "backward_weight": (self.groups(sms) * self.nkb, self.col_groups),
             "backward_finish": (triton.cdiv(self.K, 32),),
             "backward_input": (num_p * self.B * sh * sw, triton.cdiv(self.C, bc)),
         }
@@ -618,6 +623,7 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
             x.stride(0), x.stride(2), x.stride(3), float(eps),
             HAS_NORM=has_norm, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, TAP_MAJOR=geo.tap_major, BIG=geo.big,
             PREC=geo.prec, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.fwd_bk, num_warps=8,
+            num_stages=geo.stages,
         )
     return y, mean, rstd
 
@@ -644,14 +650,16 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         groups = grids["backward_weight"][0] // geo.nkb
         part = torch.empty((groups, geo.KP, geo.NP), dtype=torch.float32, device=x.device)
         dbp = torch.empty((groups, geo.NP), dtype=torch.float32, device=x.device)
-        stat = torch.empty((geo.nkb, 2, M), dtype=torch.float32, device=x.device) if need_stats else wt
+        stat = (torch.empty((geo.col_groups * geo.nkb, 2, M), dtype=torch.float32, device=x.device) if need_stats
+                else wt)
         th, tw = geo.bwd_tile
         _backward_weight_kernel[grids["backward_weight"]](
             x, dy, wt, *table, mean if has_norm else wt, rstd if has_norm else wt, part, dbp, stat,
             *geo.tile_args(geo.bwd_tile), geo.num_tiles(geo.bwd_tile), *geo.image_args(), M, N, geo.NP, geo.KP,
             geo.nkb, groups, x.stride(0), x.stride(2), x.stride(3),
             HAS_NORM=has_norm, NEED_STATS=need_stats, HAS_N1=geo.BN1 > 0, BIG=geo.big, PREC=geo.prec,
-            TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk, num_warps=4 if has_norm and not need_stats else 8,
+            TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk,
+            num_warps=4 if has_norm and not need_stats and geo.half else 8, num_stages=geo.stages,
         )
         grad_weight = empty((N, K), weight.dtype, x.device)
         grad_bias = empty((N,), weight.dtype, x.device)
@@ -668,7 +676,7 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         if not compute_grad_x:
             return empty((0,), x.dtype, x.device), grad_weight, grad_bias, grad_norm_weight, grad_norm_bias
         if need_stats:
-            stat = stat.sum(dim=0)  # (2, M), summed over the chunks in a fixed order
+            stat = stat.sum(dim=0)  # (2, M), summed over the column groups and chunks in a fixed order
         grad_x = empty((B, C, geo.H, geo.W), x.dtype, x.device)
         sh, sw = geo.s
         bp, bc = 64, _pow2(C, 16, 64 if geo.half else 32)
