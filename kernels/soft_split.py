@@ -527,6 +527,8 @@ class _Geometry:
         self.fwd_bk = self.bk if self.tap_major and self.half else (32 if self.half else 16)
         self.stages = 3 if self.half else 2  # software-pipelining depth of the forward and weight-gradient loops
         self.bwd_tile = self.tiles(64)
+        # grad_x: pixels x channels per program
+        self.dx_block = (128 if self.half else 64, _pow2(self.C, 16, 64 if self.half else 32))
         self.nkb = self.KP // self.bk
 
     def tiles(self, bm: int) -> tuple[int, int]:
@@ -552,7 +554,7 @@ class _Geometry:
     def grids(self, sms: int) -> dict[str, tuple[int, ...]]:
         """The launch grid of every kernel; token blocks (or token groups, pixel blocks) on axis 0."""
         sh, sw = self.s
-        bp, bc = 64, _pow2(self.C, 16, 64 if self.half else 32)
+        bp, bc = self.dx_block
         num_p = triton.cdiv(triton.cdiv(self.H, sh) * triton.cdiv(self.W, sw), bp)
         bn = 64 if self.NP % 64 == 0 else 16
         return {
@@ -688,7 +690,7 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
             stat = stat.sum(dim=0)  # (2, M), summed over the column groups and chunks in a fixed order
         grad_x = empty((B, C, geo.H, geo.W), x.dtype, x.device)
         sh, sw = geo.s
-        bp, bc = 64, _pow2(C, 16, 64 if geo.half else 32)
+        bp, bc = geo.dx_block
         qc, qr = (1, geo.CP) if geo.tap_major else (geo.KHW, 1)
         _backward_input_kernel[grids["backward_input"]](
             dy, wt, x, mean if has_norm else wt, rstd if has_norm else wt, stat, grad_x,
