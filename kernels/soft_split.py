@@ -522,9 +522,9 @@ class _Geometry:
         big = max(_extent(x), self.M * max(self.NP, self.KP), self.B * self.C * self.H * self.W)
         self.big = big > _INT32 // 2  # int64 offsets (with margin for padding and partial-buffer rows)
         # forward: 128 tokens per program (two warpgroups) unless the columns need the registers
-        self.fwd_bm = 128 if self.BN0 + self.BN1 <= 256 and self.half and not self.tap_major else 64
+        self.fwd_bm = 128 if self.BN0 + self.BN1 <= 256 and self.half else 64
         self.fwd_tile = self.tiles(self.fwd_bm)
-        self.fwd_bk = self.bk if self.tap_major and self.half else (32 if self.half else 16)
+        self.fwd_bk = min(self.bk, 32 if self.half else 16)
         self.stages = 3 if self.half else 2  # software-pipelining depth of the forward and weight-gradient loops
         self.bwd_tile = self.tiles(64)
         # grad_x: pixels x channels per program
