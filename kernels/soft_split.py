@@ -524,7 +524,11 @@ class _Geometry:
         # forward: 128 tokens per program (two warpgroups) unless the columns need the registers
         self.fwd_bm = 128 if self.BN0 + self.BN1 <= 256 and self.half else 64
         self.fwd_tile = self.tiles(self.fwd_bm)
+        # 32-row chunks keep the 128-token tiles' elementwise LayerNorm sums in registers; 64-token tiles of
+        # 16-bit tap-major inputs gather a whole tap per chunk
         self.fwd_bk = min(self.bk, 32 if self.half else 16)
+        if self.tap_major and self.half and self.fwd_bm == 64:
+            self.fwd_bk = self.bk
         self.stages = 3 if self.half else 2  # software-pipelining depth of the forward and weight-gradient loops
         self.bwd_tile = self.tiles(64)
         # grad_x: pixels x channels per program
