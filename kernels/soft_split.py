@@ -16,15 +16,17 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
   token's in-image tap bits with the column's. Tap-major gathers always take the masked path (one tap per
   chunk: the masks are per token).
 - forward: an implicit GEMM. A program owns one token tile and all output columns (two accumulators,
-  BN0 + BN1 columns, so each patch is gathered once; column groups of BN0 + BN1 only for very wide outputs).
-  It accumulates ``(x - s) @ (gamma * W)^T`` and, elementwise in registers, the sums of ``x - s`` and
-  ``(x - s)^2`` (reduced once after the loop). ``s`` is tap (0, 0) of channel 0, an element of the token's
+  BN0 + BN1 columns, so each patch is gathered once; groups of BN0 columns on grid axis 1 only for wide outputs:
+  past 384 columns, 192 in fp32). It accumulates ``(x - s) @ (gamma * W)^T`` and, elementwise in registers, the
+  sums of ``x - s`` and ``(x - s)^2``, reduced once after the loop by a 16-column dot with ones (tensor cores,
+  no cross-lane shuffles). ``s`` is tap (0, 0) of channel 0, an element of the token's
   own patch (0 when that is padding), so the variance keeps its precision when the mean is large against the
   spread, and q-padding (whose table offset is 0) gathers exactly ``s``. Epilogue:
   ``y = rstd * (acc - d * (W @ gamma)) + W @ beta + b`` with ``d = mean - s``.
-- backward, weights (program = (token group, chunk of BKB q rows)): ``D = dy^T @ xhat`` (x itself without
-  the norm) for its chunk and all output columns over its tiles, and ``sum dy``; with the norm and grad_x
-  also the per-token partial sums over its chunk of ``gamma g xhat`` and ``gamma g`` (``g = dy @ W``).
+- backward, weights (program = (token group, chunk of q rows, column group)): ``D = dy^T @ xhat`` (x itself
+  without the norm) for its chunk and the group's output columns over its tiles, and ``sum dy`` (as ones @ dy);
+  with the norm and grad_x also the per-token partial sums over its chunk of ``gamma g xhat`` and ``gamma g``
+  (``g = dy @ W``).
   A finishing kernel sums the groups' partials in a fixed order (deterministic, no atomics) and applies
   ``dW = gamma * D + db beta^T``, ``dgamma = sum_n W * D``, ``dbeta = W^T db``.
 - backward, grad_x (only when x needs a gradient): per input pixel, over the patches that cover it. Pixels
@@ -553,7 +555,8 @@ class _Geometry:
     def groups(self, sms: int) -> int:
         """Token groups of the weight-gradient kernel: about two programs per SM, partials bounded."""
         tiles = self.num_tiles(self.bwd_tile)
-        return max(1, min(tiles, triton.cdiv(2 * sms, self.nkb * self.col_groups), _PARTIAL_BYTES // (4 * self.KP * self.NP)))
+        return max(1, min(tiles, triton.cdiv(2 * sms, self.nkb * self.col_groups),
+                          _PARTIAL_BYTES // (4 * self.KP * self.NP)))
 
     def grids(self, sms: int) -> dict[str, tuple[int, ...]]:
         """The launch grid of every kernel; token blocks (or token groups, pixel blocks) on axis 0."""
