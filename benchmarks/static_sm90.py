@@ -177,9 +177,9 @@ def _ss_forward(a: Launch) -> list[int]:
 
 
 def _ss_backward_weight(a: Launch) -> list[int]:
-    # program (group g, chunk): for tile in range(g, NUM_TILES, G)
+    # program (group g, chunk; column group on axis 1): for tile in range(g, NUM_TILES, G)
     per_chunk = sum(len(range(g, a["NUM_TILES"], a["G"])) for g in range(a["G"]))
-    return [a["NKB"] * per_chunk]
+    return [a["NKB"] * per_chunk * a.grid[1]]
 
 
 def _ss_backward_finish(a: Launch) -> list[int]:

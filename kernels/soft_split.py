@@ -16,15 +16,17 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
   token's in-image tap bits with the column's. Tap-major gathers always take the masked path (one tap per
   chunk: the masks are per token).
 - forward: an implicit GEMM. A program owns one token tile and all output columns (two accumulators,
-  BN0 + BN1 columns, so each patch is gathered once; column groups of BN0 + BN1 only for very wide outputs).
-  It accumulates ``(x - s) @ (gamma * W)^T`` and, elementwise in registers, the sums of ``x - s`` and
-  ``(x - s)^2`` (reduced once after the loop). ``s`` is tap (0, 0) of channel 0, an element of the token's
+  BN0 + BN1 columns, so each patch is gathered once; groups of BN0 columns on grid axis 1 only for wide outputs:
+  past 384 columns, 192 in fp32). It accumulates ``(x - s) @ (gamma * W)^T`` and, elementwise in registers, the
+  sums of ``x - s`` and ``(x - s)^2``, reduced once after the loop by a 16-column dot with ones (tensor cores,
+  no cross-lane shuffles). ``s`` is tap (0, 0) of channel 0, an element of the token's
   own patch (0 when that is padding), so the variance keeps its precision when the mean is large against the
   spread, and q-padding (whose table offset is 0) gathers exactly ``s``. Epilogue:
   ``y = rstd * (acc - d * (W @ gamma)) + W @ beta + b`` with ``d = mean - s``.
-- backward, weights (program = (token group, chunk of BKB q rows)): ``D = dy^T @ xhat`` (x itself without
-  the norm) for its chunk and all output columns over its tiles, and ``sum dy``; with the norm and grad_x
-  also the per-token partial sums over its chunk of ``gamma g xhat`` and ``gamma g`` (``g = dy @ W``).
+- backward, weights (program = (token group, chunk of q rows, column group)): ``D = dy^T @ xhat`` (x itself
+  without the norm) for its chunk and the group's output columns over its tiles, and ``sum dy`` (as ones @ dy);
+  with the norm and grad_x also the per-token partial sums over its chunk of ``gamma g xhat`` and ``gamma g``
+  (``g = dy @ W``).
   A finishing kernel sums the groups' partials in a fixed order (deterministic, no atomics) and applies
   ``dW = gamma * D + db beta^T``, ``dgamma = sum_n W * D``, ``dbeta = W^T db``.
 - backward, grad_x (only when x needs a gradient): per input pixel, over the patches that cover it. Pixels
@@ -206,7 +208,7 @@ def _forward_kernel(
     BM: tl.constexpr = TH * TW
     row_ok, s_ok, xrow, yrow, bits, interior = _tile(tl.program_id(0), TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW,
                                                  PH, PW, sxb, sxh, sxw, BIG, TH, TW)
-    col0 = tl.program_id(1) * (BN0 + BN1)
+    col0 = tl.program_id(1) * BN0  # column groups (axis 1) only exist without the second block
     acc0 = tl.zeros((BM, BN0), dtype=tl.float32)
     acc1 = tl.zeros((BM, BN1), dtype=tl.float32)
     s1 = tl.zeros((BM, BK), dtype=tl.float32)
@@ -225,8 +227,14 @@ def _forward_kernel(
     rstd = shift
     d = shift
     if HAS_NORM:
-        d = tl.sum(s1, axis=1) / K
-        rstd = tl.rsqrt(tl.maximum(tl.sum(s2, axis=1) / K - d * d, 0.0) + eps)
+        # the row sums of s1 and s2 on the tensor cores (columns 0 and 1 of st): a cross-lane reduction costs
+        # a shuffle and an add per element row and lane step
+        e = tl.arange(0, 16)[None, :]
+        ones = tl.full((BK, 16), 1.0, tl.float32)
+        st = tl.dot(s1, tl.where(e == 0, ones, 0.0), input_precision=PREC)
+        st = tl.dot(s2, tl.where(e == 1, ones, 0.0), st, input_precision=PREC)
+        d = tl.sum(tl.where(e == 0, st, 0.0), axis=1) / K
+        rstd = tl.rsqrt(tl.maximum(tl.sum(tl.where(e == 1, st, 0.0), axis=1) / K - d * d, 0.0) + eps)
         if tl.program_id(1) == 0:
             tl.store(mean_ptr + yrow, shift + d, mask=row_ok)
             tl.store(rstd_ptr + yrow, rstd, mask=row_ok)
@@ -259,19 +267,22 @@ def _backward_weight_kernel(
     PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr,
     BK: tl.constexpr,
 ):
-    """Program (group g, chunk kc of BK q rows) over tiles g, g+G, ...: part[g, q, n] = sum dy[t, n] xhat[t, q]
-    (x without the norm), and in chunk 0 dbp[g, n] = sum dy[t, n]; with NEED_STATS (wt = (gamma*W)^T)
-    stat[kc, 0/1, t] = sum over the chunk of gamma*g*xhat, gamma*g, with g = dy @ W."""
+    """Program (group g, chunk kc of BK q rows; column group cg on axis 1) over tiles g, g+G, ...: part[g, q, n] =
+    sum dy[t, n] xhat[t, q] (x without the norm) for the group's columns n, and in chunk 0 dbp[g, n] = sum dy[t, n];
+    with NEED_STATS (wt = (gamma*W)^T) stat[cg*NKB + kc, 0/1, t] = sum over the chunk and the columns of
+    gamma*g*xhat, gamma*g, with g = dy @ W."""
     g = tl.program_id(0) // NKB
     kc = tl.program_id(0) % NKB
     q = kc * BK + tl.arange(0, BK)
-    cols0 = tl.arange(0, BN0)
+    cols0 = tl.program_id(1) * BN0 + tl.arange(0, BN0)  # column groups only exist without the second block
     cols1 = BN0 + tl.arange(0, BN1)
     dt = wt_ptr.dtype.element_ty
     dw0 = tl.zeros((BK, BN0), dtype=tl.float32)
     dw1 = tl.zeros((BK, BN1), dtype=tl.float32)
-    db0 = tl.zeros((BN0,), dtype=tl.float32)
-    db1 = tl.zeros((BN1,), dtype=tl.float32)
+    # sum dy over the tokens as 16 equal rows of ones @ dy: a tensor-core op instead of a cross-warp reduction
+    ones = tl.full((16, TH * TW), 1.0, dt)
+    db0 = tl.zeros((16, BN0), dtype=tl.float32)
+    db1 = tl.zeros((16, BN1), dtype=tl.float32)
     if NEED_STATS:
         wc0 = tl.load(wt_ptr + q[:, None] * NP + cols0[None, :])  # (BK, BN0), loaded once per program
         if HAS_N1:
@@ -284,21 +295,21 @@ def _backward_weight_kernel(
         else:
             a = _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, q, mean_ptr, rstd_ptr, yrow, HAS_NORM, True)
         dyrow = dy_ptr + yrow[:, None] * N
-        dy0 = tl.load(dyrow + cols0[None, :], mask=row_ok[:, None] & (cols0 < N)[None, :], other=0.0)
+        dy0 = tl.load(dyrow + cols0[None, :], mask=row_ok[:, None] & (cols0 < N)[None, :], other=0.0).to(dt)
         at = tl.trans(a.to(dt))
-        dw0 = tl.dot(at, dy0.to(dt), dw0, input_precision=PREC)
+        dw0 = tl.dot(at, dy0, dw0, input_precision=PREC)
         if HAS_N1:
-            dy1 = tl.load(dyrow + cols1[None, :], mask=row_ok[:, None] & (cols1 < N)[None, :], other=0.0)
-            dw1 = tl.dot(at, dy1.to(dt), dw1, input_precision=PREC)
+            dy1 = tl.load(dyrow + cols1[None, :], mask=row_ok[:, None] & (cols1 < N)[None, :], other=0.0).to(dt)
+            dw1 = tl.dot(at, dy1, dw1, input_precision=PREC)
         if kc == 0:
-            db0 += tl.sum(dy0.to(tl.float32), axis=0)
+            db0 = tl.dot(ones, dy0, db0, input_precision=PREC)
             if HAS_N1:
-                db1 += tl.sum(dy1.to(tl.float32), axis=0)
+                db1 = tl.dot(ones, dy1, db1, input_precision=PREC)
         if NEED_STATS:
-            gg = tl.dot(dy0.to(dt), tl.trans(wc0), input_precision=PREC)
+            gg = tl.dot(dy0, tl.trans(wc0), input_precision=PREC)
             if HAS_N1:
-                gg = tl.dot(dy1.to(dt), tl.trans(wc1), gg, input_precision=PREC)
-            srow = stat_ptr + kc * 2 * M + yrow
+                gg = tl.dot(dy1, tl.trans(wc1), gg, input_precision=PREC)
+            srow = stat_ptr + (tl.program_id(1) * NKB + kc) * 2 * M + yrow
             tl.store(srow, tl.sum(gg * a, axis=1), mask=row_ok)
             tl.store(srow + M, tl.sum(gg, axis=1), mask=row_ok)
     part = part_ptr + (g * KP + q)[:, None] * NP
@@ -306,9 +317,10 @@ def _backward_weight_kernel(
     if HAS_N1:
         tl.store(part + cols1[None, :], dw1)
     if kc == 0:
-        tl.store(dbp_ptr + g * NP + cols0, db0)
+        first = tl.arange(0, 16)[:, None] == 0
+        tl.store(dbp_ptr + g * NP + cols0, tl.sum(tl.where(first, db0, 0.0), axis=0))
         if HAS_N1:
-            tl.store(dbp_ptr + g * NP + cols1, db1)
+            tl.store(dbp_ptr + g * NP + cols1, tl.sum(tl.where(first, db1, 0.0), axis=0))
 
 
 @triton.jit
@@ -435,10 +447,11 @@ def _extent(t: Tensor) -> int:
     return sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
 
 
-def _columns(n: int) -> tuple[int, int, int]:
-    """(BN0, BN1, groups): a program covers BN0 + BN1 output columns (BN1 = 0: one block), powers of two."""
-    if n > 384:
-        return 256, 0, triton.cdiv(n, 256)
+def _columns(n: int, cap: int) -> tuple[int, int, int]:
+    """(BN0, BN1, groups): a program covers BN0 + BN1 output columns (BN1 = 0: one block), powers of two; past
+    1.5 * cap columns, groups of cap columns (BN1 = 0 whenever there are several groups)."""
+    if n > cap + cap // 2:
+        return cap, 0, triton.cdiv(n, cap)
     bn0 = max(16, 1 << (n.bit_length() - 1))
     rest = n - bn0
     return (bn0, 0, 1) if rest <= 0 else (bn0, _pow2(rest, 16, bn0), 1)
@@ -491,28 +504,37 @@ class _Geometry:
         self.N = weight.shape[0]
         # tap-major order when channels are x's densest axis (token tensors viewed as images)
         self.tap_major = self.C >= 16 and x.stride(1) < min(x.stride(2), x.stride(3))
+        self.half = x.dtype != torch.float32  # 16-bit inputs: the larger tiles (also under the interpreter)
+        # fp32 takes half the q rows per backward chunk: its 3xTF32 operands would spill and overflow shared memory
+        chunk = _BKB if self.half else _BKB // 2
         if self.tap_major:
-            self.bk = min(_BKB, 1 << (self.C.bit_length() - 1))  # q rows per chunk (one tap)
+            self.bk = min(chunk, 1 << (self.C.bit_length() - 1))  # q rows per chunk (one tap)
             self.CP = triton.cdiv(self.C, self.bk) * self.bk
             self.KP = self.KHW * self.CP
         else:
-            self.bk = _BKB
+            self.bk = chunk
             self.CP = self.C
             self.KP = triton.cdiv(self.K, _BKB) * _BKB
-        self.BN0, self.BN1, self.col_groups = _columns(self.N)
+        self.BN0, self.BN1, self.col_groups = _columns(self.N, 256 if self.half else 128)  # fp32: 3xTF32 registers
         self.NP = self.col_groups * (self.BN0 + self.BN1)
         # the dot operands' dtype: fp32 under the interpreter, else x's
         self.dot_dtype = torch.float32 if triton_interpret() else x.dtype
-        self.half = x.dtype != torch.float32  # 16-bit inputs: the larger tiles (also under the interpreter)
         # 3xTF32 keeps fp32 accuracy on the tensor cores; only fp32 operands on a GPU look at it
         self.prec = "tf32x3" if self.dot_dtype == torch.float32 and not triton_interpret() else "tf32"
         big = max(_extent(x), self.M * max(self.NP, self.KP), self.B * self.C * self.H * self.W)
         self.big = big > _INT32 // 2  # int64 offsets (with margin for padding and partial-buffer rows)
         # forward: 128 tokens per program (two warpgroups) unless the columns need the registers
-        self.fwd_bm = 128 if self.BN0 + self.BN1 <= 256 and self.half and not self.tap_major else 64
+        self.fwd_bm = 128 if self.BN0 + self.BN1 <= 256 and self.half else 64
         self.fwd_tile = self.tiles(self.fwd_bm)
-        self.fwd_bk = self.bk if self.tap_major else (32 if self.half else 16)
+        # 32-row chunks keep the 128-token tiles' elementwise LayerNorm sums in registers; 64-token tiles of
+        # 16-bit tap-major inputs gather a whole tap per chunk
+        self.fwd_bk = min(self.bk, 32 if self.half else 16)
+        if self.tap_major and self.half and self.fwd_bm == 64:
+            self.fwd_bk = self.bk
+        self.stages = 3 if self.half else 2  # software-pipelining depth of the forward and weight-gradient loops
         self.bwd_tile = self.tiles(64)
+        # grad_x: pixels x channels per program
+        self.dx_block = (128 if self.half else 64, _pow2(self.C, 16, 64 if self.half else 32))
         self.nkb = self.KP // self.bk
 
     def tiles(self, bm: int) -> tuple[int, int]:
@@ -533,18 +555,19 @@ class _Geometry:
     def groups(self, sms: int) -> int:
         """Token groups of the weight-gradient kernel: about two programs per SM, partials bounded."""
         tiles = self.num_tiles(self.bwd_tile)
-        return max(1, min(tiles, triton.cdiv(2 * sms, self.nkb), _PARTIAL_BYTES // (4 * self.KP * self.NP)))
+        return max(1, min(tiles, triton.cdiv(2 * sms, self.nkb * self.col_groups),
+                          _PARTIAL_BYTES // (4 * self.KP * self.NP)))
 
     def grids(self, sms: int) -> dict[str, tuple[int, ...]]:
         """The launch grid of every kernel; token blocks (or token groups, pixel blocks) on axis 0."""
         sh, sw = self.s
-        bp, bc = 64, _pow2(self.C, 16, 64 if self.half else 32)
+        bp, bc = self.dx_block
         num_p = triton.cdiv(triton.cdiv(self.H, sh) * triton.cdiv(self.W, sw), bp)
         bn = 64 if self.NP % 64 == 0 else 16
         return {
             "prepare": (self.nkb, self.NP // bn),
             "forward": (self.num_tiles(self.fwd_tile), self.col_groups),
-            "backward_weight": (self.groups(sms) * self.nkb,),
+            "backward_weight": (self.groups(sms) * self.nkb, self.col_groups),
             "backward_finish": (triton.cdiv(self.K, 32),),
             "backward_input": (num_p * self.B * sh * sw, triton.cdiv(self.C, bc)),
         }
@@ -618,6 +641,7 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
             x.stride(0), x.stride(2), x.stride(3), float(eps),
             HAS_NORM=has_norm, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, TAP_MAJOR=geo.tap_major, BIG=geo.big,
             PREC=geo.prec, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.fwd_bk, num_warps=8,
+            num_stages=geo.stages,
         )
     return y, mean, rstd
 
@@ -644,14 +668,16 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         groups = grids["backward_weight"][0] // geo.nkb
         part = torch.empty((groups, geo.KP, geo.NP), dtype=torch.float32, device=x.device)
         dbp = torch.empty((groups, geo.NP), dtype=torch.float32, device=x.device)
-        stat = torch.empty((geo.nkb, 2, M), dtype=torch.float32, device=x.device) if need_stats else wt
+        stat = (torch.empty((geo.col_groups * geo.nkb, 2, M), dtype=torch.float32, device=x.device) if need_stats
+                else wt)
         th, tw = geo.bwd_tile
         _backward_weight_kernel[grids["backward_weight"]](
             x, dy, wt, *table, mean if has_norm else wt, rstd if has_norm else wt, part, dbp, stat,
             *geo.tile_args(geo.bwd_tile), geo.num_tiles(geo.bwd_tile), *geo.image_args(), M, N, geo.NP, geo.KP,
             geo.nkb, groups, x.stride(0), x.stride(2), x.stride(3),
             HAS_NORM=has_norm, NEED_STATS=need_stats, HAS_N1=geo.BN1 > 0, BIG=geo.big, PREC=geo.prec,
-            TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk, num_warps=4 if has_norm and not need_stats else 8,
+            TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk,
+            num_warps=4 if has_norm and not need_stats and geo.half else 8, num_stages=geo.stages,
         )
         grad_weight = empty((N, K), weight.dtype, x.device)
         grad_bias = empty((N,), weight.dtype, x.device)
@@ -668,10 +694,10 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         if not compute_grad_x:
             return empty((0,), x.dtype, x.device), grad_weight, grad_bias, grad_norm_weight, grad_norm_bias
         if need_stats:
-            stat = stat.sum(dim=0)  # (2, M), summed over the chunks in a fixed order
+            stat = stat.sum(dim=0)  # (2, M), summed over the column groups and chunks in a fixed order
         grad_x = empty((B, C, geo.H, geo.W), x.dtype, x.device)
         sh, sw = geo.s
-        bp, bc = 64, _pow2(C, 16, 64 if geo.half else 32)
+        bp, bc = geo.dx_block
         qc, qr = (1, geo.CP) if geo.tap_major else (geo.KHW, 1)
         _backward_input_kernel[grids["backward_input"]](
             dy, wt, x, mean if has_norm else wt, rstd if has_norm else wt, stat, grad_x,
