@@ -57,10 +57,9 @@ def test_bad_input_exits_2_with_a_message(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "error" in err and "nowhere" in err and "not a directory" in err
-    with pytest.raises(SystemExit) as exc:  # argparse: finetune without --checkpoint
-        main(["finetune"])
-    assert exc.value.code == 2
-    assert "--checkpoint" in capsys.readouterr().err
+    assert main(["finetune", "--output", str(tmp_path / "ft")]) == 2  # no weights to start from
+    err = capsys.readouterr().err
+    assert "--checkpoint PATH or --pretrained" in err and not (tmp_path / "ft").exists()
 
 
 def test_python_m_entry_point():
