@@ -161,14 +161,19 @@ def _half_norm(x, row_ok, MASK_ROWS: tl.constexpr):
 
 
 @triton.jit
-def _times_w(g, w_hi, w_lo, LOGIT: tl.constexpr, PREC: tl.constexpr, OP: tl.constexpr,
-             EMULATE_BF16: tl.constexpr):
-    """g @ w2 (BLOCK_T, BLOCK_D) float32 for a float32 (BLOCK_T, BLOCK_M) tile g, with the logits' split of w."""
+def _feature_grad(g, x, scale, w_hi, w_lo, LOGIT: tl.constexpr, PREC: tl.constexpr, OP: tl.constexpr,
+                  EMULATE_BF16: tl.constexpr):
+    """((g @ w2) ln(2) - x rowsum(g)) scale (BLOCK_T, BLOCK_D) float32: the gradient through the logits
+    x.w^T - |x|^2/2 of a float32 (BLOCK_T, BLOCK_M) tile g of d/dlogits, x the tile in its dtype, scale a
+    (BLOCK_T,) row factor; w split as for the logits."""
     if LOGIT == 1:
+        # x's term starts the products' accumulator: no second (tokens x d) float32 tile in registers
         g16 = _op(g, OP, EMULATE_BF16)
-        return tl.dot(g16, w_lo, tl.dot(g16, w_hi))
+        acc = x.to(tl.float32) * (-1.4426950408889634 * tl.sum(g, axis=1))[:, None]
+        return tl.dot(g16, w_lo, tl.dot(g16, w_hi, acc)) * (0.6931471805599453 * scale)[:, None]
     else:
-        return tl.dot(g, w_hi, input_precision=PREC)
+        return tl.dot(g, w_hi, input_precision=PREC) * (0.6931471805599453 * scale)[:, None] \
+            - x.to(tl.float32) * (tl.sum(g, axis=1) * scale)[:, None]
 
 
 @triton.jit
@@ -316,8 +321,7 @@ def _query_grad_kernel(dy_ptr, q_ptr, w_ptr, kv_ptr, ksum_ptr, den_ptr, dq_ptr, 
         bq_den = bq * rden[:, None]
         dst = _dot(tl.trans(_in_op(dy, OP, EMULATE_BF16)), _op(bq_den, OP, EMULATE_BF16), dst, PREC)
         dz -= bq_den * r_den[:, None]
-        dq = _times_w(e, w_hi, w_lo, LOGIT, PREC, OP, EMULATE_BF16) * (0.6931471805599453 * rden)[:, None] \
-            - q.to(tl.float32) * (tl.sum(e, axis=1) * rden)[:, None]
+        dq = _feature_grad(e, q, rden, w_hi, w_lo, LOGIT, PREC, OP, EMULATE_BF16)
         _store_rows(dq_ptr, dq, t0, T, D, BLOCK_T, BLOCK_D)
 
     _store_partial(part_ptr, pid, dst, tl.sum(dz, axis=0), M, D, BLOCK_M, BLOCK_D)
@@ -349,8 +353,9 @@ def _key_grad_kernel(k_ptr, v_ptr, w_ptr, ds_ptr, dz_ptr, kmax_ptr, dk_ptr, dv_p
                      - (_half_norm(k, t_ok, True) + kmax2)[:, None])
         _store_rows(dv_ptr, _dot(_op(ak, OP, EMULATE_BF16), ds, None, PREC), t0, T, D, BLOCK_T, BLOCK_D)
         da = (_dot(_in_op(v, OP, EMULATE_BF16), dst, None, PREC) + dz[None, :]) * ak
-        dk = _times_w(da, w_hi, w_lo, LOGIT, PREC, OP, EMULATE_BF16) * 0.6931471805599453 \
-            - k.to(tl.float32) * tl.sum(da, axis=1)[:, None]
+        if LOGIT == 1:  # bf16: k reloaded (an L1/L2 hit) holds no registers across the products above
+            k = _load_rows(k_ptr, sk_t, sk_d, t0, T, D, BLOCK_T, BLOCK_D)[0]
+        dk = _feature_grad(da, k, tl.full((BLOCK_T,), 1.0, tl.float32), w_hi, w_lo, LOGIT, PREC, OP, EMULATE_BF16)
         _store_rows(dk_ptr, dk, t0, T, D, BLOCK_T, BLOCK_D)
 
 
@@ -365,7 +370,8 @@ class _Config(NamedTuple):
     num_warps: int
     num_stages: int
     fwd_ctas: int  # CTAs per SM the forward kernels' registers and shared memory allow (sm_90 compile test)
-    bwd_ctas: int  # the same for the gradient kernels
+    bwd_ctas: int  # the same for the query-gradient kernel (and the chunking of its dS, dz partials)
+    key_ctas: int  # the same for the key-gradient kernel, which writes no partials: it chunks T by its own count
 
 
 def _config(d: int, m: int, dtype: torch.dtype) -> _Config:
@@ -381,12 +387,12 @@ def _config(d: int, m: int, dtype: torch.dtype) -> _Config:
     block_m = max(16, triton.next_power_of_2(m))
     small = block_d * block_m <= 2048 and block_d <= 64
     if dtype == torch.float32:
-        return _Config(16, block_d, block_m, 4 if small else 8, 2, 4 if small else 2, 3 if small else 1)
+        return _Config(16, block_d, block_m, 4 if small else 8, 2, 4 if small else 2, *(3 if small else 1,) * 2)
     if dtype == torch.float16:  # widening to float32 costs registers
-        return _Config(16, block_d, block_m, 4 if small else 8, 2, 3 if small else 1, 2 if small else 1)
+        return _Config(16, block_d, block_m, 4 if small else 8, 2, 3 if small else 1, *(2 if small else 1,) * 2)
     if small:
-        return _Config(64, block_d, block_m, 4, 2, 4, 3)
-    return _Config(32, block_d, block_m, 4, 2, 3, 2)
+        return _Config(64, block_d, block_m, 4, 2, 4, 3, 4)
+    return _Config(32, block_d, block_m, 4, 2, 3, 2, 2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -464,12 +470,13 @@ def _constexprs(d: int, m: int, dtype: torch.dtype, interp: bool) -> dict:
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_modes(dtype, interp))
 
 
-def _launch_args(q: torch.Tensor, w: torch.Tensor, grads: bool) -> tuple[_Grid, dict]:
-    """The chunking and the kernels' constexprs and launch options for the forward (grads=False) or backward."""
+def _launch_args(q: torch.Tensor, w: torch.Tensor, ctas: str) -> tuple[_Grid, dict]:
+    """The chunking planned for the CTAs per SM of ``_Config`` field ``ctas``, and the kernels' constexprs and
+    launch options."""
     B, H, T, d = q.shape
     m = w.shape[0]
     cfg = _config(d, m, q.dtype)
-    grid = _grid(B * H, T, m, d, cfg.block_t, cfg.bwd_ctas if grads else cfg.fwd_ctas, _sm_count(q.device))
+    grid = _grid(B * H, T, m, d, cfg.block_t, getattr(cfg, ctas), _sm_count(q.device))
     return grid, _constexprs(d, m, q.dtype, triton_interpret())
 
 
@@ -482,7 +489,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, 
     """
     B, H, T, d, m = _check(q, k, v, w, eps)
     w = w.float()
-    grid, consts = _launch_args(q, w, grads=False)
+    grid, consts = _launch_args(q, w, "fwd_ctas")
     dev, f32 = q.device, torch.float32
     bh, nc, tpc = B * H, grid.n_chunks, grid.tiles_per_chunk
     # eps * m * exp(-qmax - kmax) evaluated as sign * exp2(log2|eps m| - qmax2 - kmax2): no overflow of exp alone
@@ -515,7 +522,8 @@ def backward(grad_y: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     B, H, T, d, m = _check(q, k, v, w, 0.0)
     w = w.float()
     kv, ksum, kmax, denom = (t.float().contiguous() for t in (kv, ksum, kmax, denom))
-    grid, consts = _launch_args(q, w, grads=True)
+    grid, consts = _launch_args(q, w, "bwd_ctas")
+    kgrid = _launch_args(q, w, "key_ctas")[0]
     dev, f32 = q.device, torch.float32
     bh, nc, tpc = B * H, grid.n_chunks, grid.tiles_per_chunk
     with _device_guard(dev):
@@ -529,7 +537,7 @@ def backward(grad_y: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
         grad_k = empty((B, H, T, d), q.dtype, dev)
         grad_v = empty((B, H, T, d), q.dtype, dev)
-        _key_grad_kernel[(grid.programs,)](k, v, w, ds, dz, kmax, grad_k, grad_v, H, T, nc, tpc,
-                                           *k.stride(), *v.stride(), *w.stride(), **consts)
+        _key_grad_kernel[(kgrid.programs,)](k, v, w, ds, dz, kmax, grad_k, grad_v, H, T, kgrid.n_chunks,
+                                            kgrid.tiles_per_chunk, *k.stride(), *v.stride(), *w.stride(), **consts)
     return grad_q, grad_k, grad_v
 

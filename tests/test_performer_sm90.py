@@ -30,11 +30,11 @@ from t2t_fast.kernels import performer as kernel  # noqa: E402
 
 SM90_SMEM = 227 * 1024  # per CTA (opt-in maximum)
 SM90_REGS = 65536
-TOKEN_KERNELS = {  # kernel -> (pointer args in the input dtype, grads)
-    "_kv_partial_kernel": (("k_ptr", "v_ptr"), False),
-    "_attend_kernel": (("q_ptr", "y_ptr"), False),
-    "_query_grad_kernel": (("dy_ptr", "q_ptr", "dq_ptr"), True),
-    "_key_grad_kernel": (("k_ptr", "v_ptr", "dk_ptr", "dv_ptr"), True),
+TOKEN_KERNELS = {  # kernel -> (pointer args in the input dtype, the _Config field of its planned CTAs per SM)
+    "_kv_partial_kernel": (("k_ptr", "v_ptr"), "fwd_ctas"),
+    "_attend_kernel": (("q_ptr", "y_ptr"), "fwd_ctas"),
+    "_query_grad_kernel": (("dy_ptr", "q_ptr", "dq_ptr"), "bwd_ctas"),
+    "_key_grad_kernel": (("k_ptr", "v_ptr", "dk_ptr", "dv_ptr"), "key_ctas"),
 }
 _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -133,7 +133,7 @@ def test_every_d_m_fits_sm90(d, m, dtype):
     cfg = kernel._config(d, m, dtype)
     problems = []
     for r in _fit(d, m, dtype):
-        planned = cfg.bwd_ctas if TOKEN_KERNELS[r["kernel"]][1] else cfg.fwd_ctas
+        planned = getattr(cfg, TOKEN_KERNELS[r["kernel"]][1])
         ctas = _ctas_per_sm(r["regs"], r["smem"], r["warps"])
         if r["local"] or r["smem"] > SM90_SMEM or (ctas < planned and (d, m, dtype) in PLANNED):
             problems.append(f"{r['kernel']}: {r['regs']} registers, {r['local']} B local (spills), {r['smem']} B "
@@ -148,7 +148,7 @@ def test_launch_grids_at_1024_px(B, d, m):
     never applies), the chunks tile T exactly once, and no launch asks for more than one wave."""
     T, H = 65536, 1
     cfg = kernel._config(d, m, torch.bfloat16)
-    for ctas in (cfg.fwd_ctas, cfg.bwd_ctas):
+    for ctas in (cfg.fwd_ctas, cfg.bwd_ctas, cfg.key_ctas):
         grid = kernel._grid(B * H, T, m, d, cfg.block_t, ctas, 132)
         n_tiles = triton.cdiv(T, cfg.block_t)
         assert grid.programs == B * H * grid.n_chunks <= 2**31 - 1
