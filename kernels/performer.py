@@ -221,8 +221,9 @@ def _kv_partial_kernel(k_ptr, v_ptr, w_ptr, part_ptr, pmax_ptr,
         alpha = tl.exp2(run_max - new_max)
         p = tl.exp2(a - new_max)
         v = _load_rows(v_ptr, sv_t, sv_d, t0, T, D, BLOCK_T, BLOCK_D)[0]
-        st = _dot(tl.trans(_in_op(v, OP, EMULATE_BF16)), _op(p, OP, EMULATE_BF16), st * alpha, PREC)
-        z = z * alpha + p
+        po = _op(p, OP, EMULATE_BF16)
+        st = _dot(tl.trans(_in_op(v, OP, EMULATE_BF16)), po, st * alpha, PREC)
+        z = z * alpha + po.to(tl.float32)  # the features kv sums (rounded to OP): y is exactly v for one token
         run_max = new_max
 
     _store_partial(part_ptr, pid, st, tl.sum(z, axis=0), M, D, BLOCK_M, BLOCK_D)
@@ -315,11 +316,12 @@ def _query_grad_kernel(dy_ptr, q_ptr, w_ptr, kv_ptr, ksum_ptr, den_ptr, dq_ptr, 
         bq = tl.exp2(bl - tl.max(bl, axis=1)[:, None])  # |q|^2 cancels
         rden = 1.0 / tl.load(den_ptr + t0 + tl.arange(0, BLOCK_T), mask=t_ok, other=1.0)
         dy = _load_rows(dy_ptr, sg_t, sg_d, t0, T, D, BLOCK_T, BLOCK_D)[0]
-        g = _dot(_in_op(dy, OP, EMULATE_BF16), st, None, PREC)  # dy kv^T
+        dyo = _in_op(dy, OP, EMULATE_BF16)
+        g = _dot(dyo, st, None, PREC)  # dy kv^T
         r_den = tl.sum(bq * g, axis=1) * rden  # dy . y
         e = (g - r_den[:, None] * z[None, :]) * bq
         bq_den = bq * rden[:, None]
-        dst = _dot(tl.trans(_in_op(dy, OP, EMULATE_BF16)), _op(bq_den, OP, EMULATE_BF16), dst, PREC)
+        dst = _dot(tl.trans(dyo), _op(bq_den, OP, EMULATE_BF16), dst, PREC)
         dz -= bq_den * r_den[:, None]
         dq = _feature_grad(e, q, rden, w_hi, w_lo, LOGIT, PREC, OP, EMULATE_BF16)
         _store_rows(dq_ptr, dq, t0, T, D, BLOCK_T, BLOCK_D)
@@ -341,7 +343,10 @@ def _key_grad_kernel(k_ptr, v_ptr, w_ptr, ds_ptr, dz_ptr, kmax_ptr, dk_ptr, dv_p
     dv_ptr += bh * T * D
     w_hi, w_lo = _load_w(w_ptr, sw_m, sw_d, M, D, BLOCK_M, BLOCK_D, LOGIT, OP, EMULATE_BF16)
     ds = _op(_load_mat(ds_ptr + bh * M * D, M, D, BLOCK_M, BLOCK_D, False), OP, EMULATE_BF16)
-    dst = _op(_load_mat(ds_ptr + bh * M * D, M, D, BLOCK_M, BLOCK_D, True), OP, EMULATE_BF16)
+    # da's two terms, v dS^T and dz, cancel (exactly, for one token): in bf16 dS^T enters as two operands
+    dst32 = _load_mat(ds_ptr + bh * M * D, M, D, BLOCK_M, BLOCK_D, True)
+    dst = _op(dst32, OP, EMULATE_BF16)
+    dst_lo = _op(dst32 - dst.to(tl.float32), OP, EMULATE_BF16)
     dz = _load_vec(dz_ptr + bh * M, M, BLOCK_M)
     kmax2 = tl.load(kmax_ptr + bh) * 1.4426950408889634
 
@@ -352,7 +357,12 @@ def _key_grad_kernel(k_ptr, v_ptr, w_ptr, ds_ptr, dz_ptr, kmax_ptr, dk_ptr, dv_p
         ak = tl.exp2(_xw(k, w_hi, w_lo, LOGIT, PREC, OP, EMULATE_BF16, M, BLOCK_M)
                      - (_half_norm(k, t_ok, True) + kmax2)[:, None])
         _store_rows(dv_ptr, _dot(_op(ak, OP, EMULATE_BF16), ds, None, PREC), t0, T, D, BLOCK_T, BLOCK_D)
-        da = (_dot(_in_op(v, OP, EMULATE_BF16), dst, None, PREC) + dz[None, :]) * ak
+        vo = _in_op(v, OP, EMULATE_BF16)
+        if LOGIT == 1:
+            vds = _dot(vo, dst_lo, _dot(vo, dst, None, PREC), PREC)
+        else:
+            vds = _dot(vo, dst, None, PREC)
+        da = (vds + dz[None, :]) * ak
         if LOGIT == 1:  # bf16: k reloaded (an L1/L2 hit) holds no registers across the products above
             k = _load_rows(k_ptr, sk_t, sk_d, t0, T, D, BLOCK_T, BLOCK_D)[0]
         dk = _feature_grad(da, k, tl.full((BLOCK_T,), 1.0, tl.float32), w_hi, w_lo, LOGIT, PREC, OP, EMULATE_BF16)

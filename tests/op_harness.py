@@ -191,4 +191,6 @@ def check_performer(backend: str, inputs: tuple, dtype: torch.dtype) -> None:
     gpu = w.is_cuda  # T2T-ViT's full shapes: longer fp32 reductions
     _compare(backend, lambda impl, *bases: impl.performer_attention(*qkv_of(list(bases)), w), bases, dtype,
              ("q", "k", "v") if len(bases) == 3 else ("kqv",), tolerance(dtype, fp32=1e-4 if gpu else 1e-5),
-             tolerance(dtype, low=3e-2, fp32=2e-4 if gpu else 5e-5))
+             # bf16 kernels feed the tensor cores bf16 operands in the backward (as FlashAttention does); grad k
+             # of one token cancels to ~0 and keeps ~0.3% of its O(1) terms' rounding
+             tolerance(dtype, low=4e-2 if dtype == torch.bfloat16 else 3e-2, fp32=2e-4 if gpu else 5e-5))
