@@ -11,7 +11,9 @@ The token performer's attention core at d = 64, m = 32 on q, k, v that are ``tor
   ``_t`` token layer would cost instead).
 
 ``fwd`` runs under ``no_grad``; ``fwd+bwd`` is the forward and ``torch.autograd.grad`` of the packed projection.
-Per row: median time (``triton.testing.do_bench``: warm-up, L2 flushed between calls), ``peak_mib`` (the
+Per row: ``ms``, the median GPU time of one call replayed from a CUDA graph (``timing`` = graph; eager if the
+capture failed, with ``graph_note``), and ``eager_ms``, one eager call after another with the host's launch
+overhead (``triton.testing.do_bench``: warm-up, L2 flushed between calls for both), ``peak_mib`` (the
 ``max_memory_allocated`` delta of one call: peak extra memory, outputs and gradients included), ``act_mib`` for
 ``fwd+bwd`` (what the forward keeps for the backward besides its output) and, for fused forwards, the achieved
 bandwidth of the minimal traffic (q, k, v read, y written) as a fraction of the device's copy bandwidth.
@@ -129,12 +131,11 @@ def summary(rows: list[dict], copy_gbps: Optional[float]) -> list[dict]:
                     sdpa_fwd_ms=sdpa_fwd.get("ms"), bw_frac=common.ratio(fwd.get("gbps"), copy_gbps),
                     fwd_bwd_ms=fb.get("ms"), ref_eager_ms=ref_fb.get("ms"), ref_compile_ms=comp_fb.get("ms"),
                     sdpa_ms=sdpa_fb.get("ms"), peak_mib=fb.get("peak_mib"), ref_peak_mib=ref_fb.get("peak_mib"),
-                    fwd_vs_eager=common.ratio(ref_fwd.get("ms"), fwd.get("ms")),
-                    fwd_vs_sdpa=common.ratio(sdpa_fwd.get("ms"), fwd.get("ms")),
-                    vs_eager=common.ratio(ref_fb.get("ms"), fb.get("ms")),
-                    vs_compile=common.ratio(comp_fb.get("ms"), fb.get("ms")),
+                    fwd_vs_eager=common.speedup(ref_fwd, fwd), fwd_vs_sdpa=common.speedup(sdpa_fwd, fwd),
+                    vs_eager=common.speedup(ref_fb, fb), vs_compile=common.speedup(comp_fb, fb),
                     mem_ratio=common.ratio(fb.get("peak_mib"), ref_fb.get("peak_mib")),
-                    vs_sdpa=common.ratio(sdpa_fb.get("ms"), fb.get("ms")))
+                    vs_sdpa=common.speedup(sdpa_fb, fb), timing=fb.get("timing"),
+                    fwd_bwd_call_ms=fb.get("eager_ms"), ref_call_ms=ref_fb.get("eager_ms"))
         for name, goal in GOALS.items():
             v = None if name == "vs_sdpa" and key[1] < SDPA_FROM_T else line[name]
             line[f"{name}_target"] = common.target(v, goal, at_most=name == "mem_ratio", strict=name == "vs_sdpa")

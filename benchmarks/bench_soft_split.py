@@ -14,7 +14,9 @@ Inputs, weights and outputs are in the benchmark dtype (the fused op's LayerNorm
 door makes them). ``fwd`` runs under ``no_grad``; ``fwd+bwd`` is forward and backward of ``sum(y * g)`` with the
 weights (and the token input of stages 1-2) requiring grad.
 
-Per row: median time (``triton.testing.do_bench``: warm-up, L2 flushed between calls), ``peak_mib`` (the
+Per row: ``ms``, the median GPU time of one call replayed from a CUDA graph (``timing`` = graph; eager if the
+capture failed, with ``graph_note``), and ``eager_ms``, one eager call after another with the host's launch
+overhead (``triton.testing.do_bench``: warm-up, L2 flushed between calls for both), ``peak_mib`` (the
 ``max_memory_allocated`` delta of one call), ``act_mib`` for ``fwd+bwd`` (what the forward leaves allocated for
 the backward besides its output), and for fused forwards the achieved bandwidth (bytes of x read + y written +
 parameters, over the time) as a fraction of the device's copy bandwidth measured in the same run. The summary
@@ -178,10 +180,11 @@ def summary(rows: list[dict], copy_gbps: Optional[float]) -> list[dict]:
             get("fwd+bwd", "reference", "compile")
         line = dict(stage=key[0], img=key[1], dtype=key[2], fwd_ms=f_fwd.get("ms"), ref_fwd_ms=r_fwd.get("ms"),
                     fwd_bwd_ms=f_fb.get("ms"), ref_eager_ms=r_fb.get("ms"), ref_compile_ms=c_fb.get("ms"),
-                    conv_folded_ms=get("fwd+bwd", "conv-folded", "eager").get("ms"))
-        line["vs_conv_folded"] = common.ratio(line["conv_folded_ms"], f_fb.get("ms"))
-        line["vs_eager"] = common.ratio(r_fb.get("ms"), f_fb.get("ms"))
-        line["vs_compile"] = common.ratio(c_fb.get("ms"), f_fb.get("ms"))
+                    conv_folded_ms=get("fwd+bwd", "conv-folded", "eager").get("ms"), timing=f_fb.get("timing"),
+                    fwd_bwd_call_ms=f_fb.get("eager_ms"), ref_call_ms=r_fb.get("eager_ms"))
+        line["vs_conv_folded"] = common.speedup(get("fwd+bwd", "conv-folded", "eager"), f_fb)
+        line["vs_eager"] = common.speedup(r_fb, f_fb)
+        line["vs_compile"] = common.speedup(c_fb, f_fb)
         line["act_ratio"] = common.ratio(f_fb.get("act_mib"), r_fb.get("act_mib"))
         line["bw_frac"] = common.ratio(f_fwd.get("gbps"), copy_gbps)
         for name, goal in GOALS.items():

@@ -2,7 +2,8 @@
 loop that measures a list of cases.
 
 Timings are medians in milliseconds (``triton.testing.do_bench`` on CUDA: warm-up, L2 flushed between calls;
-a ``perf_counter`` loop on CPU). Memory is measured with the CUDA caching allocator's counters (None on CPU).
+a ``perf_counter`` loop on CPU); the op benchmarks time CUDA-graph replays too (``graph_time``: GPU time without
+the host's launch cost). Memory is measured with the CUDA caching allocator's counters (None on CPU).
 """
 from __future__ import annotations
 
@@ -70,18 +71,71 @@ def held_mem(fn: Callable[[], object]) -> Optional[int]:
     return held
 
 
+def graph_time(fn: Callable[[], object], warmup: float = 25, rep: float = 100,
+               grads_of: Optional[Sequence[torch.Tensor]] = None) -> tuple[Optional[float], Optional[str]]:
+    """(median milliseconds of ``fn()`` replayed from a CUDA graph, None), or (None, why it could not be
+    captured); (None, "no CUDA") on CPU. The GPU time of the work without the host's per-launch cost (on a
+    machine where launches cost more host time than small kernels take, eager timings measure the host).
+    ``grads_of``: leaves whose ``.grad`` the call writes (reset before the capture; the graph then owns them)."""
+    if not _cuda():
+        return None, "no CUDA"
+    import triton.testing
+
+    def reset() -> None:
+        for t in grads_of or ():
+            t.grad = None
+
+    graph = None
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs asks
+            for _ in range(2):
+                reset()
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        reset()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize()
+        return float(triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")), None
+    except Exception as e:  # noqa: BLE001 - a call that cannot be captured keeps its eager timing
+        try:
+            torch.cuda.synchronize()
+        except Exception:  # noqa: BLE001
+            pass
+        return None, describe_error(e)
+    finally:
+        reset()
+        del graph
+        free_memory()
+
+
 def measure_row(call: Callable[[], object], forward: Optional[Callable[[], object]] = None, warmup: float = 25,
                 rep: float = 100, grad_to_none: Optional[Sequence[torch.Tensor]] = None,
-                timed: Optional[Callable[[], object]] = None) -> dict:
-    """A result row's time and memory fields for one measured ``call``: ``ms`` (``time_fn`` of ``timed``,
-    ``call`` by default, with ``warmup``, ``rep`` and ``grad_to_none``), ``peak_mib`` (``peak_mem(call)``) and,
-    given ``forward`` (the forward of a forward + backward ``call``), ``act_mib`` (``held_mem(forward)``).
-    Memory fields are None on CPU."""
+                timed: Optional[Callable[[], object]] = None, graph: bool = True) -> dict:
+    """A result row's time and memory fields for one measured ``call``.
+
+    ``eager_ms``: ``time_fn`` of ``timed`` (``call`` by default) with ``warmup``, ``rep`` and ``grad_to_none``:
+    one call after another, host overhead included. ``graph_ms`` (with ``graph``, on CUDA): ``call`` replayed
+    from a CUDA graph (``graph_time``), the GPU time alone; ``graph_note`` says why it is missing. ``ms`` is
+    ``graph_ms`` when there is one, else ``eager_ms``, and ``timing`` says which. ``peak_mib``
+    (``peak_mem(call)``) and, given ``forward`` (the forward of a forward + backward ``call``), ``act_mib``
+    (``held_mem(forward)``). Memory fields are None on CPU."""
     mib = lambda b: b / 2**20 if b is not None else None  # noqa: E731
-    row = dict(ms=time_fn(timed or call, warmup=warmup, rep=rep, grad_to_none=grad_to_none),
-               peak_mib=mib(peak_mem(call)))
+    eager = time_fn(timed or call, warmup=warmup, rep=rep, grad_to_none=grad_to_none)
+    row = dict(ms=eager, timing="eager", eager_ms=eager, peak_mib=mib(peak_mem(call)))
     if forward is not None:
         row["act_mib"] = mib(held_mem(forward))
+    if graph:
+        ms, why = graph_time(call, warmup=warmup, rep=rep, grads_of=grad_to_none)
+        row["graph_ms"] = ms
+        if ms is not None:
+            row["ms"], row["timing"] = ms, "graph"
+        elif _cuda():
+            row["graph_note"] = why
     return row
 
 
@@ -175,6 +229,14 @@ def describe_peaks(peaks: dict) -> str:
 def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     """``a / b``, or None when ``a`` is missing or ``b`` missing or zero."""
     return a / b if a is not None and b else None
+
+
+def speedup(base: dict, fused: dict) -> Optional[float]:
+    """base time / fused time of two result rows, both CUDA-graph times when both have one, else both eager
+    (never one of each)."""
+    if base.get("graph_ms") and fused.get("graph_ms"):
+        return ratio(base["graph_ms"], fused["graph_ms"])
+    return ratio(base.get("eager_ms", base.get("ms")), fused.get("eager_ms", fused.get("ms")))
 
 
 NOT_JUDGED = "not judged (CPU smoke run)"

@@ -236,7 +236,11 @@ def worst_ratio(target: str, goal_text: str, goal: float, pairs: list[tuple[dict
     values = []
     for fused, base, label in pairs:
         if ok(fused) and ok(base) and fused.get(key) and base.get(key):
-            values.append((base[key] / fused[key] if invert else fused[key] / base[key], label))
+            if key == "ms":  # times: both from CUDA graphs, or both eager
+                timing = "GPU time" if fused.get("graph_ms") and base.get("graph_ms") else "eager calls"
+                values.append((common.speedup(base, fused), f"{label} ({timing})"))
+            else:
+                values.append((base[key] / fused[key] if invert else fused[key] / base[key], label))
     if not values:
         return Verdict(target, goal_text, "not measured (no fused/reference pair)", "not measured")
     higher = invert  # speedups: higher is better; memory ratios: lower is better

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from t2t_fast.runtime import empty, first_exceeded, triton_interpret
+from t2t_fast.runtime import cdiv, empty, first_exceeded, next_power_of_2, triton_interpret
 
 # The largest head width, number of features and padded d x m (powers of two) whose tiles (tokens x d, tokens x m,
 # w, kv) fit one sm_90 CTA without spilling (tests/test_performer_sm90.py); ``verify`` refuses the rest.
@@ -393,8 +393,8 @@ def _config(d: int, m: int, dtype: torch.dtype) -> _Config:
     two): 16-token tiles, which hold them without spilling; past that a second group of warps shares them. CTAs
     per SM as compiled for sm_90 (registers, shared memory; tests/test_performer_sm90.py checks them).
     """
-    block_d = max(16, triton.next_power_of_2(d))
-    block_m = max(16, triton.next_power_of_2(m))
+    block_d = max(16, next_power_of_2(d))
+    block_m = max(16, next_power_of_2(m))
     small = block_d * block_m <= 2048 and block_d <= 64
     if dtype == torch.float32:
         return _Config(16, block_d, block_m, 4 if small else 8, 2, 4 if small else 2, *(3 if small else 1,) * 2)
@@ -424,11 +424,11 @@ def _grid(bh: int, T: int, m: int, d: int, block_t: int, ctas_per_sm: int, sm_co
     """Chunks of T per (b, h): about one wave of programs (ctas_per_sm on every SM), never more than fit, so no
     partial second wave; at least one tile each. Programs of the token kernels and of the combine lie on grid
     axis 0 (up to 2^31 - 1), the token blocks' index inside the program id."""
-    n_tiles = triton.cdiv(T, block_t)
+    n_tiles = cdiv(T, block_t)
     chunks_wanted = max(1, (ctas_per_sm * sm_count) // bh)
-    tpc = triton.cdiv(n_tiles, min(n_tiles, chunks_wanted))
-    n_chunks = triton.cdiv(n_tiles, tpc)
-    return _Grid(tpc, n_chunks, bh * n_chunks, bh * triton.cdiv(m * d + m, _COMBINE_BLOCK))
+    tpc = cdiv(n_tiles, min(n_tiles, chunks_wanted))
+    n_chunks = cdiv(n_tiles, tpc)
+    return _Grid(tpc, n_chunks, bh * n_chunks, bh * cdiv(m * d + m, _COMBINE_BLOCK))
 
 
 def _modes(dtype: torch.dtype, interp: bool) -> dict:
@@ -449,7 +449,7 @@ def verify(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, e
 
     Shapes only (arguments already checked by the front door): no launch, no allocation, traceable."""
     d, m = q.shape[-1], w.shape[0]
-    tile = max(16, triton.next_power_of_2(d)) * max(16, triton.next_power_of_2(m))
+    tile = max(16, next_power_of_2(d)) * max(16, next_power_of_2(m))
     return first_exceeded(("d", d, MAX_D), ("m", m, MAX_M), ("padded d x m", tile, MAX_TILE))
 
 
@@ -482,12 +482,16 @@ def _constexprs(d: int, m: int, dtype: torch.dtype, interp: bool) -> dict:
 
 def _launch_args(q: torch.Tensor, w: torch.Tensor, ctas: str) -> tuple[_Grid, dict]:
     """The chunking planned for the CTAs per SM of ``_Config`` field ``ctas``, and the kernels' constexprs and
-    launch options."""
-    B, H, T, d = q.shape
-    m = w.shape[0]
-    cfg = _config(d, m, q.dtype)
-    grid = _grid(B * H, T, m, d, cfg.block_t, getattr(cfg, ctas), _sm_count(q.device))
-    return grid, _constexprs(d, m, q.dtype, triton_interpret())
+    launch options (planned once per shape: host time per call is a dictionary lookup)."""
+    return _plan(tuple(q.shape), w.shape[0], q.dtype, ctas, _sm_count(q.device), triton_interpret())
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(shape: tuple[int, ...], m: int, dtype: torch.dtype, ctas: str, sm_count: int,
+          interp: bool) -> tuple[_Grid, dict]:
+    B, H, T, d = shape
+    cfg = _config(d, m, dtype)
+    return _grid(B * H, T, m, d, cfg.block_t, getattr(cfg, ctas), sm_count), _constexprs(d, m, dtype, interp)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, eps: float

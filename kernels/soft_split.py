@@ -7,7 +7,7 @@ tap contiguous (q = (i*kw + j)*CP + c, CP = C rounded up to the chunk width), so
 Reduction rows beyond K (or channels beyond C) are padding; the weights there are zero.
 
 - preparation (one launch): ``wt`` (KP, NP) = W^T in q order and the dot dtype, zero-padded, times the
-  LayerNorm's gamma when there is one; per-chunk sums of ``W @ gamma`` and ``W @ beta + b``; and the gather
+  LayerNorm's gamma when there is one; ``W @ gamma`` and ``W @ beta + b``; and the gather
   table of each q: its element offset in x (``koff``) and its tap row and column (``ti``, ``tj``; ``ti = kh``
   marks padding). With the table the kernels do no index arithmetic per element.
 - tokens are taken in 2-D tiles (TH token rows x TW token columns of one image, TH*TW = BM). In channel-major
@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from t2t_fast.runtime import empty, first_exceeded, triton_interpret
+from t2t_fast.runtime import cdiv, empty, first_exceeded, next_power_of_2, triton_interpret
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_K = 8192  # C*kh*kw: bounds the weight-gradient partial buffers
@@ -64,51 +64,53 @@ _PARTIAL_BYTES = 32 * 2**20  # cap on the weight-gradient partial buffer of the 
 @triton.jit
 def _prepare_kernel(
     w_ptr, nw_ptr, nb_ptr, b_ptr, wt_ptr, coef_ptr, koff_ptr, bits_ptr,
-    N, NP, C, CP, K, KH, KW, KHW, swn, swk, sxc, sxh, sxw,
+    N, NP, C, CP, K, KH, KW, KHW, NKB, swn, swk, sxc, sxh, sxw,
     SCALE: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, TAP_MAJOR: tl.constexpr,
     BIG: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
 ):
-    """Program (chunk kc of BK q rows, column block): wt[q, n] = W[n, k(q)] (times gamma[k] with SCALE), 0 on
-    padding; with SCALE coef[kc, 0, n] = sum_q wt[q, n] (the rounded products the forward's dot uses) and
-    coef[kc, 1, n] = sum_q W[n, k(q)] beta[k(q)] (+ b[n] in chunk 0). Column block 0 writes the gather table:
-    koff[q] the element offset of column q in a patch, bits[q] = 2^i | 2^(16 + j) its tap."""
-    kc = tl.program_id(0)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    q = kc * BK + tl.arange(0, BK)
-    if TAP_MAJOR:
-        r = q // CP
-        c = q % CP
-        q_ok = c < C
-        k = c * KHW + r
-    else:
-        q_ok = q < K
-        k = q
-        c = q // KHW
-        r = q % KHW
-    i = r // KW
-    j = r % KW
+    """Program (column block), over the NKB chunks of BK q rows: wt[q, n] = W[n, k(q)] (times gamma[k] with
+    SCALE), 0 on padding; with SCALE coef[0, n] = sum_q wt[q, n] (the rounded products the forward's dot uses)
+    and coef[1, n] = sum_q W[n, k(q)] beta[k(q)] + b[n]. Program 0 writes the gather table: koff[q] the element
+    offset of column q in a patch, bits[q] = 2^i | 2^(16 + j) its tap."""
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
     col_ok = cols < N
-    m = q_ok[:, None] & col_ok[None, :]
-    w = tl.load(w_ptr + k[:, None] * swk + cols[None, :] * swn, mask=m, other=0.0).to(tl.float32)
+    w_gamma = tl.zeros((BN,), dtype=tl.float32)
+    w_beta = tl.zeros((BN,), dtype=tl.float32)
+    for kc in range(0, NKB):
+        q = kc * BK + tl.arange(0, BK)
+        if TAP_MAJOR:
+            r = q // CP
+            c = q % CP
+            q_ok = c < C
+            k = c * KHW + r
+        else:
+            q_ok = q < K
+            k = q
+            c = q // KHW
+            r = q % KHW
+        m = q_ok[:, None] & col_ok[None, :]
+        w = tl.load(w_ptr + k[:, None] * swk + cols[None, :] * swn, mask=m, other=0.0).to(tl.float32)
+        if SCALE:
+            wg = (w * tl.load(nw_ptr + k, mask=q_ok, other=0.0).to(tl.float32)[:, None]).to(wt_ptr.dtype.element_ty)
+            w_gamma += tl.sum(wg.to(tl.float32), axis=0)
+            if HAS_NORM_BIAS:
+                w_beta += tl.sum(w * tl.load(nb_ptr + k, mask=q_ok, other=0.0).to(tl.float32)[:, None], axis=0)
+        else:
+            wg = w.to(wt_ptr.dtype.element_ty)
+        tl.store(wt_ptr + q[:, None] * NP + cols[None, :], wg)
+        if tl.program_id(0) == 0:
+            i = r // KW
+            j = r % KW
+            if BIG:
+                c = c.to(tl.int64)
+            # padding gathers tap (0, 0) of channel 0 (offset 0, bits of i = j = 0): a copy of the shift
+            tl.store(koff_ptr + q, tl.where(q_ok, c * sxc + i * sxh + j * sxw, 0))
+            tl.store(bits_ptr + q, tl.where(q_ok, (1 << i) | (1 << (16 + j)), 0x10001))
     if SCALE:
-        wg = (w * tl.load(nw_ptr + k, mask=q_ok, other=0.0).to(tl.float32)[:, None]).to(wt_ptr.dtype.element_ty)
-        tl.store(coef_ptr + kc * 2 * NP + cols, tl.sum(wg.to(tl.float32), axis=0))
-        w_beta = tl.zeros((BN,), dtype=tl.float32)
-        if HAS_NORM_BIAS:
-            w_beta += tl.sum(w * tl.load(nb_ptr + k, mask=q_ok, other=0.0).to(tl.float32)[:, None], axis=0)
         if HAS_BIAS:
-            if kc == 0:
-                w_beta += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        tl.store(coef_ptr + (kc * 2 + 1) * NP + cols, w_beta)
-    else:
-        wg = w.to(wt_ptr.dtype.element_ty)
-    tl.store(wt_ptr + q[:, None] * NP + cols[None, :], wg)
-    if tl.program_id(1) == 0:
-        if BIG:
-            c = c.to(tl.int64)
-        # padding gathers tap (0, 0) of channel 0 (offset 0, bits of i = j = 0): a copy of the shift
-        tl.store(koff_ptr + q, tl.where(q_ok, c * sxc + i * sxh + j * sxw, 0))
-        tl.store(bits_ptr + q, tl.where(q_ok, (1 << i) | (1 << (16 + j)), 0x10001))
+            w_beta += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        tl.store(coef_ptr + cols, w_gamma)
+        tl.store(coef_ptr + NP + cols, w_beta)
 
 
 @triton.jit
@@ -439,19 +441,19 @@ def _backward_input_kernel(
 # Host functions
 # ---------------------------------------------------------------------------------------------------------
 def _pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(n)))
+    return max(lo, min(hi, next_power_of_2(n)))
 
 
-def _extent(t: Tensor) -> int:
-    """Largest element offset a kernel adds to t's data pointer."""
-    return sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+def _extent(shape: Sequence[int], strides: Sequence[int]) -> int:
+    """Largest element offset a kernel adds to the data pointer of a tensor of this shape and strides."""
+    return sum((s - 1) * st for s, st in zip(shape, strides))
 
 
 def _columns(n: int, cap: int) -> tuple[int, int, int]:
     """(BN0, BN1, groups): a program covers BN0 + BN1 output columns (BN1 = 0: one block), powers of two; past
     1.5 * cap columns, groups of cap columns (BN1 = 0 whenever there are several groups)."""
     if n > cap + cap // 2:
-        return cap, 0, triton.cdiv(n, cap)
+        return cap, 0, cdiv(n, cap)
     bn0 = max(16, 1 << (n.bit_length() - 1))
     rest = n - bn0
     return (bn0, 0, 1) if rest <= 0 else (bn0, _pow2(rest, 16, bn0), 1)
@@ -464,7 +466,7 @@ def _tiles(lh: int, lw: int, bm: int, interior) -> tuple[int, int]:
     tw = 1
     while tw <= bm:
         th = bm // tw
-        key = (triton.cdiv(lh, th) * triton.cdiv(lw, tw), -interior(th, tw), -tw)
+        key = (cdiv(lh, th) * cdiv(lw, tw), -interior(th, tw), -tw)
         best = min(best, (key, th, tw)) if best else (key, th, tw)
         tw *= 2
     return best[1], best[2]
@@ -472,7 +474,7 @@ def _tiles(lh: int, lw: int, bm: int, interior) -> tuple[int, int]:
 
 def _inside(t: int, ln: int, size: int, k: int, s: int, p: int) -> int:
     """How many of the cdiv(ln, t) tiles of t token positions along one axis have every patch inside the image."""
-    return sum(1 for r in range(triton.cdiv(ln, t))
+    return sum(1 for r in range(cdiv(ln, t))
                if r * t * s >= p and ((r + 1) * t - 1) * s - p + k <= size and (r + 1) * t <= ln)
 
 
@@ -486,42 +488,53 @@ def _device_guard(x: Tensor):
     return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
-class _Geometry:
-    """Shapes of one soft split (arguments checked at the front door), the q order, tiles and launch grids."""
+def _plan(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+          weight: Tensor) -> "_Geometry":
+    """The geometry of a call, planned once per shape (host time per call is a dictionary lookup)."""
+    return _geometry(tuple(x.shape), tuple(x.stride()), x.dtype, tuple(kernel_size), tuple(stride),
+                     tuple(padding), weight.shape[0], triton_interpret())
 
-    def __init__(self, x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-                 weight: Tensor):
+
+class _Geometry:
+    """Shapes of one soft split (arguments checked at the front door), the q order, tiles and launch grids.
+
+    Built from x's shape and strides, its dtype, the kernel geometry, the output width and whether Triton
+    interprets (fp32 dot operands there); ``_plan`` caches one per distinct call."""
+
+    def __init__(self, shape: tuple[int, ...], strides: tuple[int, ...], dtype: torch.dtype,
+                 kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int], out: int,
+                 interpret: bool):
         self.k = (int(kernel_size[0]), int(kernel_size[1]))
         self.s = (int(stride[0]), int(stride[1]))
         self.p = (int(padding[0]), int(padding[1]))
-        self.B, self.C, self.H, self.W = x.shape
+        self.B, self.C, self.H, self.W = shape
         self.LH = (self.H + 2 * self.p[0] - self.k[0]) // self.s[0] + 1
         self.LW = (self.W + 2 * self.p[1] - self.k[1]) // self.s[1] + 1
         self.L = self.LH * self.LW
         self.M = self.B * self.L
         self.KHW = self.k[0] * self.k[1]
         self.K = self.C * self.KHW
-        self.N = weight.shape[0]
+        self.N = out
         # tap-major order when channels are x's densest axis (token tensors viewed as images)
-        self.tap_major = self.C >= 16 and x.stride(1) < min(x.stride(2), x.stride(3))
-        self.half = x.dtype != torch.float32  # 16-bit inputs: the larger tiles (also under the interpreter)
+        self.tap_major = self.C >= 16 and strides[1] < min(strides[2], strides[3])
+        self.half = dtype != torch.float32  # 16-bit inputs: the larger tiles (also under the interpreter)
         # fp32 takes half the q rows per backward chunk: its 3xTF32 operands would spill and overflow shared memory
         chunk = _BKB if self.half else _BKB // 2
         if self.tap_major:
             self.bk = min(chunk, 1 << (self.C.bit_length() - 1))  # q rows per chunk (one tap)
-            self.CP = triton.cdiv(self.C, self.bk) * self.bk
+            self.CP = cdiv(self.C, self.bk) * self.bk
             self.KP = self.KHW * self.CP
         else:
             self.bk = chunk
             self.CP = self.C
-            self.KP = triton.cdiv(self.K, _BKB) * _BKB
+            self.KP = cdiv(self.K, _BKB) * _BKB
         self.BN0, self.BN1, self.col_groups = _columns(self.N, 256 if self.half else 128)  # fp32: 3xTF32 registers
         self.NP = self.col_groups * (self.BN0 + self.BN1)
         # the dot operands' dtype: fp32 under the interpreter, else x's
-        self.dot_dtype = torch.float32 if triton_interpret() else x.dtype
+        self.dot_dtype = torch.float32 if interpret else dtype
         # 3xTF32 keeps fp32 accuracy on the tensor cores; only fp32 operands on a GPU look at it
-        self.prec = "tf32x3" if self.dot_dtype == torch.float32 and not triton_interpret() else "tf32"
-        big = max(_extent(x), self.M * max(self.NP, self.KP), self.B * self.C * self.H * self.W)
+        self.prec = "tf32x3" if self.dot_dtype == torch.float32 and not interpret else "tf32"
+        big = max(_extent(shape, strides), self.M * max(self.NP, self.KP), self.B * self.C * self.H * self.W)
         self.big = big > _INT32 // 2  # int64 offsets (with margin for padding and partial-buffer rows)
         # forward: 128 tokens per program (two warpgroups) unless the columns need the registers
         self.fwd_bm = 128 if self.BN0 + self.BN1 <= 256 and self.half else 64
@@ -536,6 +549,8 @@ class _Geometry:
         # grad_x: pixels x channels per program
         self.dx_block = (128 if self.half else 64, _pow2(self.C, 16, 64 if self.half else 32))
         self.nkb = self.KP // self.bk
+        self.fwd_chunks = self.KP // self.fwd_bk if self.tap_major else cdiv(self.K, self.fwd_bk)
+        self._grids: dict[int, dict[str, tuple[int, ...]]] = {}
 
     def tiles(self, bm: int) -> tuple[int, int]:
         def interior(th: int, tw: int) -> int:
@@ -546,8 +561,8 @@ class _Geometry:
     def tile_args(self, tile: tuple[int, int]) -> tuple:
         """TPI, TILES_W and the image geometry of the kernels' tile arguments."""
         th, tw = tile
-        tiles_w = triton.cdiv(self.LW, tw)
-        return (triton.cdiv(self.LH, th) * tiles_w, tiles_w)
+        tiles_w = cdiv(self.LW, tw)
+        return (cdiv(self.LH, th) * tiles_w, tiles_w)
 
     def num_tiles(self, tile: tuple[int, int]) -> int:
         return self.B * self.tile_args(tile)[0]
@@ -555,22 +570,30 @@ class _Geometry:
     def groups(self, sms: int) -> int:
         """Token groups of the weight-gradient kernel: about two programs per SM, partials bounded."""
         tiles = self.num_tiles(self.bwd_tile)
-        return max(1, min(tiles, triton.cdiv(2 * sms, self.nkb * self.col_groups),
+        return max(1, min(tiles, cdiv(2 * sms, self.nkb * self.col_groups),
                           _PARTIAL_BYTES // (4 * self.KP * self.NP)))
 
+    @property
+    def num_p(self) -> int:
+        """Pixel blocks per (image, stride residue) of the grad_x kernel."""
+        return cdiv(cdiv(self.H, self.s[0]) * cdiv(self.W, self.s[1]), self.dx_block[0])
+
     def grids(self, sms: int) -> dict[str, tuple[int, ...]]:
-        """The launch grid of every kernel; token blocks (or token groups, pixel blocks) on axis 0."""
-        sh, sw = self.s
-        bp, bc = self.dx_block
-        num_p = triton.cdiv(triton.cdiv(self.H, sh) * triton.cdiv(self.W, sw), bp)
-        bn = 64 if self.NP % 64 == 0 else 16
-        return {
-            "prepare": (self.nkb, self.NP // bn),
-            "forward": (self.num_tiles(self.fwd_tile), self.col_groups),
-            "backward_weight": (self.groups(sms) * self.nkb, self.col_groups),
-            "backward_finish": (triton.cdiv(self.K, 32),),
-            "backward_input": (num_p * self.B * sh * sw, triton.cdiv(self.C, bc)),
-        }
+        """The launch grid of every kernel (for ``sms`` SMs); token blocks (or token groups, pixel blocks) on
+        axis 0."""
+        if sms not in self._grids:
+            self._grids[sms] = {
+                "prepare": (self.NP // self.prepare_bn,),
+                "forward": (self.num_tiles(self.fwd_tile), self.col_groups),
+                "backward_weight": (self.groups(sms) * self.nkb, self.col_groups),
+                "backward_finish": (cdiv(self.K, 32),),
+                "backward_input": (self.num_p * self.B * self.s[0] * self.s[1], cdiv(self.C, self.dx_block[1])),
+            }
+        return self._grids[sms]
+
+    @property
+    def prepare_bn(self) -> int:
+        return 64 if self.NP % 64 == 0 else 16
 
     def prepare(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_weight: Optional[Tensor],
                 norm_bias: Optional[Tensor], scale: bool) -> tuple[Tensor, Optional[Tensor], tuple[Tensor, ...]]:
@@ -578,23 +601,25 @@ class _Geometry:
         fp32 coefficients [W @ gamma, W @ beta + b], and the gather table (koff, bits)."""
         dev = weight.device
         wt = torch.empty((self.KP, self.NP), dtype=self.dot_dtype, device=dev)
-        grid = self.grids(1)["prepare"]
-        coef = torch.empty((grid[0], 2, self.NP), dtype=torch.float32, device=dev) if scale else wt
+        coef = torch.empty((2, self.NP), dtype=torch.float32, device=dev) if scale else wt
         table = (torch.empty(self.KP, dtype=torch.int64 if self.big else torch.int32, device=dev),
                  torch.empty(self.KP, dtype=torch.int32, device=dev))
-        _prepare_kernel[grid](
+        _prepare_kernel[self.grids(1)["prepare"]](
             weight, norm_weight if scale else weight, norm_bias if norm_bias is not None else weight,
             bias if bias is not None else weight, wt, coef, *table,
-            self.N, self.NP, self.C, self.CP, self.K, self.k[0], self.k[1], self.KHW, weight.stride(0),
+            self.N, self.NP, self.C, self.CP, self.K, self.k[0], self.k[1], self.KHW, self.nkb, weight.stride(0),
             weight.stride(1), x.stride(1), x.stride(2), x.stride(3),
             SCALE=scale, HAS_NORM_BIAS=norm_bias is not None, HAS_BIAS=bias is not None, TAP_MAJOR=self.tap_major,
-            BIG=self.big, BK=self.KP // grid[0], BN=self.NP // grid[1], num_warps=4,
+            BIG=self.big, BK=self.bk, BN=self.prepare_bn, num_warps=4,
         )
-        return wt, coef.sum(dim=0) if scale else None, table
+        return wt, coef if scale else None, table
 
     def image_args(self) -> tuple:
         """L, LH, LW, H, W, KH, KW, SH, SW, PH, PW of the kernels' signatures."""
         return (self.L, self.LH, self.LW, self.H, self.W, *self.k, *self.s, *self.p)
+
+
+_geometry = functools.lru_cache(maxsize=256)(_Geometry)
 
 
 def verify(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int], weight: Tensor,
@@ -624,7 +649,7 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
     Returns y (B, L, out) in x.dtype and the LayerNorm's mean, rstd (B, L) fp32 ((0,) without norm_weight).
     """
     _refuse(verify(x, kernel_size, stride, padding, weight, bias, norm_weight, norm_bias, eps))
-    geo = _Geometry(x, kernel_size, stride, padding, weight)
+    geo = _plan(x, kernel_size, stride, padding, weight)
     has_norm = norm_weight is not None
     with _device_guard(x):
         wt, coef, table = geo.prepare(x, weight, bias, norm_weight, norm_bias, scale=has_norm)
@@ -634,10 +659,9 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
         rstd = empty(stats, torch.float32, x.device)
         cvec = coef[1] if has_norm else bias
         th, tw = geo.fwd_tile
-        num_chunks = geo.KP // geo.fwd_bk if geo.tap_major else triton.cdiv(geo.K, geo.fwd_bk)
         _forward_kernel[geo.grids(1)["forward"]](
             x, wt, coef if has_norm else wt, cvec if cvec is not None else wt, *table, y, mean, rstd,
-            *geo.tile_args(geo.fwd_tile), *geo.image_args(), geo.N, geo.NP, geo.K, num_chunks,
+            *geo.tile_args(geo.fwd_tile), *geo.image_args(), geo.N, geo.NP, geo.K, geo.fwd_chunks,
             x.stride(0), x.stride(2), x.stride(3), float(eps),
             HAS_NORM=has_norm, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, TAP_MAJOR=geo.tap_major, BIG=geo.big,
             PREC=geo.prec, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.fwd_bk, num_warps=8,
@@ -655,7 +679,7 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
     grad_bias (out,) in weight.dtype, grad_norm_weight and grad_norm_bias (K,) fp32 ((0,) without norm_weight).
     """
     _refuse(verify(x, kernel_size, stride, padding, weight, None, norm_weight, norm_bias, 0.0))
-    geo = _Geometry(x, kernel_size, stride, padding, weight)
+    geo = _plan(x, kernel_size, stride, padding, weight)
     B, C, N, K, M = geo.B, geo.C, geo.N, geo.K, geo.M
     has_norm = norm_weight is not None
     need_stats = has_norm and compute_grad_x
@@ -702,7 +726,7 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         _backward_input_kernel[grids["backward_input"]](
             dy, wt, x, mean if has_norm else wt, rstd if has_norm else wt, stat, grad_x,
             M, geo.L, geo.LH, geo.LW, C, geo.H, geo.W, N, geo.NP, K, *geo.k, sh, sw, *geo.p, qc, qr,
-            triton.cdiv(triton.cdiv(geo.H, sh) * triton.cdiv(geo.W, sw), bp), *x.stride(), *grad_x.stride(),
+            geo.num_p, *x.stride(), *grad_x.stride(),
             HAS_NORM=has_norm, BIG=geo.big, PREC=geo.prec, BP=bp, BC=bc, BN=64, num_warps=8,
         )
     return grad_x, grad_weight, grad_bias, grad_norm_weight, grad_norm_bias

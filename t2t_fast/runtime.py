@@ -1,4 +1,5 @@
-"""What the op layer and the Triton kernels share: runtime switches, output allocation, limit messages.
+"""What the op layer and the Triton kernels share: runtime switches, output allocation, limit messages, integer
+helpers for host code.
 
 This module imports nothing from ``t2t_fast`` (the C++ extension only lazily, to flip its poison flag), so
 ``t2t_fast.kernels`` can use it without importing the op layer that dispatches to them.
@@ -46,6 +47,17 @@ def poisoned_outputs() -> Iterator[None]:
     finally:
         _poison = False
         _set_extension_poison(False)
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints (host code: ``triton.cdiv`` is a constexpr function in newer Triton, slow to call
+    from Python)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(0, n - 1).bit_length()
 
 
 def first_exceeded(*limits: tuple[str, int, int]) -> Optional[str]:

@@ -13,6 +13,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, BENCH)
+import common  # noqa: E402
 
 
 def _env(extra: dict = None) -> dict:
@@ -157,6 +158,16 @@ def test_summarize_judges_targets():
     model[6]["capped"] = True
     got = {v.target: v.verdict for v in summarize.all_targets(run_)}
     assert got["t2t_vit_14 largest training batch at 384 px vs reference"] == "inconclusive"
+
+
+def test_speedups_compare_like_with_like():
+    """A speedup compares CUDA-graph times when both rows have one, else both rows' eager times."""
+    fused = dict(ms=0.1, graph_ms=0.1, eager_ms=0.5, timing="graph")
+    reference = dict(ms=0.4, graph_ms=0.4, eager_ms=1.0, timing="graph")
+    not_captured = dict(ms=2.0, eager_ms=2.0, timing="eager")
+    assert common.speedup(reference, fused) == pytest.approx(4.0)
+    assert common.speedup(not_captured, fused) == pytest.approx(4.0)  # 2.0 / 0.5, not 2.0 / 0.1
+    assert common.speedup(dict(ms=3.0), dict(ms=1.0)) == pytest.approx(3.0)  # rows from before eager_ms
 
 
 @pytest.mark.parametrize("name", ["soft_split", "performer"])

@@ -8,7 +8,7 @@ import t2t_fast
 from t2t_fast import reference
 from t2t_fast.models import FusedT2TModule
 from t2t_fast.utils import tokens_to_image
-from reference_models import models_with_same_weights
+from reference_models import check_fused_on_gpu, models_with_same_weights
 
 T2T_NAMES = [n for n in t2t_fast.list_models("t2t_vit*")]
 
@@ -34,6 +34,12 @@ def test_parameter_counts_exact(name, count):
 def test_parameter_counts_published(name, millions):
     model = t2t_fast.create_model(name)
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == millions
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["t2t_vit_14", "t2t_vit_t_14"])
+def test_gpu_fused_matches_reference(name):
+    check_fused_on_gpu(name)
 
 
 @pytest.mark.parametrize("name", T2T_NAMES)

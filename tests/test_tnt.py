@@ -14,7 +14,7 @@ from t2t_fast import reference
 from t2t_fast.backends import backends
 from t2t_fast.models.registry import _MODELS
 from t2t_fast.models.tnt import TNT, PixelEmbed
-from reference_models import models_with_same_weights
+from reference_models import check_fused_on_gpu, models_with_same_weights
 
 NAMES = ("tnt_s_patch16_224", "tnt_b_patch16_224")
 SPEC_PARAMS = {"tnt_s_patch16_224": 23.8e6, "tnt_b_patch16_224": 65.6e6}
@@ -252,15 +252,4 @@ def test_autocast_bf16_close_to_fp32(small):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", NAMES)
 def test_gpu_fused_matches_reference(name):
-    ref, fused, _ = models_with_same_weights(name, img_size=224, num_classes=10)
-    fused, ref = fused.cuda(), ref.cuda()
-    x = torch.randn(4, 3, 224, 224, device="cuda")
-    out, out_ref = fused(x), ref(x)
-    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4)
-    out.square().sum().backward()
-    out_ref.square().sum().backward()
-    ref_grads = dict(ref.named_parameters())
-    for n, p in fused.named_parameters():
-        torch.testing.assert_close(p.grad, ref_grads[n].grad, rtol=1e-3, atol=1e-4, msg=n)
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        torch.testing.assert_close(fused(x).float(), out_ref.detach(), rtol=5e-2, atol=5e-2)
+    check_fused_on_gpu(name)

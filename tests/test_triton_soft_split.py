@@ -199,7 +199,7 @@ def test_launch_grids_at_1024px(stage, batch):
         x = torch.empty(batch, side * side, C, device="meta").transpose(1, 2).reshape(batch, C, side, side)
     else:
         x = torch.empty(batch, C, side, side, device="meta")
-    geo = kernel._Geometry(x, [k, k], [s, s], [p, p], torch.empty(out, C * k * k, device="meta"))
+    geo = kernel._plan(x, [k, k], [s, s], [p, p], torch.empty(out, C * k * k, device="meta"))
     for name, grid in geo.grids(132).items():
         assert 1 <= grid[0] < 2**31 and all(1 <= g <= 65535 for g in grid[1:]), (name, grid)
     assert geo.big == (max(x.numel(), geo.M * max(geo.NP, geo.KP)) > 2**30)
@@ -212,7 +212,7 @@ def test_interior_and_border_tiles_both_run(poisoned):
     tap-major order (one masked path: its masks are per token)."""
     for tokens, C in ((False, 3), (True, 16)):
         leaves = _inputs(1, C, 40, 36, 3, 20, tokens, True, True, True, torch.float32)
-        geo = kernel._Geometry(leaves[0], [3, 3], [1, 1], [1, 1], leaves[1])
+        geo = kernel._plan(leaves[0], [3, 3], [1, 1], [1, 1], leaves[1])
         th, tw = geo.fwd_tile
         inside = kernel._inside(th, geo.LH, 40, 3, 1, 1) * kernel._inside(tw, geo.LW, 36, 3, 1, 1)
         assert 0 < inside < geo.num_tiles(geo.fwd_tile)
@@ -260,5 +260,5 @@ def test_int64_offsets(tokens, poisoned, monkeypatch):
     lowering the threshold."""
     monkeypatch.setattr(kernel, "_INT32", 1000)
     leaves = _inputs(2, 16 if tokens else 3, 9, 11, 3, 20, tokens, True, True, True, torch.float32)
-    assert kernel._Geometry(leaves[0], [3, 3], [2, 2], [1, 1], leaves[1]).big
+    assert kernel._plan(leaves[0], [3, 3], [2, 2], [1, 1], leaves[1]).big
     _check_against_reference((3, 2, 1), leaves, torch.float32)

@@ -99,6 +99,33 @@ def _declare_triton(prefix: str, kind: str, schema: str) -> torch.library.Custom
     return torch.library.custom_op(f"{TRITON}::{prefix}_{kind}", impl, mutates_args=(), schema=schema)
 
 
+def _front_door_function(name: str, forward_op, backward_op, setup_context: Callable,
+                         backward: Callable) -> type[torch.autograd.Function]:
+    """The front door's autograd path over one operator pair: the registered formula (``setup_context``,
+    ``backward``) as an ``autograd.Function``, whose ``forward`` calls the operator with grad mode off.
+
+    Calling the operator with grad on goes through torch.library's generated autograd wrapper, which re-binds
+    the arguments to the schema on every call: hundreds of microseconds of host time per forward + backward,
+    more than the kernels take at T2T-ViT sizes. Outputs other than the first (statistics) pass no gradient
+    on (``set_materialize_grads(False)``: no zero tensors, no extra launches)."""
+
+    def forward(ctx, *args):
+        output = forward_op(*args)
+        ctx.set_materialize_grads(False)
+        setup_context(ctx, args, output)
+        return output
+
+    def backward_fn(ctx, grad, *_grad_stats):
+        if grad is None:
+            return (None,) * len(ctx.needs_input_grad)
+        return backward(backward_op, ctx, grad)
+
+    # forward(ctx, ...) rather than a separate setup_context: Function.apply binds the arguments of the latter
+    # through inspect.signature on every call
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                    "backward": staticmethod(backward_fn)})
+
+
 class OpDescriptor:
     """One fused op: schemas, fake functions, autograd formula, argument checks and backends.
 
@@ -125,11 +152,14 @@ class OpDescriptor:
             ns = getattr(torch.ops, EXTENSION)
             self.operators[EXTENSION] = (getattr(ns, f"{prefix}_forward").default,
                                          getattr(ns, f"{prefix}_backward").default)
-        for forward_op, backward_op in self.operators.values():
+        self.functions = {}
+        for library, (forward_op, backward_op) in self.operators.items():
             torch.library.register_fake(forward_op, fake_forward)
             torch.library.register_fake(backward_op, fake_backward)
             torch.library.register_autograd(forward_op, functools.partial(backward, backward_op),
                                             setup_context=setup_context)
+            self.functions[library] = _front_door_function(f"{library}_{prefix}", forward_op, backward_op,
+                                                           setup_context, backward)
         OPS[name] = self
 
     def _missing(self, name: str) -> Optional[str]:
@@ -166,6 +196,11 @@ class OpDescriptor:
     def forward_op(self, name: str):
         """The forward operator of backend ``name`` (not the reference)."""
         return self.operators[self.backends[name].library][0]
+
+    def apply(self, name: str, *args: Any) -> tuple[torch.Tensor, ...]:
+        """The forward operator of backend ``name`` (not the reference) on ``args``, differentiable: what the
+        front door runs."""
+        return self.functions[self.backends[name].library].apply(*args)
 
     def describe(self) -> dict[str, BackendInfo]:
         """Per concrete backend: whether it implements this op and runs here, where and in which dtypes."""

@@ -120,5 +120,5 @@ def performer_attention(q: Tensor, k: Tensor, v: Tensor, w: Tensor, eps: float =
     name = PERFORMER.resolve(*args)
     if name == "reference":
         return reference.performer_attention(q, k, v, w, eps)
-    y = PERFORMER.forward_op(name)(*args)[0]
+    y = PERFORMER.apply(name, *args)[0]
     return y.squeeze(1) if q.dim() == 3 else y

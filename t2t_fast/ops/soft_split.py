@@ -72,7 +72,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, weight, norm_weight, norm_bias, mean, rstd)
 
 
-def _backward(backward_op, ctx, grad_y, _grad_mean, _grad_rstd):
+def _backward(backward_op, ctx, grad_y, *_grad_stats):
     x, weight, norm_weight, norm_bias, mean, rstd = ctx.saved_tensors
     gx, gw, gb, gnw, gnb = backward_op(grad_y.contiguous(), x, *ctx.geometry, weight, norm_weight, norm_bias,
                                        mean, rstd, ctx.needs_input_grad[0])
@@ -178,7 +178,7 @@ def soft_split(
     args = _arguments(x, kernel_size, stride, padding, weight, bias, norm_weight, norm_bias, eps)
     name = SOFT_SPLIT.resolve(*args)
     if name != "reference":
-        return SOFT_SPLIT.forward_op(name)(*args)[0]
+        return SOFT_SPLIT.apply(name, *args)[0]
     # the reference takes the LayerNorm parameters as given, in at least float32 (float64 for float64 x)
     x, k, s, p, weight, bias, _, _, eps = args
     dtype = torch.promote_types(x.dtype, torch.float32)
