@@ -409,7 +409,11 @@ def _backward_input_kernel(
     # the pixel at h is reached by tap i = ti + SH*a of token row (rh + PH) // SH + uh - a
     oh0 = (rh + PH) // SH + uh
     ow0 = (rw + PW) // SW + uw
+    # with the norm, per token t reaching the pixel: rs_t (g_t - c2_t/K - xhat_t c1_t/K), xhat_t = (x - mu_t) rs_t,
+    # summed as rs_t g_t + (x - mu_t) (-rs_t^2 c1_t/K) per element and -rs_t c2_t/K per pixel row (``shift``).
+    # Tokens outside the image read rs = 0 and dy = 0: their terms vanish without a mask.
     acc = tl.zeros((BP, BC), dtype=tl.float32)
+    shift = tl.zeros((BP,), dtype=tl.float32)
     for a in range(0, (KH - ti + SH - 1) // SH):
         oh = oh0 - a
         for e in range(0, (KW - tj + SW - 1) // SW):
@@ -417,7 +421,10 @@ def _backward_input_kernel(
             tok_ok = p_ok & (oh >= 0) & (oh < LH) & (ow >= 0) & (ow < LW)
             row = b * L + oh * LW + ow
             r = (ti + SH * a) * KW + (tj + SW * e)
-            g = tl.zeros((BP, BC), dtype=tl.float32)
+            if HAS_NORM:
+                g = tl.zeros((BP, BC), dtype=tl.float32)
+            else:  # no per-token factor: the taps accumulate in the products' accumulator
+                g = acc
             for n0 in range(0, N, BN):
                 n = n0 + tl.arange(0, BN)
                 dyt = tl.load(dy_ptr + row[:, None] * N + n[None, :], mask=tok_ok[:, None] & (n < N)[None, :],
@@ -430,9 +437,13 @@ def _backward_input_kernel(
                 rs = tl.load(rstd_ptr + row, mask=tok_ok, other=0.0)
                 c1 = tl.load(stat_ptr + row, mask=tok_ok, other=0.0)
                 c2 = tl.load(stat_ptr + M + row, mask=tok_ok, other=0.0)
-                xhat = (xv - mu[:, None]) * rs[:, None]
-                g = rs[:, None] * (g - (c2 / K)[:, None] - xhat * (c1 / K)[:, None])
-            acc += tl.where(tok_ok[:, None], g, 0.0)
+                acc += rs[:, None] * g
+                acc += (xv - mu[:, None]) * (-rs * rs * (c1 / K))[:, None]
+                shift -= rs * (c2 / K)
+            else:
+                acc = g
+    if HAS_NORM:
+        acc += shift[:, None]
     tl.store(dx_ptr + b * sdb + (h * sdh + w * sdw)[:, None] + ch[None, :] * sdc, acc.to(dx_ptr.dtype.element_ty),
              mask=pix_ok)
 
