@@ -16,10 +16,13 @@ The model, per kernel launch (every number below is a prediction, and a lower bo
   instructions x its executions). A loop's executions are the iterations summed over all programs (and over the
   iterations of the loops around it), from the kernel's own loop bounds at the launch's arguments (``TRIPS``
   below). Loops are the backward branches of the SASS; a nested loop's instructions count in the inner loop
-  only. Everything is counted as executed: forward branches inside and outside loops are taken as always
-  taken, predicated-off instructions issue, and a subroutine (``CALL``, e.g. a division slow path) counts at
-  every call site. Software-pipelining prologue and epilogue copies are outside the loop and count once per
-  program. All of this errs against the fused kernel (more instructions, never fewer).
+  only. One execution of a loop body (or of the code outside loops) counts the instructions on its longest path:
+  each forward branch (an interior/border if/else, a zero-trip skip, a guarded EXIT) is taken to its costlier
+  side, since one execution runs one side; where the region has a divergent branch (``BSSY``, both sides may run
+  in one warp) every instruction counts. Predicated-off instructions issue, and a subroutine (``CALL``, e.g. a
+  division slow path) counts at every call site. Software-pipelining prologue and epilogue copies are outside
+  the loop and count once per program. All of this errs against the fused kernel (more instructions, never
+  fewer).
 - issue_floor_us = warp_instructions / (SMS x ISSUE_PER_CLOCK x CLOCK_HZ): an SM issues at most one
   warp-instruction per clock on each of its 4 sub-partitions.
 - min_bytes: the memory of the launch's tensor arguments, each distinct element counted once (an argument that
@@ -349,7 +352,7 @@ def compile_only(record: list) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------------------
 # SASS: instructions, loops, counts
 # ----------------------------------------------------------------------------------------------------------
-_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P(?:T|\d)\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P(?:T|\d)\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
 _TARGET = re.compile(r"0x([0-9a-f]+)")
 MIX = ("mma", "ldg", "stg", "lds", "sts", "mufu", "bar", "shfl", "int", "fp", "spill", "other")
 _KIND = {
@@ -429,9 +432,10 @@ class Block:
         return out
 
 
-def parse_sass(sass: str) -> list[tuple[int, str, str]]:
-    """(address, mnemonic, operands) of every instruction of a cuobjdump/nvdisasm SASS listing."""
-    return [(int(a, 16), op, rest.strip()) for a, op, rest in _INSTR.findall(sass)]
+def parse_sass(sass: str) -> list[tuple[int, str, str, str]]:
+    """(address, mnemonic, operands, guard predicate or "") of every instruction of a cuobjdump/nvdisasm SASS
+    listing."""
+    return [(int(a, 16), op, rest.strip(), pred.strip()) for a, pred, op, rest in _INSTR.findall(sass)]
 
 
 def analyze_sass(instrs: list[tuple[int, str, str]]) -> tuple[Block, list[Block]]:
@@ -441,16 +445,18 @@ def analyze_sass(instrs: list[tuple[int, str, str]]) -> tuple[Block, list[Block]
     nest. Subroutines (from a CALL's target to its RET) are counted at every call site. Self-branches (the
     ``BRA`` to itself after ``EXIT``) and the padding ``NOP``s after them are not code.
     """
-    for _, op, _ in instrs:
+    for _, op, _, _ in instrs:
         if op.split(".")[0] in _UNMODELLED:
             raise ValueError(f"static_sm90: {op} (bulk/TMA copy) not modelled")
-    code, padding = [], False
-    for addr, op, rest in instrs:
+    code, guarded, padding = [], set(), False
+    for addr, op, rest, pred in instrs:
         m = _TARGET.search(rest)
         if op.startswith("BRA") and m and int(m.group(1), 16) == addr:
             padding = True
         elif not (padding and op == "NOP"):
             padding = False
+            if pred and pred not in ("@PT", "@UPT"):
+                guarded.add(len(code))
             code.append((addr, op, rest))
     index = {addr: i for i, (addr, _, _) in enumerate(code)}
     # subroutines
@@ -499,9 +505,66 @@ def analyze_sass(instrs: list[tuple[int, str, str]]) -> tuple[Block, list[Block]
         if op.startswith("CALL"):
             start, stop = callees[int(_TARGET.search(rest).group(1), 16)]
             ops[owner(i)].extend(code[j][1] for j in range(start, stop + 1))
+    regions = [(0, len(code) - 1)] + spans
+    for n, (lo, hi) in enumerate(regions):
+        path = _longest_path(code, guarded, callees, index, lo, hi, [sp for sp in spans if sp != (lo, hi)])
+        if path is not None:
+            ops[n - 1] = path  # ops[-1] is the code outside loops
     outside = Block(code[0][0], code[-1][0], ops[-1])
     loops = [Block(code[s0][0], code[s1][0], ops[n]) for n, (s0, s1) in enumerate(spans)]
     return outside, loops
+
+
+def _longest_path(code: list[tuple[int, str, str]], guarded: set[int], callees: dict[int, tuple[int, int]],
+                  index: dict[int, int], lo: int, hi: int, inner: list[tuple[int, int]]) -> Optional[list[str]]:
+    """The instructions on the longest path through code[lo..hi] (a loop body, its back edge at hi; or the whole
+    kernel from its entry), inner loops skipped (they count as loops), subroutines at their call sites: one
+    execution of the region takes one side of each forward branch. None when the region holds a divergent
+    branch (``BSSY``: then both sides may execute, and every instruction counts)."""
+    if any(code[i][1].startswith("BSSY") for i in range(lo, hi + 1)):
+        return None
+    heads = {s0: s1 for s0, s1 in inner if lo < s0 and s1 <= hi}  # inner loops, entered at their head
+    best: dict[int, tuple[int, Optional[int], Optional[int]]] = {hi + 1: (0, None, None)}  # cost, next, jump
+
+    def cost_from(j: Optional[int]) -> int:
+        return best[j][0] if j is not None and j in best else 0
+
+    for i in range(hi, lo - 1, -1):
+        if i in heads:
+            best[i] = (cost_from(heads[i] + 1), heads[i] + 1, None)
+            continue
+        addr, op, rest = code[i]
+        cost = 1
+        if op.startswith("CALL"):
+            start, stop = callees[int(_TARGET.search(rest).group(1), 16)]
+            cost += stop - start + 1
+        m = _TARGET.search(rest)
+        target = index.get(int(m.group(1), 16)) if op.startswith("BRA") and m else None
+        forward = target is not None and target > i
+        if op.startswith("BRA") and (i == hi or not forward):  # the region's back edge (or a jump back out)
+            best[i] = (cost, None, None)
+        elif op.startswith("BRA") and i not in guarded:  # unconditional: the jump, or leaving the region
+            best[i] = (cost + cost_from(target if target <= hi else None), target if target <= hi else None, None)
+        elif op.startswith("BRA"):  # conditional: the costlier side
+            jump = target if target <= hi else None
+            best[i] = (cost + max(cost_from(i + 1), cost_from(jump)), i + 1, jump)
+        elif (op.startswith("EXIT") or op.startswith("RET")) and i not in guarded:
+            best[i] = (cost, None, None)
+        else:
+            best[i] = (cost + cost_from(i + 1), i + 1, None)
+    path, i = [], lo
+    while i is not None and i <= hi:
+        addr, op, rest = code[i]
+        if i in heads:
+            i = heads[i] + 1
+            continue
+        path.append(op)
+        if op.startswith("CALL"):
+            start, stop = callees[int(_TARGET.search(rest).group(1), 16)]
+            path.extend(code[j][1] for j in range(start, stop + 1))
+        _, nxt, jump = best[i]
+        i = jump if jump is not None and cost_from(jump) > cost_from(nxt) else nxt
+    return path
 
 
 @functools.lru_cache(maxsize=None)
@@ -792,7 +855,7 @@ def launch_row(a: Launch) -> dict:
     roofline = max(min_bytes / HBM_BYTES_PER_S, tc_time)
     return dict(
         kernel=a.kernel, grid=list(a.grid), warps=a.warps, stages=a.stages, regs=regs,
-        spills=sum(1 for _, op, _ in parse_sass(sass) if _kind(op) == "spill"), smem_bytes=a.shared,
+        spills=sum(1 for _, op, _, _ in parse_sass(sass) if _kind(op) == "spill"), smem_bytes=a.shared,
         ctas_per_sm=ctas_per_sm(regs, a.warps, a.shared), sass_instructions=len(outside.ops) + sum(
             len(lp.ops) for lp in loops),
         loops=[dict(start=f"{lp.start:#x}", end=f"{lp.end:#x}", instructions=len(lp.ops), executions=n,

@@ -96,7 +96,9 @@ def child(tmp_path_factory):
 
 
 def _hand_count(sass: str) -> tuple[int, int]:
-    """(instructions outside the loop, instructions of the loop body) of a one-loop kernel, counted here."""
+    """(instructions outside the loop that a run entering the loop executes, instructions of the loop body) of a
+    one-loop kernel, counted here: the block that such a run jumps over right after the loop (the zero-trip
+    path, ``acc`` = 0) is left out."""
     code = [(int(a, 16), line) for a, line in re.findall(r"/\*([0-9a-f]{4})\*/\s+([^;]*);", sass)]
     end = next(i for i, (a, line) in enumerate(code) if re.search(rf"BRA 0x{a:x}\s*$", line))
     back = [(a, int(t, 16)) for a, line in code[:end] for t in re.findall(r"BRA 0x([0-9a-f]+)", line)
@@ -104,7 +106,12 @@ def _hand_count(sass: str) -> tuple[int, int]:
     assert len(back) == 1, back
     tail, head = back[0]
     body = sum(1 for a, _ in code[:end] if head <= a <= tail)
-    return end - body, body
+    after = next(i for i, (a, _) in enumerate(code) if a > tail)
+    skipped = 0
+    jump = re.fullmatch(r"\s*BRA 0x([0-9a-f]+)\s*", code[after][1])  # unconditional: over the zero-trip block
+    if jump:
+        skipped = sum(1 for a, _ in code[:end] if code[after][0] < a < int(jump.group(1), 16))
+    return end - body - skipped, body
 
 
 def test_loop_warp_instructions_match_a_hand_count(child):
@@ -192,6 +199,32 @@ def test_analyze_sass_nested_loops_and_calls():
     assert loops[1].touched() == 32 * 16 and outside.touched() == 32 * 4
     assert loops[0].mma() == {"bf16": 2 * 16 * 8 * 16}
     assert loops[1].mix()["ldg"] == 1 and loops[0].mix()["int"] == 1
+
+
+def _sass(lines: list[str]) -> list[tuple[int, str, str, str]]:
+    return sm.parse_sass("\n".join(f"        /*{16 * i:04x}*/                   {line} ;" for i, line in enumerate(lines)))
+
+
+def test_analyze_sass_takes_one_side_of_each_branch():
+    """A loop body's if/else (interior or border tile) executes one side per iteration: the costlier one counts,
+    and a guarded EXIT or branch out of the loop is followed when the rest costs more; a divergent region
+    (BSSY ... BSYNC) may run both sides, so there every instruction counts."""
+    lines = ["MOV R0, RZ",  # 0x00
+             "@P2 BRA 0x40", "IADD3 R9, R9, 0x1, RZ", "IADD3 R9, R9, 0x2, RZ",  # 0x10: a skippable prologue part
+             "LDG.E R4, desc[UR4][R2.64]",  # 0x40: loop head
+             "@P0 BRA 0x90",  # 0x50: if
+             "FADD R5, R5, R4", "FADD R5, R5, R4",  # 0x60, 0x70: then (2 instructions)
+             "BRA 0xd0",  # 0x80: skip the else
+             "FMUL R5, R5, R4", "FMUL R5, R5, R4", "FMUL R5, R5, R4", "FMUL R5, R5, R4",  # 0x90-0xc0: else
+             "@P1 BRA 0x40",  # 0xd0: back edge
+             "@P3 EXIT", "STG.E [R2.64], R5", "EXIT", "BRA 0x110"]  # 0xe0-0x110
+    outside, loops = sm.analyze_sass(_sass(lines))
+    assert [(lp.start, lp.end) for lp in loops] == [(0x40, 0xd0)]
+    assert loops[0].ops == ["LDG.E", "BRA", "FMUL", "FMUL", "FMUL", "FMUL", "BRA"]
+    assert outside.ops == ["MOV", "BRA", "IADD3", "IADD3", "EXIT", "STG.E", "EXIT"]
+    outside, _ = sm.analyze_sass(_sass(["BSSY B0, 0x30", "@P2 BRA 0x30", "IADD3 R9, R9, 0x1, RZ", "BSYNC B0",
+                                        "EXIT", "BRA 0x50"]))
+    assert outside.ops == ["BSSY", "BRA", "IADD3", "BSYNC", "EXIT"]
 
 
 def test_mma_and_access_widths():
