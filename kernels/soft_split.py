@@ -561,7 +561,7 @@ class _Geometry:
         self.dx_block = (128 if self.half else 64, _pow2(self.C, 16, 64 if self.half else 32))
         self.nkb = self.KP // self.bk
         self.fwd_chunks = self.KP // self.fwd_bk if self.tap_major else cdiv(self.K, self.fwd_bk)
-        self._grids: dict[int, dict[str, tuple[int, ...]]] = {}
+        self._grids: dict[tuple[int, int], dict[str, tuple[int, ...]]] = {}
 
     def tiles(self, bm: int) -> tuple[int, int]:
         def interior(th: int, tw: int) -> int:
@@ -578,29 +578,37 @@ class _Geometry:
     def num_tiles(self, tile: tuple[int, int]) -> int:
         return self.B * self.tile_args(tile)[0]
 
-    def groups(self, sms: int) -> int:
-        """Token groups of the weight-gradient kernel: about two programs per SM, partials bounded."""
+    def weight_warps(self, has_norm: bool, need_stats: bool) -> int:
+        """Warps of the weight-gradient kernel: 4 for 16-bit inputs with the norm and without grad_x, else 8."""
+        return 4 if has_norm and not need_stats and self.half else 8
+
+    def groups(self, sms: int, warps: int = 8) -> int:
+        """Token groups of the weight-gradient kernel: one wave of programs, as many as fit the SMs at once (two
+        per SM at 4 warps, one at 8: their registers and shared memory as compiled for sm_90); a second, partial
+        wave would cost a whole program's time, and every group adds a (KP, NP) fp32 partial that the finishing
+        kernel reads. Partials bounded by _PARTIAL_BYTES."""
         tiles = self.num_tiles(self.bwd_tile)
-        return max(1, min(tiles, cdiv(2 * sms, self.nkb * self.col_groups),
-                          _PARTIAL_BYTES // (4 * self.KP * self.NP)))
+        resident = sms * (2 if warps == 4 else 1)
+        return max(1, min(tiles, resident // (self.nkb * self.col_groups), _PARTIAL_BYTES // (4 * self.KP * self.NP)))
 
     @property
     def num_p(self) -> int:
         """Pixel blocks per (image, stride residue) of the grad_x kernel."""
         return cdiv(cdiv(self.H, self.s[0]) * cdiv(self.W, self.s[1]), self.dx_block[0])
 
-    def grids(self, sms: int) -> dict[str, tuple[int, ...]]:
-        """The launch grid of every kernel (for ``sms`` SMs); token blocks (or token groups, pixel blocks) on
-        axis 0."""
-        if sms not in self._grids:
-            self._grids[sms] = {
+    def grids(self, sms: int, weight_warps: int = 8) -> dict[str, tuple[int, ...]]:
+        """The launch grid of every kernel (for ``sms`` SMs, the weight-gradient kernel at ``weight_warps``);
+        token blocks (or token groups, pixel blocks) on axis 0."""
+        key = (sms, weight_warps)
+        if key not in self._grids:
+            self._grids[key] = {
                 "prepare": (self.NP // self.prepare_bn,),
                 "forward": (self.num_tiles(self.fwd_tile), self.col_groups),
-                "backward_weight": (self.groups(sms) * self.nkb, self.col_groups),
+                "backward_weight": (self.groups(sms, weight_warps) * self.nkb, self.col_groups),
                 "backward_finish": (cdiv(self.K, 32),),
                 "backward_input": (self.num_p * self.B * self.s[0] * self.s[1], cdiv(self.C, self.dx_block[1])),
             }
-        return self._grids[sms]
+        return self._grids[key]
 
     @property
     def prepare_bn(self) -> int:
@@ -699,7 +707,8 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
             mean, rstd = mean.contiguous(), rstd.contiguous()
         dy = grad_y.contiguous()
         wt, _, table = geo.prepare(x, weight, None, norm_weight if need_stats else None, None, scale=need_stats)
-        grids = geo.grids(_num_sms(x.device.index or 0) if x.is_cuda else 4)
+        warps = geo.weight_warps(has_norm, need_stats)
+        grids = geo.grids(_num_sms(x.device.index or 0) if x.is_cuda else 4, warps)
         groups = grids["backward_weight"][0] // geo.nkb
         part = torch.empty((groups, geo.KP, geo.NP), dtype=torch.float32, device=x.device)
         dbp = torch.empty((groups, geo.NP), dtype=torch.float32, device=x.device)
@@ -712,7 +721,7 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
             geo.nkb, groups, x.stride(0), x.stride(2), x.stride(3),
             HAS_NORM=has_norm, NEED_STATS=need_stats, HAS_N1=geo.BN1 > 0, BIG=geo.big, PREC=geo.prec,
             TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk,
-            num_warps=4 if has_norm and not need_stats and geo.half else 8, num_stages=geo.stages,
+            num_warps=warps, num_stages=geo.stages,
         )
         grad_weight = empty((N, K), weight.dtype, x.device)
         grad_bias = empty((N,), weight.dtype, x.device)
