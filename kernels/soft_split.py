@@ -148,16 +148,33 @@ def _tile(tile, TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh,
 
 
 @triton.jit
-def _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, q, sub, mul, MODE: tl.constexpr, MASKED: tl.constexpr):
-    """The (tokens, q) tile of the unfolded tensor in fp32, as is (MODE 0), minus ``sub`` per token (1) or
-    times ``mul`` after that (2). Padding pixels read as 0 (MASKED; interior tiles have none), rows beyond the
-    tokens as 0 - sub; q-padding gathers tap (0, 0) of channel 0, the shift of the forward."""
-    ptrs = x_ptr + (xrow[:, None] + tl.load(koff_ptr + q)[None, :])
-    if MASKED:
-        cb = tl.load(bits_ptr + q)[None, :]
-        a = tl.load(ptrs, mask=(bits[:, None] & cb) == cb, other=0.0).to(tl.float32)
+def _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, kc, cpt, KW, sxc, sxh, sxw, sub, mul, MODE: tl.constexpr,
+            MASKED: tl.constexpr, CONTIG: tl.constexpr, BK: tl.constexpr):
+    """The (tokens, q) tile of chunk kc (q = kc*BK + 0..BK-1) of the unfolded tensor in fp32, as is (MODE 0),
+    minus ``sub`` per token (1) or times ``mul`` after that (2). Padding pixels read as 0 (MASKED; interior tiles
+    have none), rows beyond the tokens as 0 - sub; q-padding gathers tap (0, 0) of channel 0, the shift of the
+    forward. CONTIG (tap-major, every chunk BK real channels of one tap, cpt chunks per tap): the offsets from the
+    chunk's tap, channels contiguous (16-byte loads when the channel stride is 1, as for token tensors), one
+    tap mask per token; else from the gather table, per element."""
+    if CONTIG:
+        tap = kc // cpt
+        i = tap // KW
+        j = tap - i * KW
+        c = (kc - tap * cpt) * BK + tl.arange(0, BK)
+        ptrs = x_ptr + (xrow[:, None] + (i * sxh + j * sxw + c * sxc)[None, :])
+        if MASKED:
+            cb = (1 << i) | (1 << (16 + j))
+            a = tl.load(ptrs, mask=((bits & cb) == cb)[:, None], other=0.0).to(tl.float32)
+        else:
+            a = tl.load(ptrs).to(tl.float32)
     else:
-        a = tl.load(ptrs).to(tl.float32)
+        q = kc * BK + tl.arange(0, BK)
+        ptrs = x_ptr + (xrow[:, None] + tl.load(koff_ptr + q)[None, :])
+        if MASKED:
+            cb = tl.load(bits_ptr + q)[None, :]
+            a = tl.load(ptrs, mask=(bits[:, None] & cb) == cb, other=0.0).to(tl.float32)
+        else:
+            a = tl.load(ptrs).to(tl.float32)
     if MODE >= 1:
         a = a - sub[:, None]
     if MODE == 2:
@@ -166,13 +183,15 @@ def _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, q, sub, mul, MODE: tl.constex
 
 
 @triton.jit
-def _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP, NUM_CHUNKS, acc0, acc1, s1, s2, HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr,
-                  MASKED: tl.constexpr, PREC: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr,
+def _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP, NUM_CHUNKS, cpt, KW, sxc, sxh,
+                  sxw, acc0, acc1, s1, s2, HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, MASKED: tl.constexpr,
+                  CONTIG: tl.constexpr, PREC: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr,
                   BK: tl.constexpr):
     for kc in range(0, NUM_CHUNKS):
         q = kc * BK + tl.arange(0, BK)
         # with the norm x - s: q-padding gathers s itself and rows beyond the tokens 0 - 0, both 0 here
-        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, q, shift, shift, 1 if HAS_NORM else 0, MASKED)
+        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, kc, cpt, KW, sxc, sxh, sxw, shift, shift,
+                    1 if HAS_NORM else 0, MASKED, CONTIG, BK)
         if HAS_NORM:
             s1 += a
             s2 += a * a
@@ -200,10 +219,10 @@ def _forward_store(y_ptr, coef_ptr, cvec_ptr, acc, rstd, d, yrow, row_ok, cols, 
 @triton.jit
 def _forward_kernel(
     x_ptr, wt_ptr, coef_ptr, cvec_ptr, koff_ptr, bits_ptr, y_ptr, mean_ptr, rstd_ptr,
-    TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, NP, K, NUM_CHUNKS, sxb, sxh, sxw, eps,
+    TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, NP, K, NUM_CHUNKS, CPT, sxb, sxc, sxh, sxw, eps,
     HAS_NORM: tl.constexpr, HAS_CVEC: tl.constexpr, HAS_N1: tl.constexpr, TAP_MAJOR: tl.constexpr,
-    BIG: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr,
-    BN1: tl.constexpr, BK: tl.constexpr,
+    CONTIG: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+    BN0: tl.constexpr, BN1: tl.constexpr, BK: tl.constexpr,
 ):
     """Program (token tile, column group of BN0 + BN1): y of the tile. With HAS_NORM wt holds (gamma*W)^T and
     coef = W @ gamma; cvec is added (W @ beta + b with the norm, else the bias); both are NP long."""
@@ -220,12 +239,12 @@ def _forward_kernel(
         shift = tl.load(x_ptr + xrow, mask=s_ok, other=0.0).to(tl.float32)
     if interior and not TAP_MAJOR:  # tap-major masks are per token (a chunk is one tap): one path
         acc0, acc1, s1, s2 = _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP,
-                                           NUM_CHUNKS, acc0, acc1, s1, s2, HAS_NORM, HAS_N1, False, PREC, BN0, BN1,
-                                           BK)
+                                           NUM_CHUNKS, CPT, KW, sxc, sxh, sxw, acc0, acc1, s1, s2, HAS_NORM,
+                                           HAS_N1, False, CONTIG, PREC, BN0, BN1, BK)
     else:
         acc0, acc1, s1, s2 = _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP,
-                                           NUM_CHUNKS, acc0, acc1, s1, s2, HAS_NORM, HAS_N1, True, PREC, BN0, BN1,
-                                           BK)
+                                           NUM_CHUNKS, CPT, KW, sxc, sxh, sxw, acc0, acc1, s1, s2, HAS_NORM,
+                                           HAS_N1, True, CONTIG, PREC, BN0, BN1, BK)
     rstd = shift
     d = shift
     if HAS_NORM:
@@ -248,26 +267,28 @@ def _forward_kernel(
 
 
 @triton.jit
-def _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, q, mean_ptr, rstd_ptr, yrow, HAS_NORM: tl.constexpr,
-             MASKED: tl.constexpr):
-    """The tile's xhat (x without the norm) in fp32: 0 in rows beyond the tokens, garbage in q-padding (it
-    only meets zero weights or discarded rows)."""
+def _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, kc, cpt, KW, sxc, sxh, sxw, mean_ptr, rstd_ptr, yrow,
+             HAS_NORM: tl.constexpr, MASKED: tl.constexpr, CONTIG: tl.constexpr, BK: tl.constexpr):
+    """The tile's xhat (x without the norm) in fp32 for chunk kc: 0 in rows beyond the tokens, garbage in
+    q-padding (it only meets zero weights or discarded rows)."""
     if HAS_NORM:
         mu = tl.load(mean_ptr + yrow, mask=row_ok, other=0.0)
         rs = tl.load(rstd_ptr + yrow, mask=row_ok, other=0.0)
-        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, q, mu, rs, 2, MASKED)
+        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, kc, cpt, KW, sxc, sxh, sxw, mu, rs, 2, MASKED, CONTIG,
+                    BK)
     else:
-        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, q, xrow, xrow, 0, MASKED)
+        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, kc, cpt, KW, sxc, sxh, sxw, xrow, xrow, 0, MASKED,
+                    CONTIG, BK)
     return a
 
 
 @triton.jit
 def _backward_weight_kernel(
     x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, part_ptr, dbp_ptr, stat_ptr,
-    TPI, TILES_W, NUM_TILES, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, M, N, NP, KP, NKB, G, sxb, sxh, sxw,
-    HAS_NORM: tl.constexpr, NEED_STATS: tl.constexpr, HAS_N1: tl.constexpr, BIG: tl.constexpr,
-    PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr,
-    BK: tl.constexpr,
+    TPI, TILES_W, NUM_TILES, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, M, N, NP, KP, NKB, G, CPT, sxb, sxc, sxh,
+    sxw, HAS_NORM: tl.constexpr, NEED_STATS: tl.constexpr, HAS_N1: tl.constexpr, CONTIG: tl.constexpr,
+    BIG: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr,
+    BN1: tl.constexpr, BK: tl.constexpr,
 ):
     """Program (group g, chunk kc of BK q rows; column group cg on axis 1) over tiles g, g+G, ...: part[g, q, n] =
     sum dy[t, n] xhat[t, q] (x without the norm) for the group's columns n, and in chunk 0 dbp[g, n] = sum dy[t, n];
@@ -292,10 +313,12 @@ def _backward_weight_kernel(
     for tile in range(g, NUM_TILES, G):
         row_ok, s_ok, xrow, yrow, bits, interior = _tile(tile, TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW,
                                                      sxb, sxh, sxw, BIG, TH, TW)
-        if interior:
-            a = _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, q, mean_ptr, rstd_ptr, yrow, HAS_NORM, False)
+        if interior and not CONTIG:  # CONTIG masks are per token: one path
+            a = _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, kc, CPT, KW, sxc, sxh, sxw, mean_ptr,
+                         rstd_ptr, yrow, HAS_NORM, False, CONTIG, BK)
         else:
-            a = _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, q, mean_ptr, rstd_ptr, yrow, HAS_NORM, True)
+            a = _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, kc, CPT, KW, sxc, sxh, sxw, mean_ptr,
+                         rstd_ptr, yrow, HAS_NORM, True, CONTIG, BK)
         dyrow = dy_ptr + yrow[:, None] * N
         dy0 = tl.load(dyrow + cols0[None, :], mask=row_ok[:, None] & (cols0 < N)[None, :], other=0.0).to(dt)
         at = tl.trans(a.to(dt))
@@ -560,6 +583,8 @@ class _Geometry:
         # grad_x: pixels x channels per program
         self.dx_block = (128 if self.half else 64, _pow2(self.C, 16, 64 if self.half else 32))
         self.nkb = self.KP // self.bk
+        # tap-major chunks of real channels only: the kernels address them from the tap, without the table
+        self.contig = self.tap_major and self.CP == self.C
         self.fwd_chunks = self.KP // self.fwd_bk if self.tap_major else cdiv(self.K, self.fwd_bk)
         self._grids: dict[tuple[int, int], dict[str, tuple[int, ...]]] = {}
 
@@ -681,8 +706,9 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
         _forward_kernel[geo.grids(1)["forward"]](
             x, wt, coef if has_norm else wt, cvec if cvec is not None else wt, *table, y, mean, rstd,
             *geo.tile_args(geo.fwd_tile), *geo.image_args(), geo.N, geo.NP, geo.K, geo.fwd_chunks,
-            x.stride(0), x.stride(2), x.stride(3), float(eps),
-            HAS_NORM=has_norm, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, TAP_MAJOR=geo.tap_major, BIG=geo.big,
+            geo.CP // geo.fwd_bk, x.stride(0), x.stride(1), x.stride(2), x.stride(3), float(eps),
+            HAS_NORM=has_norm, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, TAP_MAJOR=geo.tap_major,
+            CONTIG=geo.contig, BIG=geo.big,
             PREC=geo.prec, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.fwd_bk, num_warps=8,
             num_stages=geo.stages,
         )
@@ -718,8 +744,9 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         _backward_weight_kernel[grids["backward_weight"]](
             x, dy, wt, *table, mean if has_norm else wt, rstd if has_norm else wt, part, dbp, stat,
             *geo.tile_args(geo.bwd_tile), geo.num_tiles(geo.bwd_tile), *geo.image_args(), M, N, geo.NP, geo.KP,
-            geo.nkb, groups, x.stride(0), x.stride(2), x.stride(3),
-            HAS_NORM=has_norm, NEED_STATS=need_stats, HAS_N1=geo.BN1 > 0, BIG=geo.big, PREC=geo.prec,
+            geo.nkb, groups, geo.CP // geo.bk, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+            HAS_NORM=has_norm, NEED_STATS=need_stats, HAS_N1=geo.BN1 > 0, CONTIG=geo.contig, BIG=geo.big,
+            PREC=geo.prec,
             TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk,
             num_warps=warps, num_stages=geo.stages,
         )
