@@ -148,22 +148,19 @@ def _tile(tile, TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh,
 
 
 @triton.jit
-def _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, kc, cpt, KW, sxc, sxh, sxw, sub, mul, MODE: tl.constexpr,
+def _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, kc, ti, tj, c0, sxc, sxh, sxw, sub, mul, MODE: tl.constexpr,
             MASKED: tl.constexpr, CONTIG: tl.constexpr, BK: tl.constexpr):
     """The (tokens, q) tile of chunk kc (q = kc*BK + 0..BK-1) of the unfolded tensor in fp32, as is (MODE 0),
     minus ``sub`` per token (1) or times ``mul`` after that (2). Padding pixels read as 0 (MASKED; interior tiles
     have none), rows beyond the tokens as 0 - sub; q-padding gathers tap (0, 0) of channel 0, the shift of the
-    forward. CONTIG (tap-major, every chunk BK real channels of one tap, cpt chunks per tap): the offsets from the
-    chunk's tap, channels contiguous (16-byte loads when the channel stride is 1, as for token tensors), one
-    tap mask per token; else from the gather table, per element."""
+    forward. CONTIG (tap-major, every chunk BK real channels of one tap): the chunk is channels c0.. of tap
+    (ti, tj), contiguous (16-byte loads when the channel stride is 1, as for token tensors), one tap mask per
+    token; else offsets and masks from the gather table, per element."""
     if CONTIG:
-        tap = kc // cpt
-        i = tap // KW
-        j = tap - i * KW
-        c = (kc - tap * cpt) * BK + tl.arange(0, BK)
-        ptrs = x_ptr + (xrow[:, None] + (i * sxh + j * sxw + c * sxc)[None, :])
+        c = c0 + tl.arange(0, BK)
+        ptrs = x_ptr + (xrow[:, None] + (ti * sxh + tj * sxw + c * sxc)[None, :])
         if MASKED:
-            cb = (1 << i) | (1 << (16 + j))
+            cb = (1 << ti) | (1 << (16 + tj))
             a = tl.load(ptrs, mask=((bits & cb) == cb)[:, None], other=0.0).to(tl.float32)
         else:
             a = tl.load(ptrs).to(tl.float32)
@@ -183,15 +180,26 @@ def _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, kc, cpt, KW, sxc, sxh, sxw, s
 
 
 @triton.jit
-def _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP, NUM_CHUNKS, cpt, KW, sxc, sxh,
+def _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP, NUM_CHUNKS, CP, KW, sxc, sxh,
                   sxw, acc0, acc1, s1, s2, HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, MASKED: tl.constexpr,
                   CONTIG: tl.constexpr, PREC: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr,
                   BK: tl.constexpr):
+    ti = 0  # CONTIG: the chunk's tap and first channel, stepped along without a division
+    tj = 0
+    c0 = 0
     for kc in range(0, NUM_CHUNKS):
         q = kc * BK + tl.arange(0, BK)
         # with the norm x - s: q-padding gathers s itself and rows beyond the tokens 0 - 0, both 0 here
-        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, kc, cpt, KW, sxc, sxh, sxw, shift, shift,
+        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, kc, ti, tj, c0, sxc, sxh, sxw, shift, shift,
                     1 if HAS_NORM else 0, MASKED, CONTIG, BK)
+        if CONTIG:
+            c0 += BK
+            next_tap = c0 == CP
+            c0 = tl.where(next_tap, 0, c0)
+            tj += next_tap.to(tl.int32)
+            next_row = tj == KW
+            tj = tl.where(next_row, 0, tj)
+            ti += next_row.to(tl.int32)
         if HAS_NORM:
             s1 += a
             s2 += a * a
@@ -219,7 +227,7 @@ def _forward_store(y_ptr, coef_ptr, cvec_ptr, acc, rstd, d, yrow, row_ok, cols, 
 @triton.jit
 def _forward_kernel(
     x_ptr, wt_ptr, coef_ptr, cvec_ptr, koff_ptr, bits_ptr, y_ptr, mean_ptr, rstd_ptr,
-    TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, NP, K, NUM_CHUNKS, CPT, sxb, sxc, sxh, sxw, eps,
+    TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, NP, K, NUM_CHUNKS, CP, sxb, sxc, sxh, sxw, eps,
     HAS_NORM: tl.constexpr, HAS_CVEC: tl.constexpr, HAS_N1: tl.constexpr, TAP_MAJOR: tl.constexpr,
     CONTIG: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     BN0: tl.constexpr, BN1: tl.constexpr, BK: tl.constexpr,
@@ -239,11 +247,11 @@ def _forward_kernel(
         shift = tl.load(x_ptr + xrow, mask=s_ok, other=0.0).to(tl.float32)
     if interior and not TAP_MAJOR:  # tap-major masks are per token (a chunk is one tap): one path
         acc0, acc1, s1, s2 = _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP,
-                                           NUM_CHUNKS, CPT, KW, sxc, sxh, sxw, acc0, acc1, s1, s2, HAS_NORM,
+                                           NUM_CHUNKS, CP, KW, sxc, sxh, sxw, acc0, acc1, s1, s2, HAS_NORM,
                                            HAS_N1, False, CONTIG, PREC, BN0, BN1, BK)
     else:
         acc0, acc1, s1, s2 = _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP,
-                                           NUM_CHUNKS, CPT, KW, sxc, sxh, sxw, acc0, acc1, s1, s2, HAS_NORM,
+                                           NUM_CHUNKS, CP, KW, sxc, sxh, sxw, acc0, acc1, s1, s2, HAS_NORM,
                                            HAS_N1, True, CONTIG, PREC, BN0, BN1, BK)
     rstd = shift
     d = shift
@@ -267,17 +275,17 @@ def _forward_kernel(
 
 
 @triton.jit
-def _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, kc, cpt, KW, sxc, sxh, sxw, mean_ptr, rstd_ptr, yrow,
-             HAS_NORM: tl.constexpr, MASKED: tl.constexpr, CONTIG: tl.constexpr, BK: tl.constexpr):
-    """The tile's xhat (x without the norm) in fp32 for chunk kc: 0 in rows beyond the tokens, garbage in
-    q-padding (it only meets zero weights or discarded rows)."""
+def _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, kc, ti, tj, c0, sxc, sxh, sxw, mean_ptr, rstd_ptr,
+             yrow, HAS_NORM: tl.constexpr, MASKED: tl.constexpr, CONTIG: tl.constexpr, BK: tl.constexpr):
+    """The tile's xhat (x without the norm) in fp32 for chunk kc (channels c0.. of tap (ti, tj) with CONTIG): 0 in
+    rows beyond the tokens, garbage in q-padding (it only meets zero weights or discarded rows)."""
     if HAS_NORM:
         mu = tl.load(mean_ptr + yrow, mask=row_ok, other=0.0)
         rs = tl.load(rstd_ptr + yrow, mask=row_ok, other=0.0)
-        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, kc, cpt, KW, sxc, sxh, sxw, mu, rs, 2, MASKED, CONTIG,
+        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, kc, ti, tj, c0, sxc, sxh, sxw, mu, rs, 2, MASKED, CONTIG,
                     BK)
     else:
-        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, kc, cpt, KW, sxc, sxh, sxw, xrow, xrow, 0, MASKED,
+        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, kc, ti, tj, c0, sxc, sxh, sxw, xrow, xrow, 0, MASKED,
                     CONTIG, BK)
     return a
 
@@ -297,6 +305,14 @@ def _backward_weight_kernel(
     g = tl.program_id(0) // NKB
     kc = tl.program_id(0) % NKB
     q = kc * BK + tl.arange(0, BK)
+    ti = 0  # CONTIG: the chunk's tap and first channel
+    tj = 0
+    c0 = 0
+    if CONTIG:
+        tap = kc // CPT
+        ti = tap // KW
+        tj = tap - ti * KW
+        c0 = (kc - tap * CPT) * BK
     cols0 = tl.program_id(1) * BN0 + tl.arange(0, BN0)  # column groups only exist without the second block
     cols1 = BN0 + tl.arange(0, BN1)
     dt = wt_ptr.dtype.element_ty
@@ -314,10 +330,10 @@ def _backward_weight_kernel(
         row_ok, s_ok, xrow, yrow, bits, interior = _tile(tile, TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW,
                                                      sxb, sxh, sxw, BIG, TH, TW)
         if interior and not CONTIG:  # CONTIG masks are per token: one path
-            a = _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, kc, CPT, KW, sxc, sxh, sxw, mean_ptr,
+            a = _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, kc, ti, tj, c0, sxc, sxh, sxw, mean_ptr,
                          rstd_ptr, yrow, HAS_NORM, False, CONTIG, BK)
         else:
-            a = _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, kc, CPT, KW, sxc, sxh, sxw, mean_ptr,
+            a = _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, kc, ti, tj, c0, sxc, sxh, sxw, mean_ptr,
                          rstd_ptr, yrow, HAS_NORM, True, CONTIG, BK)
         dyrow = dy_ptr + yrow[:, None] * N
         dy0 = tl.load(dyrow + cols0[None, :], mask=row_ok[:, None] & (cols0 < N)[None, :], other=0.0).to(dt)
@@ -706,7 +722,7 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
         _forward_kernel[geo.grids(1)["forward"]](
             x, wt, coef if has_norm else wt, cvec if cvec is not None else wt, *table, y, mean, rstd,
             *geo.tile_args(geo.fwd_tile), *geo.image_args(), geo.N, geo.NP, geo.K, geo.fwd_chunks,
-            geo.CP // geo.fwd_bk, x.stride(0), x.stride(1), x.stride(2), x.stride(3), float(eps),
+            geo.CP, x.stride(0), x.stride(1), x.stride(2), x.stride(3), float(eps),
             HAS_NORM=has_norm, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, TAP_MAJOR=geo.tap_major,
             CONTIG=geo.contig, BIG=geo.big,
             PREC=geo.prec, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.fwd_bk, num_warps=8,
@@ -744,7 +760,7 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         _backward_weight_kernel[grids["backward_weight"]](
             x, dy, wt, *table, mean if has_norm else wt, rstd if has_norm else wt, part, dbp, stat,
             *geo.tile_args(geo.bwd_tile), geo.num_tiles(geo.bwd_tile), *geo.image_args(), M, N, geo.NP, geo.KP,
-            geo.nkb, groups, geo.CP // geo.bk, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+            geo.nkb, groups, max(1, geo.CP // geo.bk), x.stride(0), x.stride(1), x.stride(2), x.stride(3),
             HAS_NORM=has_norm, NEED_STATS=need_stats, HAS_N1=geo.BN1 > 0, CONTIG=geo.contig, BIG=geo.big,
             PREC=geo.prec,
             TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk,
