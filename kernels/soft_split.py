@@ -412,13 +412,15 @@ def _backward_finish_kernel(
 @triton.jit
 def _backward_input_kernel(
     dy_ptr, wt_ptr, x_ptr, mean_ptr, rstd_ptr, stat_ptr, dx_ptr,
-    M, L, LH, LW, C, H, W, N, NP, K, KH, KW, SH, SW, PH, PW, QC, QR, NUM_P,
+    M, L, LH, LW, C, H, W, N, NP, K, KH, KW, SH, SW, PH, PW, QC, QR, NUM_P, BLOCKS_W,
     sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw,
-    HAS_NORM: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr,
-    BN: tl.constexpr,
+    HAS_NORM: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr,
+    BC: tl.constexpr, BN: tl.constexpr,
 ):
     """Program (pixel block + NUM_P * (image * stride residue), channel block): grad_x of the pixels
     (rh + SH*u, rw + SW*v) of one image, summed over the taps (i, j) = (ti + SH*a, tj + SW*e) that reach them.
+    A pixel block is BP/BW rows u x BW columns v of the residue's grid (BLOCKS_W blocks across), so a pixel's
+    (u, v) needs no division.
     wt[c*QC + (i*kw + j)*QR, n] = W[n, c*kh*kw + i*kw + j] (times gamma with the norm);
     stat[0/1, token]: sum_k gamma*g*xhat and sum_k gamma*g."""
     pid_p = tl.program_id(0) % NUM_P
@@ -431,10 +433,11 @@ def _backward_input_kernel(
         b = b.to(tl.int64)
     wr = (W - rw + SW - 1) // SW
     hr = (H - rh + SH - 1) // SH
-    p = pid_p * BP + tl.arange(0, BP)
-    p_ok = p < hr * wr
-    uh = p // wr
-    uw = p % wr
+    block_h = pid_p // BLOCKS_W
+    p = tl.arange(0, BP)
+    uh = block_h * (BP // BW) + p // BW
+    uw = (pid_p - block_h * BLOCKS_W) * BW + p % BW
+    p_ok = (uh < hr) & (uw < wr)
     h = rh + SH * uh
     w = rw + SW * uw
     ch = pid_c * BC + tl.arange(0, BC)
@@ -633,9 +636,17 @@ class _Geometry:
         return max(1, min(tiles, resident // (self.nkb * self.col_groups), _PARTIAL_BYTES // (4 * self.KP * self.NP)))
 
     @property
+    def dx_cols(self) -> tuple[int, int]:
+        """(BW, BLOCKS_W) of the grad_x kernel: pixel-block columns, as few as cover a residue grid's width (up
+        to the block's pixels), and blocks across it."""
+        bw = min(self.dx_block[0], next_power_of_2(cdiv(self.W, self.s[1])))
+        return bw, cdiv(cdiv(self.W, self.s[1]), bw)
+
+    @property
     def num_p(self) -> int:
         """Pixel blocks per (image, stride residue) of the grad_x kernel."""
-        return cdiv(cdiv(self.H, self.s[0]) * cdiv(self.W, self.s[1]), self.dx_block[0])
+        bw, blocks_w = self.dx_cols
+        return cdiv(cdiv(self.H, self.s[0]), self.dx_block[0] // bw) * blocks_w
 
     def grids(self, sms: int, weight_warps: int = 8) -> dict[str, tuple[int, ...]]:
         """The launch grid of every kernel (for ``sms`` SMs, the weight-gradient kernel at ``weight_warps``);
@@ -789,8 +800,8 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         _backward_input_kernel[grids["backward_input"]](
             dy, wt, x, mean if has_norm else wt, rstd if has_norm else wt, stat, grad_x,
             M, geo.L, geo.LH, geo.LW, C, geo.H, geo.W, N, geo.NP, K, *geo.k, sh, sw, *geo.p, qc, qr,
-            geo.num_p, *x.stride(), *grad_x.stride(),
-            HAS_NORM=has_norm, BIG=geo.big, PREC=geo.prec, BP=bp, BC=bc, BN=64, num_warps=8,
+            geo.num_p, geo.dx_cols[1], *x.stride(), *grad_x.stride(),
+            HAS_NORM=has_norm, BIG=geo.big, PREC=geo.prec, BP=bp, BW=geo.dx_cols[0], BC=bc, BN=64, num_warps=8,
         )
     return grad_x, grad_weight, grad_bias, grad_norm_weight, grad_norm_bias
 
