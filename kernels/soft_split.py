@@ -214,14 +214,21 @@ def _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP
 
 @triton.jit
 def _forward_store(y_ptr, coef_ptr, cvec_ptr, acc, rstd, d, yrow, row_ok, cols, N, HAS_NORM: tl.constexpr,
-                   HAS_CVEC: tl.constexpr):
+                   HAS_CVEC: tl.constexpr, FULL_N: tl.constexpr):
+    """y of the tile's columns ``cols``; FULL_N (every column block inside N): per-row masks only, so the stores
+    are vectors. coef (NP long, zero-padded) needs no mask; cvec (the bias, N long, without the norm) does."""
     out = acc
     if HAS_NORM:
-        out = rstd[:, None] * (acc - d[:, None] * tl.load(coef_ptr + cols, mask=cols < N, other=0.0)[None, :])
-    if HAS_CVEC:
-        out += tl.load(cvec_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + yrow[:, None] * N + cols[None, :], out.to(y_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (cols < N)[None, :])
+        out = rstd[:, None] * (acc - d[:, None] * tl.load(coef_ptr + cols)[None, :])
+    ptrs = y_ptr + yrow[:, None] * N + cols[None, :]
+    if FULL_N:
+        if HAS_CVEC:
+            out += tl.load(cvec_ptr + cols).to(tl.float32)[None, :]
+        tl.store(ptrs, out.to(y_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        if HAS_CVEC:
+            out += tl.load(cvec_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(ptrs, out.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < N)[None, :])
 
 
 @triton.jit
@@ -229,7 +236,8 @@ def _forward_kernel(
     x_ptr, wt_ptr, coef_ptr, cvec_ptr, koff_ptr, bits_ptr, y_ptr, mean_ptr, rstd_ptr,
     TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, NP, K, NUM_CHUNKS, CP, sxb, sxc, sxh, sxw, eps,
     HAS_NORM: tl.constexpr, HAS_CVEC: tl.constexpr, HAS_N1: tl.constexpr, TAP_MAJOR: tl.constexpr,
-    CONTIG: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+    CONTIG: tl.constexpr, FULL_N: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr,
+    TW: tl.constexpr,
     BN0: tl.constexpr, BN1: tl.constexpr, BK: tl.constexpr,
 ):
     """Program (token tile, column group of BN0 + BN1): y of the tile. With HAS_NORM wt holds (gamma*W)^T and
@@ -268,10 +276,10 @@ def _forward_kernel(
             tl.store(mean_ptr + yrow, shift + d, mask=row_ok)
             tl.store(rstd_ptr + yrow, rstd, mask=row_ok)
     _forward_store(y_ptr, coef_ptr, cvec_ptr, acc0, rstd, d, yrow, row_ok, col0 + tl.arange(0, BN0), N, HAS_NORM,
-                   HAS_CVEC)
+                   HAS_CVEC, FULL_N)
     if HAS_N1:
         _forward_store(y_ptr, coef_ptr, cvec_ptr, acc1, rstd, d, yrow, row_ok, col0 + BN0 + tl.arange(0, BN1), N,
-                       HAS_NORM, HAS_CVEC)
+                       HAS_NORM, HAS_CVEC, FULL_N)
 
 
 @triton.jit
@@ -295,7 +303,7 @@ def _backward_weight_kernel(
     x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, part_ptr, dbp_ptr, stat_ptr,
     TPI, TILES_W, NUM_TILES, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, M, N, NP, KP, NKB, G, CPT, sxb, sxc, sxh,
     sxw, HAS_NORM: tl.constexpr, NEED_STATS: tl.constexpr, HAS_N1: tl.constexpr, CONTIG: tl.constexpr,
-    BIG: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr,
+    FULL_N: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr,
     BN1: tl.constexpr, BK: tl.constexpr,
 ):
     """Program (group g, chunk kc of BK q rows; column group cg on axis 1) over tiles g, g+G, ...: part[g, q, n] =
@@ -336,11 +344,18 @@ def _backward_weight_kernel(
             a = _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, kc, ti, tj, c0, sxc, sxh, sxw, mean_ptr,
                          rstd_ptr, yrow, HAS_NORM, True, CONTIG, BK)
         dyrow = dy_ptr + yrow[:, None] * N
-        dy0 = tl.load(dyrow + cols0[None, :], mask=row_ok[:, None] & (cols0 < N)[None, :], other=0.0).to(dt)
+        if FULL_N:  # per-row masks: vector loads
+            dy0 = tl.load(dyrow + cols0[None, :], mask=row_ok[:, None], other=0.0).to(dt)
+        else:
+            dy0 = tl.load(dyrow + cols0[None, :], mask=row_ok[:, None] & (cols0 < N)[None, :], other=0.0).to(dt)
         at = tl.trans(a.to(dt))
         dw0 = tl.dot(at, dy0, dw0, input_precision=PREC)
         if HAS_N1:
-            dy1 = tl.load(dyrow + cols1[None, :], mask=row_ok[:, None] & (cols1 < N)[None, :], other=0.0).to(dt)
+            if FULL_N:
+                dy1 = tl.load(dyrow + cols1[None, :], mask=row_ok[:, None], other=0.0).to(dt)
+            else:
+                dy1 = tl.load(dyrow + cols1[None, :], mask=row_ok[:, None] & (cols1 < N)[None, :],
+                              other=0.0).to(dt)
             dw1 = tl.dot(at, dy1, dw1, input_precision=PREC)
         if kc == 0:
             db0 = tl.dot(ones, dy0, db0, input_precision=PREC)
@@ -735,7 +750,7 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
             *geo.tile_args(geo.fwd_tile), *geo.image_args(), geo.N, geo.NP, geo.K, geo.fwd_chunks,
             geo.CP, x.stride(0), x.stride(1), x.stride(2), x.stride(3), float(eps),
             HAS_NORM=has_norm, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, TAP_MAJOR=geo.tap_major,
-            CONTIG=geo.contig, BIG=geo.big,
+            CONTIG=geo.contig, FULL_N=geo.N == geo.NP, BIG=geo.big,
             PREC=geo.prec, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.fwd_bk, num_warps=8,
             num_stages=geo.stages,
         )
@@ -772,7 +787,8 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
             x, dy, wt, *table, mean if has_norm else wt, rstd if has_norm else wt, part, dbp, stat,
             *geo.tile_args(geo.bwd_tile), geo.num_tiles(geo.bwd_tile), *geo.image_args(), M, N, geo.NP, geo.KP,
             geo.nkb, groups, max(1, geo.CP // geo.bk), x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-            HAS_NORM=has_norm, NEED_STATS=need_stats, HAS_N1=geo.BN1 > 0, CONTIG=geo.contig, BIG=geo.big,
+            HAS_NORM=has_norm, NEED_STATS=need_stats, HAS_N1=geo.BN1 > 0, CONTIG=geo.contig,
+            FULL_N=geo.N == geo.NP, BIG=geo.big,
             PREC=geo.prec,
             TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk,
             num_warps=warps, num_stages=geo.stages,

@@ -79,6 +79,7 @@ CASES = [
     (1, 20, 5, 6, 3, 2, 1, 300, True, True, True, True, torch.float32),  # column groups (fp32: 128 wide)
     (1, 3, 6, 5, 3, 2, 1, 520, False, False, False, True, torch.bfloat16),  # column groups (256 wide)
     (1, 4, 5, 70, 3, 1, 1, 8, True, True, True, True, torch.float32),  # grad_x: two pixel blocks across a row
+    (2, 32, 6, 7, 3, 2, 1, 48, True, True, True, True, torch.bfloat16),  # 32 + 16 columns, all inside out
 ]
 
 
