@@ -114,15 +114,22 @@ def _prepare_kernel(
 
 
 @triton.jit
-def _tile(tile, TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw,
-          BIG: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
-    """Token tile -> (rows in range, tap (0, 0) inside the image, its offset in x, token index (b*L + t), the taps
-    of each row inside the image (bit i for tap row i, bit 16 + j for tap column j; 0 for rows beyond the
-    tokens), whether every patch of the tile lies inside the image and every row is a token)."""
+def _tile_position(tile, TPI, TILES_W):
+    """Token tile index -> (image, tile row, tile column); TPI tiles per image, TILES_W per tile row."""
     b = tile // TPI
-    rest = tile % TPI
-    th0 = (rest // TILES_W) * TH
-    tw0 = (rest % TILES_W) * TW
+    tr = (tile - b * TPI) // TILES_W
+    return b, tr, tile - b * TPI - tr * TILES_W
+
+
+@triton.jit
+def _tile(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw,
+          BIG: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+    """Token tile (image b, tile row tr, tile column tc) -> (rows in range, tap (0, 0) inside the image, its offset
+    in x, token index (b*L + t), the taps of each row inside the image (bit i for tap row i, bit 16 + j for tap
+    column j; 0 for rows beyond the tokens), whether every patch of the tile lies inside the image and every row
+    is a token)."""
+    th0 = tr * TH
+    tw0 = tc * TW
     if BIG:
         b = b.to(tl.int64)
     m = tl.arange(0, TH * TW)
@@ -243,7 +250,8 @@ def _forward_kernel(
     """Program (token tile, column group of BN0 + BN1): y of the tile. With HAS_NORM wt holds (gamma*W)^T and
     coef = W @ gamma; cvec is added (W @ beta + b with the norm, else the bias); both are NP long."""
     BM: tl.constexpr = TH * TW
-    row_ok, s_ok, xrow, yrow, bits, interior = _tile(tl.program_id(0), TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW,
+    b, tr, tc = _tile_position(tl.program_id(0), TPI, TILES_W)
+    row_ok, s_ok, xrow, yrow, bits, interior = _tile(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW,
                                                  PH, PW, sxb, sxh, sxw, BIG, TH, TW)
     col0 = tl.program_id(1) * BN0  # column groups (axis 1) only exist without the second block
     acc0 = tl.zeros((BM, BN0), dtype=tl.float32)
@@ -334,8 +342,12 @@ def _backward_weight_kernel(
         wc0 = tl.load(wt_ptr + q[:, None] * NP + cols0[None, :])  # (BK, BN0), loaded once per program
         if HAS_N1:
             wc1 = tl.load(wt_ptr + q[:, None] * NP + cols1[None, :])
+    # tiles g, g + G, ...: positions stepped by G's (images, rows, columns) with carries, no division per tile
+    tiles_h = TPI // TILES_W
+    b, tr, tc = _tile_position(g, TPI, TILES_W)
+    step_b, step_r, step_c = _tile_position(G, TPI, TILES_W)
     for tile in range(g, NUM_TILES, G):
-        row_ok, s_ok, xrow, yrow, bits, interior = _tile(tile, TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW,
+        row_ok, s_ok, xrow, yrow, bits, interior = _tile(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW,
                                                      sxb, sxh, sxw, BIG, TH, TW)
         if interior and not CONTIG:  # CONTIG masks are per token: one path
             a = _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, kc, ti, tj, c0, sxc, sxh, sxw, mean_ptr,
@@ -368,6 +380,13 @@ def _backward_weight_kernel(
             srow = stat_ptr + (tl.program_id(1) * NKB + kc) * 2 * M + yrow
             tl.store(srow, tl.sum(gg * a, axis=1), mask=row_ok)
             tl.store(srow + M, tl.sum(gg, axis=1), mask=row_ok)
+        tc += step_c
+        carry = tc >= TILES_W
+        tc = tl.where(carry, tc - TILES_W, tc)
+        tr += step_r + carry.to(tl.int32)
+        carry = tr >= tiles_h
+        tr = tl.where(carry, tr - tiles_h, tr)
+        b += step_b + carry.to(tl.int32)
     part = part_ptr + (g * KP + q)[:, None] * NP
     tl.store(part + cols0[None, :], dw0)
     if HAS_N1:
