@@ -70,6 +70,7 @@ run_step pytest_gpu 150 "$PY" -m pytest -m gpu -q -rfEs --durations=15 --junitxm
 # each benchmark writes OUT/<name>.json and OUT/<name>.csv (the op benchmarks also <name>_summary.*)
 run_step bench_soft_split 90 "$PY" benchmarks/bench_soft_split.py ${MODE[@]+"${MODE[@]}"} --out "$OUT"
 run_step bench_performer 75 "$PY" benchmarks/bench_performer.py ${MODE[@]+"${MODE[@]}"} --out "$OUT"
+run_step kernel_times 45 "$PY" benchmarks/kernel_times.py --out "$OUT"
 # bench_model stops starting measurements once its budget is spent, so it ends on its own; the token
 # transformer's 60 s (its eager rows in quick mode) are kept for after it
 run_step bench_model 100000 "$PY" benchmarks/bench_model.py ${MODE[@]+"${MODE[@]}"} --out "$OUT" --budget "$(left_for 105)"

@@ -29,7 +29,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import common  # noqa: E402
 
-BENCHES = ("soft_split", "performer", "token_transformer", "model")  # gpu.sh's --out names: OUT/<name>.json
+BENCHES = ("soft_split", "performer", "kernel_times", "token_transformer", "model")  # gpu.sh's OUT/<name>.json
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -160,6 +160,23 @@ def test_summarize_judges_targets():
     assert got["t2t_vit_14 largest training batch at 384 px vs reference"] == "inconclusive"
 
 
+def test_kernel_times_calls_run(monkeypatch):
+    """kernel_times.py's calls (the static model's cases through the kernels' host functions) run, on tiny
+    stand-ins of the cases under the interpreter: the profiling itself needs a GPU."""
+    import kernel_times
+    import static_sm90 as sm
+
+    monkeypatch.setattr(sm, "B", 2)
+    monkeypatch.setattr(sm, "SOFT_SPLIT_CASES", {"tiny": (3, 13, False, 7, 4, 2, 20, True, False),
+                                                 "tiny_tokens": (16, 6, True, 3, 2, 1, 24, True, True)})
+    monkeypatch.setattr(sm, "PERFORMER_CASES", {"T9": 9})
+    for op, cases in (("soft_split", sm.SOFT_SPLIT_CASES), ("performer", sm.PERFORMER_CASES)):
+        for case in cases:
+            for direction, fn in kernel_times.calls(op, case, torch.device("cpu")).items():
+                out = fn()
+                assert all(torch.isfinite(t).all() for t in out if t.numel()), (op, case, direction)
+
+
 def test_speedups_compare_like_with_like():
     """A speedup compares CUDA-graph times when both rows have one, else both rows' eager times."""
     fused = dict(ms=0.1, graph_ms=0.1, eager_ms=0.5, timing="graph")
@@ -179,7 +196,7 @@ def test_op_benchmarks_smoke(results, name):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
-@pytest.mark.parametrize("script", ["bench_model.py", "bench_token_transformer.py"])
+@pytest.mark.parametrize("script", ["bench_model.py", "bench_token_transformer.py", "kernel_times.py"])
 def test_no_gpu_exits_cleanly(script):
     assert "no CUDA device" in run(script, timeout=60)
 
@@ -211,7 +228,8 @@ def test_gpu_sh_orchestration(tmp_path):
     status = {s[0]: s[1] for s in steps}
     assert status["install"] == "FAIL (exit 1)" and status["install_no_ext"] == "FAIL (exit 1)"
     assert status["pytest_gpu"] == "FAIL (exit 3)"
-    for name in ("meta", "bench_soft_split", "bench_performer", "bench_token_transformer", "bench_model", "summary"):
+    for name in ("meta", "bench_soft_split", "bench_performer", "kernel_times", "bench_token_transformer", "bench_model",
+                 "summary"):
         assert status[name] == "ok", (name, status)
     assert "--quick" in (out / "logs" / "bench_model.log").read_text()
     assert (out / "meta.json").exists() and (out / "summary.txt").exists()
