@@ -73,7 +73,8 @@ run_step bench_performer 75 "$PY" benchmarks/bench_performer.py ${MODE[@]+"${MOD
 run_step kernel_times 45 "$PY" benchmarks/kernel_times.py --out "$OUT"
 # bench_model stops starting measurements once its budget is spent, so it ends on its own; the token
 # transformer's 60 s (its eager rows in quick mode) are kept for after it
-run_step bench_model 100000 "$PY" benchmarks/bench_model.py ${MODE[@]+"${MODE[@]}"} --out "$OUT" --budget "$(left_for 105)"
+run_step bench_model 100000 "$PY" benchmarks/bench_model.py ${MODE[@]+"${MODE[@]}"} --out "$OUT" \
+    --budget "$(left_for 105)"
 run_step bench_token_transformer 60 "$PY" benchmarks/bench_token_transformer.py ${MODE[@]+"${MODE[@]}"} --out "$OUT"
 if "$PY" -c "import matplotlib" > /dev/null 2>&1; then
     run_step plot 60 "$PY" benchmarks/plot.py "$OUT" --out "$OUT/plots"

@@ -228,8 +228,8 @@ def test_gpu_sh_orchestration(tmp_path):
     status = {s[0]: s[1] for s in steps}
     assert status["install"] == "FAIL (exit 1)" and status["install_no_ext"] == "FAIL (exit 1)"
     assert status["pytest_gpu"] == "FAIL (exit 3)"
-    for name in ("meta", "bench_soft_split", "bench_performer", "kernel_times", "bench_token_transformer", "bench_model",
-                 "summary"):
+    for name in ("meta", "bench_soft_split", "bench_performer", "kernel_times", "bench_token_transformer",
+                 "bench_model", "summary"):
         assert status[name] == "ok", (name, status)
     assert "--quick" in (out / "logs" / "bench_model.log").read_text()
     assert (out / "meta.json").exists() and (out / "summary.txt").exists()

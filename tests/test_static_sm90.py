@@ -202,7 +202,7 @@ def test_analyze_sass_nested_loops_and_calls():
 
 
 def _sass(lines: list[str]) -> list[tuple[int, str, str, str]]:
-    return sm.parse_sass("\n".join(f"        /*{16 * i:04x}*/                   {line} ;" for i, line in enumerate(lines)))
+    return sm.parse_sass("\n".join(f"        /*{16 * i:04x}*/    {line} ;" for i, line in enumerate(lines)))
 
 
 def test_analyze_sass_takes_one_side_of_each_branch():
