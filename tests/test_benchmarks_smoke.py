@@ -1,6 +1,7 @@
 """The benchmark tooling still runs: each benchmark in a subprocess with ``--smoke`` (tiny sizes on the CPU),
 ``plot.py`` and ``summarize.py`` on what they wrote, ``gpu.sh``'s orchestration with its heavy steps faked, and
 the judging of targets on made-up rows. These check the scripts, not any number."""
+import contextlib
 import json
 import os
 import stat
@@ -175,6 +176,68 @@ def test_kernel_times_calls_run(monkeypatch):
             for direction, fn in kernel_times.calls(op, case, torch.device("cpu")).items():
                 out = fn()
                 assert all(torch.isfinite(t).all() for t in out if t.numel()), (op, case, direction)
+
+
+class _FakeGraphCuda:
+    """Stand-ins for the torch.cuda calls of ``common.graph_time``, recording what it does."""
+
+    def __init__(self, fail_capture: bool = False):
+        self.events, self.fail_capture = [], fail_capture
+        fake = self
+
+        class Graph:
+            def replay(self):
+                fake.events.append("replay")
+
+        class Capture:
+            def __init__(self, graph):
+                pass
+
+            def __enter__(self):
+                fake.events.append("capture")
+                if fake.fail_capture:
+                    raise RuntimeError("operation not permitted when stream is capturing")
+
+            def __exit__(self, *exc):
+                return False
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        self.CUDAGraph, self.graph, self.Stream = Graph, Capture, Stream
+        self.stream = lambda s: contextlib.nullcontext()
+        self.current_stream = lambda: Stream()
+        self.synchronize = self.empty_cache = lambda: None
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_graph_time_captures_after_a_warm_up(monkeypatch, fail):
+    """graph_time warms up off the capture stream, resets the gradients before the capture, times replays, and
+    reports a call that cannot be captured instead of raising (control flow only: CUDA is faked)."""
+    import triton.testing
+
+    fake = _FakeGraphCuda(fail_capture=fail)
+    monkeypatch.setattr(common, "_cuda", lambda: True)
+    for name in ("CUDAGraph", "graph", "Stream", "stream", "current_stream", "synchronize", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    timed = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (timed.append(kw), fn(), 0.25)[2])
+    leaf = torch.zeros(3, requires_grad=True)
+
+    def call():
+        fake.events.append(("call", leaf.grad is None))
+        leaf.grad = torch.ones(3)
+
+    ms, why = common.graph_time(call, warmup=1, rep=2, grads_of=[leaf])
+    warm = [("call", True), ("call", True)]
+    if fail:
+        assert (ms, fake.events) == (None, warm + ["capture"]) and "capturing" in why
+    else:
+        assert (ms, why) == (0.25, None)
+        assert fake.events == warm + ["capture", ("call", True), "replay"]
+        assert timed == [dict(warmup=1, rep=2, return_mode="median")]
+    assert leaf.grad is None
 
 
 def test_speedups_compare_like_with_like():
