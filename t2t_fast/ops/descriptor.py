@@ -193,10 +193,6 @@ class OpDescriptor:
         raise ValueError(f"{self.name}: no backend takes this call: "
                          + "; ".join(f"{n}: {self.why_not(n, args)}" for n in order))
 
-    def forward_op(self, name: str):
-        """The forward operator of backend ``name`` (not the reference)."""
-        return self.operators[self.backends[name].library][0]
-
     def apply(self, name: str, *args: Any) -> tuple[torch.Tensor, ...]:
         """The forward operator of backend ``name`` (not the reference) on ``args``, differentiable: what the
         front door runs."""
