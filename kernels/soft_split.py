@@ -14,7 +14,9 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
   order a tile whose patches all lie inside the image ("interior") gathers with plain loads and only border
   tiles take the masked path (a scalar branch per tile); the mask of an element is one AND and compare of the
   token's in-image tap bits with the column's. Tap-major gathers always take the masked path (one tap per
-  chunk: the masks are per token).
+  chunk: the masks are per token). When every tap-major chunk holds real channels only (C a multiple of the
+  chunk width, ``CONTIG``), the kernels address a chunk from its tap, channels contiguous (16-byte loads for
+  token tensors), without the table.
 - forward: an implicit GEMM. A program owns one token tile and all output columns (two accumulators,
   BN0 + BN1 columns, so each patch is gathered once; groups of BN0 columns on grid axis 1 only for wide outputs:
   past 384 columns, 192 in fp32). It accumulates ``(x - s) @ (gamma * W)^T`` and, elementwise in registers, the
@@ -27,11 +29,13 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
   without the norm) for its chunk and the group's output columns over its tiles, and ``sum dy`` (as ones @ dy);
   with the norm and grad_x also the per-token partial sums over its chunk of ``gamma g xhat`` and ``gamma g``
   (``g = dy @ W``).
-  A finishing kernel sums the groups' partials in a fixed order (deterministic, no atomics) and applies
+  Token groups: as many programs as fit the SMs at once (one wave). A finishing kernel sums the groups' partials
+  in a fixed order (deterministic, no atomics) and applies
   ``dW = gamma * D + db beta^T``, ``dgamma = sum_n W * D``, ``dbeta = W^T db``.
 - backward, grad_x (only when x needs a gradient): per input pixel, over the patches that cover it. Pixels
   are grouped by their residue modulo the stride, so a program only visits the taps that can reach its
-  pixels; for one tap, a block of pixels x a block of channels needs ``dy[tokens] @ wt[columns]^T``.
+  pixels (a 2-D block of the residue's grid); for one tap, a block of pixels x a block of channels needs
+  ``dy[tokens] @ wt[columns]^T``.
 
 fp32 inputs use 3xTF32 dots on the GPU (fp32-level accuracy); fp16/bf16 use the tensor cores with fp32
 accumulation. Under the Triton interpreter every operand is upcast to fp32 (it mishandles bf16 arithmetic).
