@@ -104,6 +104,7 @@ def test_param_groups_and_schedule():
     assert {g["lr_scale"] for g in scaled} == {1.0, 0.01}
 
     opt = optim.build_optimizer("adamw", groups, lr=1e-3)
+    assert not opt.defaults["fused"]  # CPU parameters: the default implementation (fused only on CUDA)
     sched = optim.CosineSchedule(opt, lr=1e-3, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=10, main_steps=110)
     assert sched.lr_at(0) == pytest.approx(1e-6)
     assert sched.lr_at(10) == pytest.approx(1e-3)
