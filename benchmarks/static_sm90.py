@@ -102,6 +102,8 @@ import triton
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from t2t_fast.runtime import cdiv
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,10 +151,6 @@ class Launch:
     @property
     def programs(self) -> int:
         return math.prod(self.grid)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -210,7 +208,7 @@ def _ss_backward_input(a: Launch) -> list[int]:
 def _pf_tiles(a: Launch) -> list[int]:
     # for i in range(n_tiles), n_tiles = min(tiles_per_chunk, cdiv(T - t_start, BLOCK_T)) of the program's chunk
     T, bt, nc, tpc = a["T"], a["BLOCK_T"], a["n_chunks"], a["tiles_per_chunk"]
-    per_bh = sum(max(0, min(tpc, _cdiv(T - c * tpc * bt, bt))) for c in range(nc))
+    per_bh = sum(max(0, min(tpc, cdiv(T - c * tpc * bt, bt))) for c in range(nc))
     return [a.programs // nc * per_bh]
 
 
@@ -582,9 +580,9 @@ def _cubin_facts(cubin: bytes) -> tuple[int, str]:
 
 def ctas_per_sm(regs: int, warps: int, smem: int) -> int:
     """Resident blocks per SM allowed by registers, shared memory and warps (0: the block cannot launch)."""
-    warp_regs = _cdiv(regs * 32, REG_ALLOC_UNIT) * REG_ALLOC_UNIT
+    warp_regs = cdiv(regs * 32, REG_ALLOC_UNIT) * REG_ALLOC_UNIT
     by_regs = (REGS_PER_SM // 4 // warp_regs) * 4 // warps
-    block_smem = _cdiv(smem + SMEM_RESERVED_PER_BLOCK, SMEM_ALLOC_UNIT) * SMEM_ALLOC_UNIT
+    block_smem = cdiv(smem + SMEM_RESERVED_PER_BLOCK, SMEM_ALLOC_UNIT) * SMEM_ALLOC_UNIT
     by_smem = SMEM_PER_SM // block_smem if smem <= SMEM_PER_BLOCK else 0
     return min(by_regs, by_smem, MAX_WARPS_PER_SM // warps, MAX_BLOCKS_PER_SM)
 

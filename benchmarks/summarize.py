@@ -22,7 +22,7 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -208,12 +208,23 @@ def op_targets(run: dict, bench: str, label: str, speed_goals: tuple[float, floa
     for goal, mode in zip(speed_goals, ("eager", "compile")):
         pairs = op_pairs(rows, mode)
         name = f"{label} fwd+bwd vs {'eager' if mode == 'eager' else 'compiled'} reference"
-        verdicts.append(worst_ratio(name, f">= {goal:g}x", goal, pairs, "ms", invert=True))
+        verdicts.append(worst_ratio(name, f">= {goal:g}x", goal, pairs, _speedup, higher=True))
     if mem_goal is not None:
         pairs = op_pairs(rows, "eager")
         verdicts.append(worst_ratio(f"{label} fwd+bwd peak memory vs reference", f"<= 1/{round(1 / mem_goal)}",
-                                    mem_goal, pairs, "peak_mib", invert=False))
+                                    mem_goal, pairs, _memory_ratio, higher=False))
     return verdicts
+
+
+def _speedup(fused: dict, base: dict) -> tuple[Optional[float], str]:
+    """base time / fused time (both from CUDA graphs, or both eager: ``common.speedup``) and which."""
+    return common.speedup(base, fused), "GPU time" if fused.get("graph_ms") and base.get("graph_ms") else \
+        "eager calls"
+
+
+def _memory_ratio(fused: dict, base: dict) -> tuple[Optional[float], str]:
+    """fused peak memory / the reference's."""
+    return common.ratio(fused.get("peak_mib"), base.get("peak_mib")), ""
 
 
 def op_pairs(rows: list[dict], ref_mode: str) -> list[tuple[dict, dict, str]]:
@@ -230,20 +241,19 @@ def op_pairs(rows: list[dict], ref_mode: str) -> list[tuple[dict, dict, str]]:
 CASE_KEYS = ("stage", "img", "batch", "dtype", "B", "T")  # what identifies a shape in the op benchmarks' rows
 
 
-def worst_ratio(target: str, goal_text: str, goal: float, pairs: list[tuple[dict, dict, str]], key: str,
-                invert: bool) -> Verdict:
-    """Judge the least favourable of several shapes (every measured shape must meet the goal)."""
+def worst_ratio(target: str, goal_text: str, goal: float, pairs: list[tuple[dict, dict, str]],
+                ratio: Callable[[dict, dict], tuple[Optional[float], str]], higher: bool) -> Verdict:
+    """Judge the least favourable of several shapes (every measured shape must meet the goal): ``ratio(fused,
+    base)`` gives a shape's value (None when unmeasured) and a note for its label; ``higher``: higher is better
+    (speedups), else lower (memory ratios)."""
     values = []
     for fused, base, label in pairs:
-        if ok(fused) and ok(base) and fused.get(key) and base.get(key):
-            if key == "ms":  # times: both from CUDA graphs, or both eager
-                timing = "GPU time" if fused.get("graph_ms") and base.get("graph_ms") else "eager calls"
-                values.append((common.speedup(base, fused), f"{label} ({timing})"))
-            else:
-                values.append((base[key] / fused[key] if invert else fused[key] / base[key], label))
+        if ok(fused) and ok(base):
+            value, note = ratio(fused, base)
+            if value:
+                values.append((value, f"{label} ({note})" if note else label))
     if not values:
         return Verdict(target, goal_text, "not measured (no fused/reference pair)", "not measured")
-    higher = invert  # speedups: higher is better; memory ratios: lower is better
     worst = min(values) if higher else max(values)
     spread = f"{min(v for v, _ in values):.2f}x..{max(v for v, _ in values):.2f}x over {len(values)} shapes; " \
         if len(values) > 1 else ""

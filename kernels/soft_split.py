@@ -642,7 +642,16 @@ class _Geometry:
         self.nkb = self.KP // self.bk
         # tap-major chunks of real channels only: the kernels address them from the tap, without the table
         self.contig = self.tap_major and self.CP == self.C
+        self.bwd_cpt = max(1, self.CP // self.bk)  # backward chunks per tap (CONTIG)
+        self.full_n = self.N == self.NP  # every column block inside the output
         self.fwd_chunks = self.KP // self.fwd_bk if self.tap_major else cdiv(self.K, self.fwd_bk)
+        self.prepare_bn = 64 if self.NP % 64 == 0 else 16  # columns per preparation program
+        # grad_x pixel blocks: BP/BW rows x BW columns of a residue grid, BW as few columns as cover its width (up
+        # to the block's pixels), BLOCKS_W blocks across it, NUM_P blocks per (image, stride residue)
+        grid_w = cdiv(self.W, self.s[1])
+        bw = min(self.dx_block[0], next_power_of_2(grid_w))
+        self.dx_cols = (bw, cdiv(grid_w, bw))
+        self.num_p = cdiv(cdiv(self.H, self.s[0]), self.dx_block[0] // bw) * self.dx_cols[1]
         self._grids: dict[tuple[int, int], dict[str, tuple[int, ...]]] = {}
 
     def tiles(self, bm: int) -> tuple[int, int]:
@@ -673,19 +682,6 @@ class _Geometry:
         resident = sms * (2 if warps == 4 else 1)
         return max(1, min(tiles, resident // (self.nkb * self.col_groups), _PARTIAL_BYTES // (4 * self.KP * self.NP)))
 
-    @property
-    def dx_cols(self) -> tuple[int, int]:
-        """(BW, BLOCKS_W) of the grad_x kernel: pixel-block columns, as few as cover a residue grid's width (up
-        to the block's pixels), and blocks across it."""
-        bw = min(self.dx_block[0], next_power_of_2(cdiv(self.W, self.s[1])))
-        return bw, cdiv(cdiv(self.W, self.s[1]), bw)
-
-    @property
-    def num_p(self) -> int:
-        """Pixel blocks per (image, stride residue) of the grad_x kernel."""
-        bw, blocks_w = self.dx_cols
-        return cdiv(cdiv(self.H, self.s[0]), self.dx_block[0] // bw) * blocks_w
-
     def grids(self, sms: int, weight_warps: int = 8) -> dict[str, tuple[int, ...]]:
         """The launch grid of every kernel (for ``sms`` SMs, the weight-gradient kernel at ``weight_warps``);
         token blocks (or token groups, pixel blocks) on axis 0."""
@@ -699,10 +695,6 @@ class _Geometry:
                 "backward_input": (self.num_p * self.B * self.s[0] * self.s[1], cdiv(self.C, self.dx_block[1])),
             }
         return self._grids[key]
-
-    @property
-    def prepare_bn(self) -> int:
-        return 64 if self.NP % 64 == 0 else 16
 
     def prepare(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_weight: Optional[Tensor],
                 norm_bias: Optional[Tensor], scale: bool) -> tuple[Tensor, Optional[Tensor], tuple[Tensor, ...]]:
@@ -773,7 +765,7 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
             *geo.tile_args(geo.fwd_tile), *geo.image_args(), geo.N, geo.NP, geo.K, geo.fwd_chunks,
             geo.CP, x.stride(0), x.stride(1), x.stride(2), x.stride(3), float(eps),
             HAS_NORM=has_norm, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, TAP_MAJOR=geo.tap_major,
-            CONTIG=geo.contig, FULL_N=geo.N == geo.NP, BIG=geo.big,
+            CONTIG=geo.contig, FULL_N=geo.full_n, BIG=geo.big,
             PREC=geo.prec, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.fwd_bk, num_warps=8,
             num_stages=geo.stages,
         )
@@ -809,9 +801,9 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         _backward_weight_kernel[grids["backward_weight"]](
             x, dy, wt, *table, mean if has_norm else wt, rstd if has_norm else wt, part, dbp, stat,
             *geo.tile_args(geo.bwd_tile), geo.num_tiles(geo.bwd_tile), *geo.image_args(), M, N, geo.NP, geo.KP,
-            geo.nkb, groups, max(1, geo.CP // geo.bk), x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+            geo.nkb, groups, geo.bwd_cpt, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
             HAS_NORM=has_norm, NEED_STATS=need_stats, HAS_N1=geo.BN1 > 0, CONTIG=geo.contig,
-            FULL_N=geo.N == geo.NP, BIG=geo.big,
+            FULL_N=geo.full_n, BIG=geo.big,
             PREC=geo.prec,
             TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk,
             num_warps=warps, num_stages=geo.stages,
