@@ -7,16 +7,14 @@ tap contiguous (q = (i*kw + j)*CP + c, CP = C rounded up to the chunk width), so
 Reduction rows beyond K (or channels beyond C) are padding; the weights there are zero.
 
 - preparation (one launch): ``wt`` (KP, NP) = W^T in q order and the dot dtype, zero-padded, times the
-  LayerNorm's gamma when there is one; ``W @ gamma`` and ``W @ beta + b``; and the gather
+  LayerNorm's gamma when there is one; per-chunk sums of ``W @ gamma`` and ``W @ beta + b``; and the gather
   table of each q: its element offset in x (``koff``) and its tap row and column (``ti``, ``tj``; ``ti = kh``
   marks padding). With the table the kernels do no index arithmetic per element.
 - tokens are taken in 2-D tiles (TH token rows x TW token columns of one image, TH*TW = BM). In channel-major
   order a tile whose patches all lie inside the image ("interior") gathers with plain loads and only border
   tiles take the masked path (a scalar branch per tile); the mask of an element is one AND and compare of the
   token's in-image tap bits with the column's. Tap-major gathers always take the masked path (one tap per
-  chunk: the masks are per token). When every tap-major chunk holds real channels only (C a multiple of the
-  chunk width, ``CONTIG``), the kernels address a chunk from its tap, channels contiguous (16-byte loads for
-  token tensors), without the table.
+  chunk: the masks are per token).
 - forward: an implicit GEMM. A program owns one token tile and all output columns (two accumulators,
   BN0 + BN1 columns, so each patch is gathered once; groups of BN0 columns on grid axis 1 only for wide outputs:
   past 384 columns, 192 in fp32). It accumulates ``(x - s) @ (gamma * W)^T`` and, elementwise in registers, the
@@ -29,13 +27,11 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
   without the norm) for its chunk and the group's output columns over its tiles, and ``sum dy`` (as ones @ dy);
   with the norm and grad_x also the per-token partial sums over its chunk of ``gamma g xhat`` and ``gamma g``
   (``g = dy @ W``).
-  Token groups: as many programs as fit the SMs at once (one wave). A finishing kernel sums the groups' partials
-  in a fixed order (deterministic, no atomics) and applies
+  A finishing kernel sums the groups' partials in a fixed order (deterministic, no atomics) and applies
   ``dW = gamma * D + db beta^T``, ``dgamma = sum_n W * D``, ``dbeta = W^T db``.
 - backward, grad_x (only when x needs a gradient): per input pixel, over the patches that cover it. Pixels
   are grouped by their residue modulo the stride, so a program only visits the taps that can reach its
-  pixels (a 2-D block of the residue's grid); for one tap, a block of pixels x a block of channels needs
-  ``dy[tokens] @ wt[columns]^T``.
+  pixels; for one tap, a block of pixels x a block of channels needs ``dy[tokens] @ wt[columns]^T``.
 
 fp32 inputs use 3xTF32 dots on the GPU (fp32-level accuracy); fp16/bf16 use the tensor cores with fp32
 accumulation. Under the Triton interpreter every operand is upcast to fp32 (it mishandles bf16 arithmetic).
@@ -68,72 +64,63 @@ _PARTIAL_BYTES = 32 * 2**20  # cap on the weight-gradient partial buffer of the 
 @triton.jit
 def _prepare_kernel(
     w_ptr, nw_ptr, nb_ptr, b_ptr, wt_ptr, coef_ptr, koff_ptr, bits_ptr,
-    N, NP, C, CP, K, KH, KW, KHW, NKB, swn, swk, sxc, sxh, sxw,
+    N, NP, C, CP, K, KH, KW, KHW, swn, swk, sxc, sxh, sxw,
     SCALE: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, TAP_MAJOR: tl.constexpr,
     BIG: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
 ):
-    """Program (column block), over the NKB chunks of BK q rows: wt[q, n] = W[n, k(q)] (times gamma[k] with
-    SCALE), 0 on padding; with SCALE coef[0, n] = sum_q wt[q, n] (the rounded products the forward's dot uses)
-    and coef[1, n] = sum_q W[n, k(q)] beta[k(q)] + b[n]. Program 0 writes the gather table: koff[q] the element
-    offset of column q in a patch, bits[q] = 2^i | 2^(16 + j) its tap."""
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    """Program (chunk kc of BK q rows, column block): wt[q, n] = W[n, k(q)] (times gamma[k] with SCALE), 0 on
+    padding; with SCALE coef[kc, 0, n] = sum_q wt[q, n] (the rounded products the forward's dot uses) and
+    coef[kc, 1, n] = sum_q W[n, k(q)] beta[k(q)] (+ b[n] in chunk 0). Column block 0 writes the gather table:
+    koff[q] the element offset of column q in a patch, bits[q] = 2^i | 2^(16 + j) its tap."""
+    kc = tl.program_id(0)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    q = kc * BK + tl.arange(0, BK)
+    if TAP_MAJOR:
+        r = q // CP
+        c = q % CP
+        q_ok = c < C
+        k = c * KHW + r
+    else:
+        q_ok = q < K
+        k = q
+        c = q // KHW
+        r = q % KHW
+    i = r // KW
+    j = r % KW
     col_ok = cols < N
-    w_gamma = tl.zeros((BN,), dtype=tl.float32)
-    w_beta = tl.zeros((BN,), dtype=tl.float32)
-    for kc in range(0, NKB):
-        q = kc * BK + tl.arange(0, BK)
-        if TAP_MAJOR:
-            r = q // CP
-            c = q % CP
-            q_ok = c < C
-            k = c * KHW + r
-        else:
-            q_ok = q < K
-            k = q
-            c = q // KHW
-            r = q % KHW
-        m = q_ok[:, None] & col_ok[None, :]
-        w = tl.load(w_ptr + k[:, None] * swk + cols[None, :] * swn, mask=m, other=0.0).to(tl.float32)
-        if SCALE:
-            wg = (w * tl.load(nw_ptr + k, mask=q_ok, other=0.0).to(tl.float32)[:, None]).to(wt_ptr.dtype.element_ty)
-            w_gamma += tl.sum(wg.to(tl.float32), axis=0)
-            if HAS_NORM_BIAS:
-                w_beta += tl.sum(w * tl.load(nb_ptr + k, mask=q_ok, other=0.0).to(tl.float32)[:, None], axis=0)
-        else:
-            wg = w.to(wt_ptr.dtype.element_ty)
-        tl.store(wt_ptr + q[:, None] * NP + cols[None, :], wg)
-        if tl.program_id(0) == 0:
-            i = r // KW
-            j = r % KW
-            if BIG:
-                c = c.to(tl.int64)
-            # padding gathers tap (0, 0) of channel 0 (offset 0, bits of i = j = 0): a copy of the shift
-            tl.store(koff_ptr + q, tl.where(q_ok, c * sxc + i * sxh + j * sxw, 0))
-            tl.store(bits_ptr + q, tl.where(q_ok, (1 << i) | (1 << (16 + j)), 0x10001))
+    m = q_ok[:, None] & col_ok[None, :]
+    w = tl.load(w_ptr + k[:, None] * swk + cols[None, :] * swn, mask=m, other=0.0).to(tl.float32)
     if SCALE:
+        wg = (w * tl.load(nw_ptr + k, mask=q_ok, other=0.0).to(tl.float32)[:, None]).to(wt_ptr.dtype.element_ty)
+        tl.store(coef_ptr + kc * 2 * NP + cols, tl.sum(wg.to(tl.float32), axis=0))
+        w_beta = tl.zeros((BN,), dtype=tl.float32)
+        if HAS_NORM_BIAS:
+            w_beta += tl.sum(w * tl.load(nb_ptr + k, mask=q_ok, other=0.0).to(tl.float32)[:, None], axis=0)
         if HAS_BIAS:
-            w_beta += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        tl.store(coef_ptr + cols, w_gamma)
-        tl.store(coef_ptr + NP + cols, w_beta)
+            if kc == 0:
+                w_beta += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        tl.store(coef_ptr + (kc * 2 + 1) * NP + cols, w_beta)
+    else:
+        wg = w.to(wt_ptr.dtype.element_ty)
+    tl.store(wt_ptr + q[:, None] * NP + cols[None, :], wg)
+    if tl.program_id(1) == 0:
+        if BIG:
+            c = c.to(tl.int64)
+        # padding gathers tap (0, 0) of channel 0 (offset 0, bits of i = j = 0): a copy of the shift
+        tl.store(koff_ptr + q, tl.where(q_ok, c * sxc + i * sxh + j * sxw, 0))
+        tl.store(bits_ptr + q, tl.where(q_ok, (1 << i) | (1 << (16 + j)), 0x10001))
 
 
 @triton.jit
-def _tile_position(tile, TPI, TILES_W):
-    """Token tile index -> (image, tile row, tile column); TPI tiles per image, TILES_W per tile row."""
-    b = tile // TPI
-    tr = (tile - b * TPI) // TILES_W
-    return b, tr, tile - b * TPI - tr * TILES_W
-
-
-@triton.jit
-def _tile(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw,
+def _tile(tile, TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw,
           BIG: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
-    """Token tile (image b, tile row tr, tile column tc) -> (rows in range, tap (0, 0) inside the image, its offset
-    in x, token index (b*L + t), the taps of each row inside the image (bit i for tap row i, bit 16 + j for tap
-    column j; 0 for rows beyond the tokens), whether every patch of the tile lies inside the image and every row
-    is a token)."""
-    th0 = tr * TH
-    tw0 = tc * TW
+    """Token tile -> (rows in range, tap (0, 0) inside the image, its offset in x, token index (b*L + t), the taps
+    of each row inside the image (bit i for tap row i, bit 16 + j for tap column j; 0 for rows beyond the
+    tokens), whether every patch of the tile lies inside the image and every row is a token)."""
+    b = tile // TPI
+    rest = tile % TPI
+    th0 = (rest // TILES_W) * TH
+    tw0 = (rest % TILES_W) * TW
     if BIG:
         b = b.to(tl.int64)
     m = tl.arange(0, TH * TW)
@@ -159,30 +146,16 @@ def _tile(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw,
 
 
 @triton.jit
-def _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, kc, ti, tj, c0, sxc, sxh, sxw, sub, mul, MODE: tl.constexpr,
-            MASKED: tl.constexpr, CONTIG: tl.constexpr, BK: tl.constexpr):
-    """The (tokens, q) tile of chunk kc (q = kc*BK + 0..BK-1) of the unfolded tensor in fp32, as is (MODE 0),
-    minus ``sub`` per token (1) or times ``mul`` after that (2). Padding pixels read as 0 (MASKED; interior tiles
-    have none), rows beyond the tokens as 0 - sub; q-padding gathers tap (0, 0) of channel 0, the shift of the
-    forward. CONTIG (tap-major, every chunk BK real channels of one tap): the chunk is channels c0.. of tap
-    (ti, tj), contiguous (16-byte loads when the channel stride is 1, as for token tensors), one tap mask per
-    token; else offsets and masks from the gather table, per element."""
-    if CONTIG:
-        c = c0 + tl.arange(0, BK)
-        ptrs = x_ptr + (xrow[:, None] + (ti * sxh + tj * sxw + c * sxc)[None, :])
-        if MASKED:
-            cb = (1 << ti) | (1 << (16 + tj))
-            a = tl.load(ptrs, mask=((bits & cb) == cb)[:, None], other=0.0).to(tl.float32)
-        else:
-            a = tl.load(ptrs).to(tl.float32)
+def _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, q, sub, mul, MODE: tl.constexpr, MASKED: tl.constexpr):
+    """The (tokens, q) tile of the unfolded tensor in fp32, as is (MODE 0), minus ``sub`` per token (1) or
+    times ``mul`` after that (2). Padding pixels read as 0 (MASKED; interior tiles have none), rows beyond the
+    tokens as 0 - sub; q-padding gathers tap (0, 0) of channel 0, the shift of the forward."""
+    ptrs = x_ptr + (xrow[:, None] + tl.load(koff_ptr + q)[None, :])
+    if MASKED:
+        cb = tl.load(bits_ptr + q)[None, :]
+        a = tl.load(ptrs, mask=(bits[:, None] & cb) == cb, other=0.0).to(tl.float32)
     else:
-        q = kc * BK + tl.arange(0, BK)
-        ptrs = x_ptr + (xrow[:, None] + tl.load(koff_ptr + q)[None, :])
-        if MASKED:
-            cb = tl.load(bits_ptr + q)[None, :]
-            a = tl.load(ptrs, mask=(bits[:, None] & cb) == cb, other=0.0).to(tl.float32)
-        else:
-            a = tl.load(ptrs).to(tl.float32)
+        a = tl.load(ptrs).to(tl.float32)
     if MODE >= 1:
         a = a - sub[:, None]
     if MODE == 2:
@@ -191,26 +164,13 @@ def _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, kc, ti, tj, c0, sxc, sxh, sxw
 
 
 @triton.jit
-def _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP, NUM_CHUNKS, CP, KW, sxc, sxh,
-                  sxw, acc0, acc1, s1, s2, HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, MASKED: tl.constexpr,
-                  CONTIG: tl.constexpr, PREC: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr,
+def _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP, NUM_CHUNKS, acc0, acc1, s1, s2, HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr,
+                  MASKED: tl.constexpr, PREC: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr,
                   BK: tl.constexpr):
-    ti = 0  # CONTIG: the chunk's tap and first channel, stepped along without a division
-    tj = 0
-    c0 = 0
     for kc in range(0, NUM_CHUNKS):
         q = kc * BK + tl.arange(0, BK)
         # with the norm x - s: q-padding gathers s itself and rows beyond the tokens 0 - 0, both 0 here
-        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, kc, ti, tj, c0, sxc, sxh, sxw, shift, shift,
-                    1 if HAS_NORM else 0, MASKED, CONTIG, BK)
-        if CONTIG:
-            c0 += BK
-            next_tap = c0 == CP
-            c0 = tl.where(next_tap, 0, c0)
-            tj += next_tap.to(tl.int32)
-            next_row = tj == KW
-            tj = tl.where(next_row, 0, tj)
-            ti += next_row.to(tl.int32)
+        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, q, shift, shift, 1 if HAS_NORM else 0, MASKED)
         if HAS_NORM:
             s1 += a
             s2 += a * a
@@ -225,37 +185,28 @@ def _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP
 
 @triton.jit
 def _forward_store(y_ptr, coef_ptr, cvec_ptr, acc, rstd, d, yrow, row_ok, cols, N, HAS_NORM: tl.constexpr,
-                   HAS_CVEC: tl.constexpr, FULL_N: tl.constexpr):
-    """y of the tile's columns ``cols``; FULL_N (every column block inside N): per-row masks only, so the stores
-    are vectors. coef (NP long, zero-padded) needs no mask; cvec (the bias, N long, without the norm) does."""
+                   HAS_CVEC: tl.constexpr):
     out = acc
     if HAS_NORM:
-        out = rstd[:, None] * (acc - d[:, None] * tl.load(coef_ptr + cols)[None, :])
-    ptrs = y_ptr + yrow[:, None] * N + cols[None, :]
-    if FULL_N:
-        if HAS_CVEC:
-            out += tl.load(cvec_ptr + cols).to(tl.float32)[None, :]
-        tl.store(ptrs, out.to(y_ptr.dtype.element_ty), mask=row_ok[:, None])
-    else:
-        if HAS_CVEC:
-            out += tl.load(cvec_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(ptrs, out.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < N)[None, :])
+        out = rstd[:, None] * (acc - d[:, None] * tl.load(coef_ptr + cols, mask=cols < N, other=0.0)[None, :])
+    if HAS_CVEC:
+        out += tl.load(cvec_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + yrow[:, None] * N + cols[None, :], out.to(y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (cols < N)[None, :])
 
 
 @triton.jit
 def _forward_kernel(
     x_ptr, wt_ptr, coef_ptr, cvec_ptr, koff_ptr, bits_ptr, y_ptr, mean_ptr, rstd_ptr,
-    TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, NP, K, NUM_CHUNKS, CP, sxb, sxc, sxh, sxw, eps,
+    TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, NP, K, NUM_CHUNKS, sxb, sxh, sxw, eps,
     HAS_NORM: tl.constexpr, HAS_CVEC: tl.constexpr, HAS_N1: tl.constexpr, TAP_MAJOR: tl.constexpr,
-    CONTIG: tl.constexpr, FULL_N: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr,
-    TW: tl.constexpr,
-    BN0: tl.constexpr, BN1: tl.constexpr, BK: tl.constexpr,
+    BIG: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr,
+    BN1: tl.constexpr, BK: tl.constexpr,
 ):
     """Program (token tile, column group of BN0 + BN1): y of the tile. With HAS_NORM wt holds (gamma*W)^T and
     coef = W @ gamma; cvec is added (W @ beta + b with the norm, else the bias); both are NP long."""
     BM: tl.constexpr = TH * TW
-    b, tr, tc = _tile_position(tl.program_id(0), TPI, TILES_W)
-    row_ok, s_ok, xrow, yrow, bits, interior = _tile(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW,
+    row_ok, s_ok, xrow, yrow, bits, interior = _tile(tl.program_id(0), TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW,
                                                  PH, PW, sxb, sxh, sxw, BIG, TH, TW)
     col0 = tl.program_id(1) * BN0  # column groups (axis 1) only exist without the second block
     acc0 = tl.zeros((BM, BN0), dtype=tl.float32)
@@ -267,12 +218,12 @@ def _forward_kernel(
         shift = tl.load(x_ptr + xrow, mask=s_ok, other=0.0).to(tl.float32)
     if interior and not TAP_MAJOR:  # tap-major masks are per token (a chunk is one tap): one path
         acc0, acc1, s1, s2 = _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP,
-                                           NUM_CHUNKS, CP, KW, sxc, sxh, sxw, acc0, acc1, s1, s2, HAS_NORM,
-                                           HAS_N1, False, CONTIG, PREC, BN0, BN1, BK)
+                                           NUM_CHUNKS, acc0, acc1, s1, s2, HAS_NORM, HAS_N1, False, PREC, BN0, BN1,
+                                           BK)
     else:
         acc0, acc1, s1, s2 = _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP,
-                                           NUM_CHUNKS, CP, KW, sxc, sxh, sxw, acc0, acc1, s1, s2, HAS_NORM,
-                                           HAS_N1, True, CONTIG, PREC, BN0, BN1, BK)
+                                           NUM_CHUNKS, acc0, acc1, s1, s2, HAS_NORM, HAS_N1, True, PREC, BN0, BN1,
+                                           BK)
     rstd = shift
     d = shift
     if HAS_NORM:
@@ -288,35 +239,33 @@ def _forward_kernel(
             tl.store(mean_ptr + yrow, shift + d, mask=row_ok)
             tl.store(rstd_ptr + yrow, rstd, mask=row_ok)
     _forward_store(y_ptr, coef_ptr, cvec_ptr, acc0, rstd, d, yrow, row_ok, col0 + tl.arange(0, BN0), N, HAS_NORM,
-                   HAS_CVEC, FULL_N)
+                   HAS_CVEC)
     if HAS_N1:
         _forward_store(y_ptr, coef_ptr, cvec_ptr, acc1, rstd, d, yrow, row_ok, col0 + BN0 + tl.arange(0, BN1), N,
-                       HAS_NORM, HAS_CVEC, FULL_N)
+                       HAS_NORM, HAS_CVEC)
 
 
 @triton.jit
-def _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, kc, ti, tj, c0, sxc, sxh, sxw, mean_ptr, rstd_ptr,
-             yrow, HAS_NORM: tl.constexpr, MASKED: tl.constexpr, CONTIG: tl.constexpr, BK: tl.constexpr):
-    """The tile's xhat (x without the norm) in fp32 for chunk kc (channels c0.. of tap (ti, tj) with CONTIG): 0 in
-    rows beyond the tokens, garbage in q-padding (it only meets zero weights or discarded rows)."""
+def _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, q, mean_ptr, rstd_ptr, yrow, HAS_NORM: tl.constexpr,
+             MASKED: tl.constexpr):
+    """The tile's xhat (x without the norm) in fp32: 0 in rows beyond the tokens, garbage in q-padding (it
+    only meets zero weights or discarded rows)."""
     if HAS_NORM:
         mu = tl.load(mean_ptr + yrow, mask=row_ok, other=0.0)
         rs = tl.load(rstd_ptr + yrow, mask=row_ok, other=0.0)
-        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, kc, ti, tj, c0, sxc, sxh, sxw, mu, rs, 2, MASKED, CONTIG,
-                    BK)
+        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, q, mu, rs, 2, MASKED)
     else:
-        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, kc, ti, tj, c0, sxc, sxh, sxw, xrow, xrow, 0, MASKED,
-                    CONTIG, BK)
+        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, q, xrow, xrow, 0, MASKED)
     return a
 
 
 @triton.jit
 def _backward_weight_kernel(
     x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, part_ptr, dbp_ptr, stat_ptr,
-    TPI, TILES_W, NUM_TILES, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, M, N, NP, KP, NKB, G, CPT, sxb, sxc, sxh,
-    sxw, HAS_NORM: tl.constexpr, NEED_STATS: tl.constexpr, HAS_N1: tl.constexpr, CONTIG: tl.constexpr,
-    FULL_N: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr,
-    BN1: tl.constexpr, BK: tl.constexpr,
+    TPI, TILES_W, NUM_TILES, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, M, N, NP, KP, NKB, G, sxb, sxh, sxw,
+    HAS_NORM: tl.constexpr, NEED_STATS: tl.constexpr, HAS_N1: tl.constexpr, BIG: tl.constexpr,
+    PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr,
+    BK: tl.constexpr,
 ):
     """Program (group g, chunk kc of BK q rows; column group cg on axis 1) over tiles g, g+G, ...: part[g, q, n] =
     sum dy[t, n] xhat[t, q] (x without the norm) for the group's columns n, and in chunk 0 dbp[g, n] = sum dy[t, n];
@@ -325,14 +274,6 @@ def _backward_weight_kernel(
     g = tl.program_id(0) // NKB
     kc = tl.program_id(0) % NKB
     q = kc * BK + tl.arange(0, BK)
-    ti = 0  # CONTIG: the chunk's tap and first channel
-    tj = 0
-    c0 = 0
-    if CONTIG:
-        tap = kc // CPT
-        ti = tap // KW
-        tj = tap - ti * KW
-        c0 = (kc - tap * CPT) * BK
     cols0 = tl.program_id(1) * BN0 + tl.arange(0, BN0)  # column groups only exist without the second block
     cols1 = BN0 + tl.arange(0, BN1)
     dt = wt_ptr.dtype.element_ty
@@ -346,32 +287,19 @@ def _backward_weight_kernel(
         wc0 = tl.load(wt_ptr + q[:, None] * NP + cols0[None, :])  # (BK, BN0), loaded once per program
         if HAS_N1:
             wc1 = tl.load(wt_ptr + q[:, None] * NP + cols1[None, :])
-    # tiles g, g + G, ...: positions stepped by G's (images, rows, columns) with carries, no division per tile
-    tiles_h = TPI // TILES_W
-    b, tr, tc = _tile_position(g, TPI, TILES_W)
-    step_b, step_r, step_c = _tile_position(G, TPI, TILES_W)
     for tile in range(g, NUM_TILES, G):
-        row_ok, s_ok, xrow, yrow, bits, interior = _tile(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW,
+        row_ok, s_ok, xrow, yrow, bits, interior = _tile(tile, TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW,
                                                      sxb, sxh, sxw, BIG, TH, TW)
-        if interior and not CONTIG:  # CONTIG masks are per token: one path
-            a = _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, kc, ti, tj, c0, sxc, sxh, sxw, mean_ptr,
-                         rstd_ptr, yrow, HAS_NORM, False, CONTIG, BK)
+        if interior:
+            a = _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, q, mean_ptr, rstd_ptr, yrow, HAS_NORM, False)
         else:
-            a = _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, kc, ti, tj, c0, sxc, sxh, sxw, mean_ptr,
-                         rstd_ptr, yrow, HAS_NORM, True, CONTIG, BK)
+            a = _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, q, mean_ptr, rstd_ptr, yrow, HAS_NORM, True)
         dyrow = dy_ptr + yrow[:, None] * N
-        if FULL_N:  # per-row masks: vector loads
-            dy0 = tl.load(dyrow + cols0[None, :], mask=row_ok[:, None], other=0.0).to(dt)
-        else:
-            dy0 = tl.load(dyrow + cols0[None, :], mask=row_ok[:, None] & (cols0 < N)[None, :], other=0.0).to(dt)
+        dy0 = tl.load(dyrow + cols0[None, :], mask=row_ok[:, None] & (cols0 < N)[None, :], other=0.0).to(dt)
         at = tl.trans(a.to(dt))
         dw0 = tl.dot(at, dy0, dw0, input_precision=PREC)
         if HAS_N1:
-            if FULL_N:
-                dy1 = tl.load(dyrow + cols1[None, :], mask=row_ok[:, None], other=0.0).to(dt)
-            else:
-                dy1 = tl.load(dyrow + cols1[None, :], mask=row_ok[:, None] & (cols1 < N)[None, :],
-                              other=0.0).to(dt)
+            dy1 = tl.load(dyrow + cols1[None, :], mask=row_ok[:, None] & (cols1 < N)[None, :], other=0.0).to(dt)
             dw1 = tl.dot(at, dy1, dw1, input_precision=PREC)
         if kc == 0:
             db0 = tl.dot(ones, dy0, db0, input_precision=PREC)
@@ -384,13 +312,6 @@ def _backward_weight_kernel(
             srow = stat_ptr + (tl.program_id(1) * NKB + kc) * 2 * M + yrow
             tl.store(srow, tl.sum(gg * a, axis=1), mask=row_ok)
             tl.store(srow + M, tl.sum(gg, axis=1), mask=row_ok)
-        tc += step_c
-        carry = tc >= TILES_W
-        tc = tl.where(carry, tc - TILES_W, tc)
-        tr += step_r + carry.to(tl.int32)
-        carry = tr >= tiles_h
-        tr = tl.where(carry, tr - tiles_h, tr)
-        b += step_b + carry.to(tl.int32)
     part = part_ptr + (g * KP + q)[:, None] * NP
     tl.store(part + cols0[None, :], dw0)
     if HAS_N1:
@@ -450,15 +371,13 @@ def _backward_finish_kernel(
 @triton.jit
 def _backward_input_kernel(
     dy_ptr, wt_ptr, x_ptr, mean_ptr, rstd_ptr, stat_ptr, dx_ptr,
-    M, L, LH, LW, C, H, W, N, NP, K, KH, KW, SH, SW, PH, PW, QC, QR, NUM_P, BLOCKS_W,
+    M, L, LH, LW, C, H, W, N, NP, K, KH, KW, SH, SW, PH, PW, QC, QR, NUM_P,
     sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw,
-    HAS_NORM: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr,
-    BC: tl.constexpr, BN: tl.constexpr,
+    HAS_NORM: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr,
+    BN: tl.constexpr,
 ):
     """Program (pixel block + NUM_P * (image * stride residue), channel block): grad_x of the pixels
     (rh + SH*u, rw + SW*v) of one image, summed over the taps (i, j) = (ti + SH*a, tj + SW*e) that reach them.
-    A pixel block is BP/BW rows u x BW columns v of the residue's grid (BLOCKS_W blocks across), so a pixel's
-    (u, v) needs no division.
     wt[c*QC + (i*kw + j)*QR, n] = W[n, c*kh*kw + i*kw + j] (times gamma with the norm);
     stat[0/1, token]: sum_k gamma*g*xhat and sum_k gamma*g."""
     pid_p = tl.program_id(0) % NUM_P
@@ -471,11 +390,10 @@ def _backward_input_kernel(
         b = b.to(tl.int64)
     wr = (W - rw + SW - 1) // SW
     hr = (H - rh + SH - 1) // SH
-    block_h = pid_p // BLOCKS_W
-    p = tl.arange(0, BP)
-    uh = block_h * (BP // BW) + p // BW
-    uw = (pid_p - block_h * BLOCKS_W) * BW + p % BW
-    p_ok = (uh < hr) & (uw < wr)
+    p = pid_p * BP + tl.arange(0, BP)
+    p_ok = p < hr * wr
+    uh = p // wr
+    uw = p % wr
     h = rh + SH * uh
     w = rw + SW * uw
     ch = pid_c * BC + tl.arange(0, BC)
@@ -489,11 +407,7 @@ def _backward_input_kernel(
     # the pixel at h is reached by tap i = ti + SH*a of token row (rh + PH) // SH + uh - a
     oh0 = (rh + PH) // SH + uh
     ow0 = (rw + PW) // SW + uw
-    # with the norm, per token t reaching the pixel: rs_t (g_t - c2_t/K - xhat_t c1_t/K), xhat_t = (x - mu_t) rs_t,
-    # summed as rs_t g_t + (x - mu_t) (-rs_t^2 c1_t/K) per element and -rs_t c2_t/K per pixel row (``shift``).
-    # Tokens outside the image read rs = 0 and dy = 0: their terms vanish without a mask.
     acc = tl.zeros((BP, BC), dtype=tl.float32)
-    shift = tl.zeros((BP,), dtype=tl.float32)
     for a in range(0, (KH - ti + SH - 1) // SH):
         oh = oh0 - a
         for e in range(0, (KW - tj + SW - 1) // SW):
@@ -501,10 +415,7 @@ def _backward_input_kernel(
             tok_ok = p_ok & (oh >= 0) & (oh < LH) & (ow >= 0) & (ow < LW)
             row = b * L + oh * LW + ow
             r = (ti + SH * a) * KW + (tj + SW * e)
-            if HAS_NORM:
-                g = tl.zeros((BP, BC), dtype=tl.float32)
-            else:  # no per-token factor: the taps accumulate in the products' accumulator
-                g = acc
+            g = tl.zeros((BP, BC), dtype=tl.float32)
             for n0 in range(0, N, BN):
                 n = n0 + tl.arange(0, BN)
                 dyt = tl.load(dy_ptr + row[:, None] * N + n[None, :], mask=tok_ok[:, None] & (n < N)[None, :],
@@ -517,13 +428,9 @@ def _backward_input_kernel(
                 rs = tl.load(rstd_ptr + row, mask=tok_ok, other=0.0)
                 c1 = tl.load(stat_ptr + row, mask=tok_ok, other=0.0)
                 c2 = tl.load(stat_ptr + M + row, mask=tok_ok, other=0.0)
-                acc += rs[:, None] * g
-                acc += (xv - mu[:, None]) * (-rs * rs * (c1 / K))[:, None]
-                shift -= rs * (c2 / K)
-            else:
-                acc = g
-    if HAS_NORM:
-        acc += shift[:, None]
+                xhat = (xv - mu[:, None]) * rs[:, None]
+                g = rs[:, None] * (g - (c2 / K)[:, None] - xhat * (c1 / K)[:, None])
+            acc += tl.where(tok_ok[:, None], g, 0.0)
     tl.store(dx_ptr + b * sdb + (h * sdh + w * sdw)[:, None] + ch[None, :] * sdc, acc.to(dx_ptr.dtype.element_ty),
              mask=pix_ok)
 
@@ -640,19 +547,11 @@ class _Geometry:
         # grad_x: pixels x channels per program
         self.dx_block = (128 if self.half else 64, _pow2(self.C, 16, 64 if self.half else 32))
         self.nkb = self.KP // self.bk
-        # tap-major chunks of real channels only: the kernels address them from the tap, without the table
-        self.contig = self.tap_major and self.CP == self.C
-        self.bwd_cpt = max(1, self.CP // self.bk)  # backward chunks per tap (CONTIG)
-        self.full_n = self.N == self.NP  # every column block inside the output
         self.fwd_chunks = self.KP // self.fwd_bk if self.tap_major else cdiv(self.K, self.fwd_bk)
         self.prepare_bn = 64 if self.NP % 64 == 0 else 16  # columns per preparation program
-        # grad_x pixel blocks: BP/BW rows x BW columns of a residue grid, BW as few columns as cover its width (up
-        # to the block's pixels), BLOCKS_W blocks across it, NUM_P blocks per (image, stride residue)
-        grid_w = cdiv(self.W, self.s[1])
-        bw = min(self.dx_block[0], next_power_of_2(grid_w))
-        self.dx_cols = (bw, cdiv(grid_w, bw))
-        self.num_p = cdiv(cdiv(self.H, self.s[0]), self.dx_block[0] // bw) * self.dx_cols[1]
-        self._grids: dict[tuple[int, int], dict[str, tuple[int, ...]]] = {}
+        # grad_x pixel blocks per (image, stride residue)
+        self.num_p = cdiv(cdiv(self.H, self.s[0]) * cdiv(self.W, self.s[1]), self.dx_block[0])
+        self._grids: dict[int, dict[str, tuple[int, ...]]] = {}
 
     def tiles(self, bm: int) -> tuple[int, int]:
         def interior(th: int, tw: int) -> int:
@@ -669,32 +568,24 @@ class _Geometry:
     def num_tiles(self, tile: tuple[int, int]) -> int:
         return self.B * self.tile_args(tile)[0]
 
-    def weight_warps(self, has_norm: bool, need_stats: bool) -> int:
-        """Warps of the weight-gradient kernel: 4 for 16-bit inputs with the norm and without grad_x, else 8."""
-        return 4 if has_norm and not need_stats and self.half else 8
-
-    def groups(self, sms: int, warps: int = 8) -> int:
-        """Token groups of the weight-gradient kernel: one wave of programs, as many as fit the SMs at once (two
-        per SM at 4 warps, one at 8: their registers and shared memory as compiled for sm_90); a second, partial
-        wave would cost a whole program's time, and every group adds a (KP, NP) fp32 partial that the finishing
-        kernel reads. Partials bounded by _PARTIAL_BYTES."""
+    def groups(self, sms: int) -> int:
+        """Token groups of the weight-gradient kernel: about two programs per SM, partials bounded."""
         tiles = self.num_tiles(self.bwd_tile)
-        resident = sms * (2 if warps == 4 else 1)
-        return max(1, min(tiles, resident // (self.nkb * self.col_groups), _PARTIAL_BYTES // (4 * self.KP * self.NP)))
+        return max(1, min(tiles, cdiv(2 * sms, self.nkb * self.col_groups),
+                          _PARTIAL_BYTES // (4 * self.KP * self.NP)))
 
-    def grids(self, sms: int, weight_warps: int = 8) -> dict[str, tuple[int, ...]]:
-        """The launch grid of every kernel (for ``sms`` SMs, the weight-gradient kernel at ``weight_warps``);
-        token blocks (or token groups, pixel blocks) on axis 0."""
-        key = (sms, weight_warps)
-        if key not in self._grids:
-            self._grids[key] = {
-                "prepare": (self.NP // self.prepare_bn,),
+    def grids(self, sms: int) -> dict[str, tuple[int, ...]]:
+        """The launch grid of every kernel (for ``sms`` SMs); token blocks (or token groups, pixel blocks) on
+        axis 0."""
+        if sms not in self._grids:
+            self._grids[sms] = {
+                "prepare": (self.nkb, self.NP // self.prepare_bn),
                 "forward": (self.num_tiles(self.fwd_tile), self.col_groups),
-                "backward_weight": (self.groups(sms, weight_warps) * self.nkb, self.col_groups),
+                "backward_weight": (self.groups(sms) * self.nkb, self.col_groups),
                 "backward_finish": (cdiv(self.K, 32),),
                 "backward_input": (self.num_p * self.B * self.s[0] * self.s[1], cdiv(self.C, self.dx_block[1])),
             }
-        return self._grids[key]
+        return self._grids[sms]
 
     def prepare(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_weight: Optional[Tensor],
                 norm_bias: Optional[Tensor], scale: bool) -> tuple[Tensor, Optional[Tensor], tuple[Tensor, ...]]:
@@ -702,18 +593,19 @@ class _Geometry:
         fp32 coefficients [W @ gamma, W @ beta + b], and the gather table (koff, bits)."""
         dev = weight.device
         wt = torch.empty((self.KP, self.NP), dtype=self.dot_dtype, device=dev)
-        coef = torch.empty((2, self.NP), dtype=torch.float32, device=dev) if scale else wt
+        grid = self.grids(1)["prepare"]
+        coef = torch.empty((grid[0], 2, self.NP), dtype=torch.float32, device=dev) if scale else wt
         table = (torch.empty(self.KP, dtype=torch.int64 if self.big else torch.int32, device=dev),
                  torch.empty(self.KP, dtype=torch.int32, device=dev))
-        _prepare_kernel[self.grids(1)["prepare"]](
+        _prepare_kernel[grid](
             weight, norm_weight if scale else weight, norm_bias if norm_bias is not None else weight,
             bias if bias is not None else weight, wt, coef, *table,
-            self.N, self.NP, self.C, self.CP, self.K, self.k[0], self.k[1], self.KHW, self.nkb, weight.stride(0),
+            self.N, self.NP, self.C, self.CP, self.K, self.k[0], self.k[1], self.KHW, weight.stride(0),
             weight.stride(1), x.stride(1), x.stride(2), x.stride(3),
             SCALE=scale, HAS_NORM_BIAS=norm_bias is not None, HAS_BIAS=bias is not None, TAP_MAJOR=self.tap_major,
-            BIG=self.big, BK=self.bk, BN=self.prepare_bn, num_warps=4,
+            BIG=self.big, BK=self.KP // grid[0], BN=self.NP // grid[1], num_warps=4,
         )
-        return wt, coef if scale else None, table
+        return wt, coef.sum(dim=0) if scale else None, table
 
     def image_args(self) -> tuple:
         """L, LH, LW, H, W, KH, KW, SH, SW, PH, PW of the kernels' signatures."""
@@ -763,9 +655,8 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
         _forward_kernel[geo.grids(1)["forward"]](
             x, wt, coef if has_norm else wt, cvec if cvec is not None else wt, *table, y, mean, rstd,
             *geo.tile_args(geo.fwd_tile), *geo.image_args(), geo.N, geo.NP, geo.K, geo.fwd_chunks,
-            geo.CP, x.stride(0), x.stride(1), x.stride(2), x.stride(3), float(eps),
-            HAS_NORM=has_norm, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, TAP_MAJOR=geo.tap_major,
-            CONTIG=geo.contig, FULL_N=geo.full_n, BIG=geo.big,
+            x.stride(0), x.stride(2), x.stride(3), float(eps),
+            HAS_NORM=has_norm, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, TAP_MAJOR=geo.tap_major, BIG=geo.big,
             PREC=geo.prec, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.fwd_bk, num_warps=8,
             num_stages=geo.stages,
         )
@@ -790,8 +681,7 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
             mean, rstd = mean.contiguous(), rstd.contiguous()
         dy = grad_y.contiguous()
         wt, _, table = geo.prepare(x, weight, None, norm_weight if need_stats else None, None, scale=need_stats)
-        warps = geo.weight_warps(has_norm, need_stats)
-        grids = geo.grids(_num_sms(x.device.index or 0) if x.is_cuda else 4, warps)
+        grids = geo.grids(_num_sms(x.device.index or 0) if x.is_cuda else 4)
         groups = grids["backward_weight"][0] // geo.nkb
         part = torch.empty((groups, geo.KP, geo.NP), dtype=torch.float32, device=x.device)
         dbp = torch.empty((groups, geo.NP), dtype=torch.float32, device=x.device)
@@ -801,12 +691,10 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         _backward_weight_kernel[grids["backward_weight"]](
             x, dy, wt, *table, mean if has_norm else wt, rstd if has_norm else wt, part, dbp, stat,
             *geo.tile_args(geo.bwd_tile), geo.num_tiles(geo.bwd_tile), *geo.image_args(), M, N, geo.NP, geo.KP,
-            geo.nkb, groups, geo.bwd_cpt, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-            HAS_NORM=has_norm, NEED_STATS=need_stats, HAS_N1=geo.BN1 > 0, CONTIG=geo.contig,
-            FULL_N=geo.full_n, BIG=geo.big,
-            PREC=geo.prec,
+            geo.nkb, groups, x.stride(0), x.stride(2), x.stride(3),
+            HAS_NORM=has_norm, NEED_STATS=need_stats, HAS_N1=geo.BN1 > 0, BIG=geo.big, PREC=geo.prec,
             TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk,
-            num_warps=warps, num_stages=geo.stages,
+            num_warps=4 if has_norm and not need_stats and geo.half else 8, num_stages=geo.stages,
         )
         grad_weight = empty((N, K), weight.dtype, x.device)
         grad_bias = empty((N,), weight.dtype, x.device)
@@ -831,8 +719,8 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         _backward_input_kernel[grids["backward_input"]](
             dy, wt, x, mean if has_norm else wt, rstd if has_norm else wt, stat, grad_x,
             M, geo.L, geo.LH, geo.LW, C, geo.H, geo.W, N, geo.NP, K, *geo.k, sh, sw, *geo.p, qc, qr,
-            geo.num_p, geo.dx_cols[1], *x.stride(), *grad_x.stride(),
-            HAS_NORM=has_norm, BIG=geo.big, PREC=geo.prec, BP=bp, BW=geo.dx_cols[0], BC=bc, BN=64, num_warps=8,
+            geo.num_p, *x.stride(), *grad_x.stride(),
+            HAS_NORM=has_norm, BIG=geo.big, PREC=geo.prec, BP=bp, BC=bc, BN=64, num_warps=8,
         )
     return grad_x, grad_weight, grad_bias, grad_norm_weight, grad_norm_bias
 

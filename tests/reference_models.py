@@ -58,7 +58,9 @@ def _compare(name: str, fused: nn.Module, ref: nn.Module, x: torch.Tensor, logit
     out.square().sum().backward()
     out_ref.square().sum().backward()
     ref_grads = dict(ref.named_parameters())
-    errors = {n: relative_error(p.grad, ref_grads[n].grad) for n, p in fused.named_parameters()}
+    trained = [(n, p) for n, p in fused.named_parameters() if p.requires_grad]  # frozen ones have no gradient
+    assert all(p.grad is not None and ref_grads[n].grad is not None for n, p in trained), name
+    errors = {n: relative_error(p.grad, ref_grads[n].grad) for n, p in trained}
     worst = sorted(errors.items(), key=lambda kv: -kv[1])[:5]
     assert worst[0][1] <= grad_tol, f"{name}: gradient relative errors over {grad_tol}: {worst}"
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
