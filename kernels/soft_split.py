@@ -56,6 +56,7 @@ MAX_OUT = 4096
 _INT32 = 2**31 - 1
 _BKB = 64  # q rows per backward chunk (the wgmma M of dW^T), and the table granularity
 _PARTIAL_BYTES = 32 * 2**20  # cap on the weight-gradient partial buffer of the backward
+_CPU_SMS = 4  # the SM count the backward's grids assume off the GPU (the interpreter)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -326,46 +327,47 @@ def _backward_weight_kernel(
 @triton.jit
 def _backward_finish_kernel(
     part_ptr, dbp_ptr, w_ptr, nw_ptr, nb_ptr, gw_ptr, gb_ptr, gnw_ptr, gnb_ptr,
-    N, NP, K, KP, C, CP, KHW, G, swn, swk,
+    N, NP, K, KP, CP, KHW, G, swn, swk,
     HAS_NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, TAP_MAJOR: tl.constexpr,
-    BK: tl.constexpr, BN: tl.constexpr,
+    BK: tl.constexpr, BN: tl.constexpr, GB: tl.constexpr,
 ):
-    """Program (block of BK weight columns k): sums the groups' partials in order and writes grad_weight[:, k]
-    (and grad_bias in program 0), and with the norm grad_norm_weight[k], grad_norm_bias[k]."""
+    """Program (block of BK weight columns k, block of BN output rows n): sums the groups' partials in a fixed
+    order, GB groups per step (loads in flight together), and writes grad_weight[n, k] (and grad_bias[n] in
+    k block 0); with the norm, the block's shares of grad_norm_weight[k] and grad_norm_bias[k] in
+    gnw[n block, k] and gnb[n block, k]."""
     k = tl.program_id(0) * BK + tl.arange(0, BK)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
     k_ok = k < K
+    n_ok = n < N
     if TAP_MAJOR:
         q = (k % KHW) * CP + k // KHW
     else:
         q = k
+    m = k_ok[:, None] & n_ok[None, :]
+    gs = tl.arange(0, GB)
+    tile = part_ptr + (q[:, None] * NP + n[None, :])[None, :, :]
+    acc = tl.zeros((GB, BK, BN), dtype=tl.float32)
+    dba = tl.zeros((GB, BN), dtype=tl.float32)
+    for g0 in range(0, G, GB):
+        g = g0 + gs
+        g_ok = g < G
+        acc += tl.load(tile + (g * KP * NP)[:, None, None], mask=g_ok[:, None, None] & m[None, :, :], other=0.0)
+        dba += tl.load(dbp_ptr + (g * NP)[:, None] + n[None, :], mask=g_ok[:, None] & n_ok[None, :], other=0.0)
+    d = tl.sum(acc, axis=0)
+    db = tl.sum(dba, axis=0)
+    gw = d
     if HAS_NORM:
-        gam = tl.load(nw_ptr + k, mask=k_ok, other=0.0)
-    bet = tl.zeros((BK,), dtype=tl.float32)
-    if HAS_NORM_BIAS:
-        bet = tl.load(nb_ptr + k, mask=k_ok, other=0.0)
-    dgam = tl.zeros((BK,), dtype=tl.float32)
-    dbet = tl.zeros((BK,), dtype=tl.float32)
-    for n0 in range(0, N, BN):
-        n = n0 + tl.arange(0, BN)
-        n_ok = n < N
-        m = k_ok[:, None] & n_ok[None, :]
-        d = tl.zeros((BK, BN), dtype=tl.float32)
-        db = tl.zeros((BN,), dtype=tl.float32)
-        for g in range(0, G):
-            d += tl.load(part_ptr + (g * KP + q)[:, None] * NP + n[None, :], mask=m, other=0.0)
-            db += tl.load(dbp_ptr + g * NP + n, mask=n_ok, other=0.0)
-        gw = d
-        if HAS_NORM:
-            gw = gam[:, None] * d + bet[:, None] * db[None, :]
-            w = tl.load(w_ptr + k[:, None] * swk + n[None, :] * swn, mask=m, other=0.0).to(tl.float32)
-            dgam += tl.sum(w * d, axis=1)
-            dbet += tl.sum(w * db[None, :], axis=1)
-        tl.store(gw_ptr + n[None, :] * K + k[:, None], gw.to(gw_ptr.dtype.element_ty), mask=m)
-        if tl.program_id(0) == 0:
-            tl.store(gb_ptr + n, db.to(gb_ptr.dtype.element_ty), mask=n_ok)
-    if HAS_NORM:
-        tl.store(gnw_ptr + k, dgam, mask=k_ok)
-        tl.store(gnb_ptr + k, dbet, mask=k_ok)
+        gam = tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+        bet = tl.zeros((BK,), dtype=tl.float32)
+        if HAS_NORM_BIAS:
+            bet = tl.load(nb_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+        gw = gam[:, None] * d + bet[:, None] * db[None, :]
+        w = tl.load(w_ptr + k[:, None] * swk + n[None, :] * swn, mask=m, other=0.0).to(tl.float32)
+        tl.store(gnw_ptr + tl.program_id(1) * K + k, tl.sum(w * d, axis=1), mask=k_ok)
+        tl.store(gnb_ptr + tl.program_id(1) * K + k, tl.sum(w * db[None, :], axis=1), mask=k_ok)
+    tl.store(gw_ptr + n[None, :] * K + k[:, None], gw.to(gw_ptr.dtype.element_ty), mask=m)
+    if tl.program_id(0) == 0:
+        tl.store(gb_ptr + n, db.to(gb_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -548,10 +550,12 @@ class _Geometry:
         self.dx_block = (128 if self.half else 64, _pow2(self.C, 16, 64 if self.half else 32))
         self.nkb = self.KP // self.bk
         self.fwd_chunks = self.KP // self.fwd_bk if self.tap_major else cdiv(self.K, self.fwd_bk)
-        self.prepare_bn = 64 if self.NP % 64 == 0 else 16  # columns per preparation program
+        # preparation programs of 16 q rows x 64 (or 16) columns: small tiles, many programs (it is latency-bound)
+        self.prepare_block = (16, 64 if self.NP % 64 == 0 else 16)
         # grad_x pixel blocks per (image, stride residue)
         self.num_p = cdiv(cdiv(self.H, self.s[0]) * cdiv(self.W, self.s[1]), self.dx_block[0])
         self._grids: dict[int, dict[str, tuple[int, ...]]] = {}
+        self._finish: dict[int, tuple[int, int, int]] = {}
 
     def tiles(self, bm: int) -> tuple[int, int]:
         def interior(th: int, tw: int) -> int:
@@ -574,15 +578,30 @@ class _Geometry:
         return max(1, min(tiles, cdiv(2 * sms, self.nkb * self.col_groups),
                           _PARTIAL_BYTES // (4 * self.KP * self.NP)))
 
+    def finish_block(self, sms: int) -> tuple[int, int, int]:
+        """(BK, BN, GB) of the finishing kernel: one block of columns up to 512 (the norm gradients then come out
+        whole), the most weight columns per program that still give about two programs per SM, and GB
+        groups summed per step (a 4096-element tile: its loads in flight together)."""
+        if sms in self._finish:
+            return self._finish[sms]
+        bn = min(next_power_of_2(self.N), 512)
+        blocks = cdiv(self.N, bn)
+        bk = 1
+        while bk < 16 and cdiv(self.K, 2 * bk) * blocks >= 2 * sms:
+            bk *= 2
+        self._finish[sms] = bk, bn, max(1, min(next_power_of_2(self.groups(sms)), 4096 // (bk * bn)))
+        return self._finish[sms]
+
     def grids(self, sms: int) -> dict[str, tuple[int, ...]]:
         """The launch grid of every kernel (for ``sms`` SMs); token blocks (or token groups, pixel blocks) on
         axis 0."""
         if sms not in self._grids:
+            finish = self.finish_block(sms)
             self._grids[sms] = {
-                "prepare": (self.nkb, self.NP // self.prepare_bn),
+                "prepare": (self.KP // self.prepare_block[0], self.NP // self.prepare_block[1]),
                 "forward": (self.num_tiles(self.fwd_tile), self.col_groups),
                 "backward_weight": (self.groups(sms) * self.nkb, self.col_groups),
-                "backward_finish": (cdiv(self.K, 32),),
+                "backward_finish": (cdiv(self.K, finish[0]), cdiv(self.N, finish[1])),
                 "backward_input": (self.num_p * self.B * self.s[0] * self.s[1], cdiv(self.C, self.dx_block[1])),
             }
         return self._grids[sms]
@@ -681,7 +700,8 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
             mean, rstd = mean.contiguous(), rstd.contiguous()
         dy = grad_y.contiguous()
         wt, _, table = geo.prepare(x, weight, None, norm_weight if need_stats else None, None, scale=need_stats)
-        grids = geo.grids(_num_sms(x.device.index or 0) if x.is_cuda else 4)
+        sms = _num_sms(x.device.index or 0) if x.is_cuda else _CPU_SMS
+        grids = geo.grids(sms)
         groups = grids["backward_weight"][0] // geo.nkb
         part = torch.empty((groups, geo.KP, geo.NP), dtype=torch.float32, device=x.device)
         dbp = torch.empty((groups, geo.NP), dtype=torch.float32, device=x.device)
@@ -698,16 +718,17 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         )
         grad_weight = empty((N, K), weight.dtype, x.device)
         grad_bias = empty((N,), weight.dtype, x.device)
-        norm_shape = (K,) if has_norm else (0,)
-        grad_norm_weight = empty(norm_shape, torch.float32, x.device)
-        grad_norm_bias = empty(norm_shape, torch.float32, x.device)
+        col_blocks = grids["backward_finish"][1]
+        # the norm gradients: written whole by a single block of columns, else one share per block, summed here
+        shares = [empty((col_blocks, K) if has_norm else (1, 0), torch.float32, x.device) for _ in range(2)]
+        bk, bn, gb = geo.finish_block(sms)
         _backward_finish_kernel[grids["backward_finish"]](
             part, dbp, weight, norm_weight if has_norm else wt, norm_bias if norm_bias is not None else wt,
-            grad_weight, grad_bias, grad_norm_weight, grad_norm_bias,
-            N, geo.NP, K, geo.KP, C, geo.CP, geo.KHW, groups, weight.stride(0), weight.stride(1),
-            HAS_NORM=has_norm, HAS_NORM_BIAS=norm_bias is not None, TAP_MAJOR=geo.tap_major, BK=32, BN=64,
-            num_warps=4,
+            grad_weight, grad_bias, *shares, N, geo.NP, K, geo.KP, geo.CP, geo.KHW, groups, weight.stride(0),
+            weight.stride(1), HAS_NORM=has_norm, HAS_NORM_BIAS=norm_bias is not None, TAP_MAJOR=geo.tap_major,
+            BK=bk, BN=bn, GB=gb, num_warps=4,
         )
+        grad_norm_weight, grad_norm_bias = (t.sum(dim=0) if col_blocks > 1 else t[0] for t in shares)
         if not compute_grad_x:
             return empty((0,), x.dtype, x.device), grad_weight, grad_bias, grad_norm_weight, grad_norm_bias
         if need_stats:

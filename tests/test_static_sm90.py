@@ -148,12 +148,14 @@ def test_dot_flops_are_2mnk(child, name):
 def test_quick_run_rows_and_page(child):
     rows, summary = child["quick"]["rows"], child["quick"]["summary"]
     needed = {"op", "kernel", "case", "direction", "regs", "spills", "smem_bytes", "ctas_per_sm",
-              "warp_instructions", "issue_floor_us", "min_bytes", "touched_bytes", "roofline_us", "predicted_us"}
+              "warp_instructions", "issue_floor_us", "occupancy_us", "min_bytes", "touched_bytes", "roofline_us",
+              "predicted_us"}
     assert all(needed <= set(r) for r in rows), [needed - set(r) for r in rows]
     triton_rows = [r for r in rows if r["kernel"].startswith("_")]
     assert {"_prepare_kernel", "_forward_kernel"} <= {r["kernel"] for r in triton_rows}
     for r in triton_rows:
-        assert r["predicted_us"] == max(r["issue_floor_us"], r["roofline_us"])
+        assert r["occupancy_us"] >= r["issue_floor_us"]
+        assert r["predicted_us"] == max(r["occupancy_us"], r["roofline_us"])
         assert 0 < r["min_bytes"] and r["ctas_per_sm"] >= 1 and r["direction"] == "fwd"
     ref = [r for r in rows if r["kernel"] == "reference"]
     assert len(ref) == 1 and ref[0]["predicted_us"] > 0
@@ -242,6 +244,19 @@ def test_ctas_per_sm():
     assert sm.ctas_per_sm(16, 1, 0) == 32  # blocks
     assert sm.ctas_per_sm(64, 4, 100 * 1024) == 2  # shared memory: 228 KB / (100 + 1) KB
     assert sm.ctas_per_sm(64, 4, 228 * 1024) == 0  # over 227 KB per block
+
+
+def test_occupancy_time():
+    clock = sm.CLOCK_HZ
+    # 2 resident blocks of 8 warps: 16 x WARP_IPC per clock, 3 waves of 2 x 132 blocks (the last one partial)
+    rate = min(4, 16 * sm.WARP_IPC)
+    assert sm.occupancy_seconds(1000 * 700, 700, 8, 2) == pytest.approx(3 * 2 * 1000 / rate / clock)
+    # fewer blocks than SMs: one block per SM at one block's rate, one wave
+    assert sm.occupancy_seconds(5 * 400, 5, 4, 6) == pytest.approx(400 / (4 * sm.WARP_IPC) / clock)
+    # enough warps: the issue floor
+    full = sm.occupancy_seconds(64 * 132 * 1000, 64 * 132, 4, 16)
+    assert full == pytest.approx(64 * 132 * 1000 / (sm.SMS * sm.ISSUE_PER_CLOCK * clock))
+    assert sm.occupancy_seconds(100, 1, 4, 0) == float("inf")
 
 
 def test_distinct_bytes_merges_aliases():

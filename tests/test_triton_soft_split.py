@@ -78,6 +78,7 @@ CASES = [
     (2, 32, 8, 7, 3, 2, 1, 70, True, True, True, True, torch.bfloat16),
     (1, 20, 5, 6, 3, 2, 1, 300, True, True, True, True, torch.float32),  # column groups (fp32: 128 wide)
     (1, 3, 6, 5, 3, 2, 1, 520, False, False, False, True, torch.bfloat16),  # column groups (256 wide)
+    (1, 3, 6, 5, 3, 2, 1, 520, False, True, True, True, torch.float32),  # norm gradients in two column blocks
     (1, 4, 5, 70, 3, 1, 1, 8, True, True, True, True, torch.float32),  # grad_x: two pixel blocks across a row
     (2, 32, 6, 7, 3, 2, 1, 48, True, True, True, True, torch.bfloat16),  # 32 + 16 columns, all inside out
 ]
@@ -254,6 +255,17 @@ def test_backward_is_deterministic_on_gpu():
     second = torch.ops.t2t_fast_triton.soft_split_backward(*args)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def test_weight_gradient_sums_many_groups(poisoned, monkeypatch):
+    """The finishing kernel sums the token groups' partials GB at a time: more groups than one step takes, the
+    last step partial (as at T2T-ViT shapes on 132 SMs)."""
+    monkeypatch.setattr(kernel, "_CPU_SMS", 64)
+    leaves = _inputs(2, 3, 20, 19, 2, 300, False, True, True, True, torch.float32)
+    geo = kernel._plan(leaves[0], [2, 2], [1, 1], [0, 0], leaves[1])
+    groups, gb = geo.grids(64)["backward_weight"][0] // geo.nkb, geo.finish_block(64)[2]
+    assert groups > gb and groups % gb, (groups, gb)
+    _check_against_reference((2, 1, 0), leaves, torch.float32)
 
 
 @pytest.mark.parametrize("tokens", [False, True])
