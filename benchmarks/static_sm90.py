@@ -6,7 +6,7 @@ T2T-ViT-14 shapes (B=64, bf16) is compiled for Hopper (``GPUTarget("cuda", 90, 3
 driver that turns each launch into a compile-only warm-up, with its real grid, scalar arguments and constexprs.
 Triton's bundled ``cuobjdump`` gives each cubin's registers and SASS; the SASS is counted per loop:
 
-    python benchmarks/static_sm90.py [--op soft_split|performer] [--quick] [--json PATH]
+    python benchmarks/static_sm90.py [--op soft_split|performer] [--case CASE ...] [--quick] [--json PATH]
 
 It prints a markdown page (``benchmarks/results/static-sm90.md`` is its output at the commit named there).
 
@@ -1063,6 +1063,9 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, tuple[str, ...]]]:
     """(op, case, directions) to model. --quick: the first case of each op, forward only."""
     ops = [args.op] if args.op else ["soft_split", "performer"]
     cases = {"soft_split": list(SOFT_SPLIT_CASES), "performer": list(PERFORMER_CASES)}
+    if args.case:
+        cases = {op: [c for c in cases[op] if c in args.case] for op in ops}
+        ops = [op for op in ops if cases[op]]
     if args.quick:
         return [(op, cases[op][0], ("fwd",)) for op in ops]
     return [(op, case, ("fwd", "bwd")) for op in ops for case in cases[op]]
@@ -1072,6 +1075,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--op", choices=["soft_split", "performer"], help="one op only (default: both)")
     p.add_argument("--quick", action="store_true", help="the first case of each op, forward only")
+    p.add_argument("--case", action="append", choices=[*SOFT_SPLIT_CASES, *PERFORMER_CASES],
+                   help="only these cases (repeatable)")
     p.add_argument("--json", metavar="PATH", help="also write the rows and the summary as JSON")
     p.add_argument("--sass", metavar="DIR", help="also write every launch's SASS listing into DIR")
     return p.parse_args(argv)

@@ -536,18 +536,21 @@ class _Geometry:
         self.prec = "tf32x3" if self.dot_dtype == torch.float32 and not interpret else "tf32"
         big = max(_extent(shape, strides), self.M * max(self.NP, self.KP), self.B * self.C * self.H * self.W)
         self.big = big > _INT32 // 2  # int64 offsets (with margin for padding and partial-buffer rows)
-        # forward: 128 tokens per program (two warpgroups) unless the columns need the registers
-        self.fwd_bm = 128 if self.BN0 + self.BN1 <= 256 and self.half else 64
+        # forward: 128 tokens per program (two warpgroups) unless the columns need the registers; 16-bit
+        # channel-major images (few channels: stage 1) take 64 tokens on one warpgroup, two programs per SM
+        narrow = self.BN0 + self.BN1 <= 256 and self.half
+        self.fwd_bm = 128 if narrow and self.tap_major else 64
+        self.fwd_warps = 4 if narrow and not self.tap_major else 8
         self.fwd_tile = self.tiles(self.fwd_bm)
         # 32-row chunks keep the 128-token tiles' elementwise LayerNorm sums in registers; 64-token tiles of
         # 16-bit tap-major inputs gather a whole tap per chunk
         self.fwd_bk = min(self.bk, 32 if self.half else 16)
         if self.tap_major and self.half and self.fwd_bm == 64:
             self.fwd_bk = self.bk
-        self.stages = 3 if self.half else 2  # software-pipelining depth of the forward and weight-gradient loops
+        self.fwd_stages = 3 if self.half else 2  # software-pipelining depth of the forward loop (2 in the backward)
         self.bwd_tile = self.tiles(64)
         # grad_x: pixels x channels per program
-        self.dx_block = (128 if self.half else 64, _pow2(self.C, 16, 64 if self.half else 32))
+        self.dx_block = (64, _pow2(self.C, 16, 64 if self.half else 32))  # 64 pixels: two programs per SM
         self.nkb = self.KP // self.bk
         self.fwd_chunks = self.KP // self.fwd_bk if self.tap_major else cdiv(self.K, self.fwd_bk)
         # preparation programs of 16 q rows x 64 (or 16) columns: small tiles, many programs (it is latency-bound)
@@ -676,8 +679,8 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
             *geo.tile_args(geo.fwd_tile), *geo.image_args(), geo.N, geo.NP, geo.K, geo.fwd_chunks,
             x.stride(0), x.stride(2), x.stride(3), float(eps),
             HAS_NORM=has_norm, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, TAP_MAJOR=geo.tap_major, BIG=geo.big,
-            PREC=geo.prec, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.fwd_bk, num_warps=8,
-            num_stages=geo.stages,
+            PREC=geo.prec, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.fwd_bk, num_warps=geo.fwd_warps,
+            num_stages=geo.fwd_stages,
         )
     return y, mean, rstd
 
@@ -714,7 +717,7 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
             geo.nkb, groups, x.stride(0), x.stride(2), x.stride(3),
             HAS_NORM=has_norm, NEED_STATS=need_stats, HAS_N1=geo.BN1 > 0, BIG=geo.big, PREC=geo.prec,
             TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk,
-            num_warps=4 if has_norm and not need_stats and geo.half else 8, num_stages=geo.stages,
+            num_warps=4 if has_norm and not need_stats and geo.half else 8, num_stages=2,
         )
         grad_weight = empty((N, K), weight.dtype, x.device)
         grad_bias = empty((N,), weight.dtype, x.device)
@@ -726,7 +729,7 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
             part, dbp, weight, norm_weight if has_norm else wt, norm_bias if norm_bias is not None else wt,
             grad_weight, grad_bias, *shares, N, geo.NP, K, geo.KP, geo.CP, geo.KHW, groups, weight.stride(0),
             weight.stride(1), HAS_NORM=has_norm, HAS_NORM_BIAS=norm_bias is not None, TAP_MAJOR=geo.tap_major,
-            BK=bk, BN=bn, GB=gb, num_warps=4,
+            BK=bk, BN=bn, GB=gb, num_warps=8,
         )
         grad_norm_weight, grad_norm_bias = (t.sum(dim=0) if col_blocks > 1 else t[0] for t in shares)
         if not compute_grad_x:
