@@ -7,6 +7,7 @@ driver that turns each launch into a compile-only warm-up, with its real grid, s
 Triton's bundled ``cuobjdump`` gives each cubin's registers and SASS; the SASS is counted per loop:
 
     python benchmarks/static_sm90.py [--op soft_split|performer] [--case CASE ...] [--quick] [--json PATH]
+    python benchmarks/static_sm90.py --calibrate kernel_times.json   # the model against a GPU run's kernel times
 
 It prints a markdown page (``benchmarks/results/static-sm90.md`` is its output at the commit named there).
 
@@ -32,7 +33,7 @@ The model, per kernel launch (every number below is a prediction, and a lower bo
 - tc_flops: the tensor-core FLOPs of the executed HMMA/HGMMA instructions, 2 m n k per instruction from the
   shape in its mnemonic; HGMMA is a warpgroup instruction, counted once per 4 warps.
 - roofline_us = max(min_bytes / HBM_BYTES_PER_S, sum of tc_flops / the tensor-core rate of their type);
-  predicted_us = max(occupancy_us, roofline_us).
+  predicted_us = max(occupancy_us, roofline_us, KERNEL_FLOOR_S): no launch is shorter than the floor.
 - ctas_per_sm: the resident blocks allowed by registers (REGS_PER_SM, allocated per warp in units of
   REG_ALLOC_UNIT, each of the 4 sub-partitions holding whole warps), shared memory (SMEM_PER_SM per SM, at most
   SMEM_PER_BLOCK per block, SMEM_RESERVED_PER_BLOCK reserved per block, SMEM_ALLOC_UNIT granularity) and warps
@@ -51,7 +52,8 @@ that hides latency without removing instructions, such as prefetching, earns not
 clocks, launch overheads, achieved (not peak) HBM bandwidth. mma.sync (HMMA) is counted at the same
 tensor-core rate as wgmma (HGMMA), which it is not known to reach. Only a GPU run measures time; when one
 exists, it overrules this, and ``benchmarks/kernel_times.py`` gives the per-kernel times to recalibrate
-WARP_IPC against.
+WARP_IPC against: ``--calibrate kernel_times.json``, run at the commit that was measured, prints the model
+against them and the best-fitting value.
 
 The reference (``kernel: "reference"`` rows) is ``t2t_fast/reference.py`` itself, run on meta tensors under an
 emulation of CUDA autocast to bf16 (``_Autocast``: matmul/linear/mm/bmm in bf16, layer_norm/exp in fp32, sum
@@ -132,18 +134,22 @@ SMEM_PER_BLOCK = 227 * 1024
 SMEM_RESERVED_PER_BLOCK = 1024
 SMEM_ALLOC_UNIT = 128
 # Warp-instructions one resident warp issues per clock on average (occupancy_us). Calibrated on the H200 (run
-# at commit e4dd2db: benchmarks/kernel_times.py, torch.profiler device time per launch): over its 24
-# soft-split launches at 4-16 resident warps per SM, 0.14 makes the model's log error average 0.04, each
-# launch within 0.46x-2.2x of its measured time and every case's forward or backward total within 0.68x-1.16x
-# (the issue floor alone, at 4 per clock, was 1.1x-700x below). The performer's kernels sit at their memory
-# roofline either way (measured 1.1x-1.5x above it).
+# at commit e4dd2db: benchmarks/kernel_times.py, torch.profiler device time per launch; `--calibrate`
+# refits it): its 22 soft-split kernels at 4-16 resident warps per SM fit best at 0.146; at 0.14 each is within
+# 0.49x-2.2x of its measured time and every case's forward or backward total within 0.68x-1.16x (the issue
+# floor alone, at 4 per clock, was 1.1x-700x below). The performer's kernels sit at their memory roofline
+# either way (measured 1.0x-1.45x above it).
 WARP_IPC = 0.14
+# The shortest time a launch takes: on the same run the smallest kernels (a few KB moved, about 1 us modelled)
+# measured 2.8-3.6 us.
+KERNEL_FLOOR_S = 2.5e-6
 B = 64
 DTYPE = torch.bfloat16
-CONSTANTS = dict(sms=SMS, issue_per_clock=ISSUE_PER_CLOCK, warp_ipc=WARP_IPC, clock_hz=CLOCK_HZ, hbm_bytes_per_s=HBM_BYTES_PER_S,
-                 tc_flops_per_s=TC_FLOPS_PER_S, regs_per_sm=REGS_PER_SM, reg_alloc_unit=REG_ALLOC_UNIT,
-                 max_warps_per_sm=MAX_WARPS_PER_SM, max_blocks_per_sm=MAX_BLOCKS_PER_SM, smem_per_sm=SMEM_PER_SM,
-                 smem_per_block=SMEM_PER_BLOCK, smem_reserved_per_block=SMEM_RESERVED_PER_BLOCK)
+CONSTANTS = dict(sms=SMS, issue_per_clock=ISSUE_PER_CLOCK, warp_ipc=WARP_IPC, kernel_floor_s=KERNEL_FLOOR_S,
+                 clock_hz=CLOCK_HZ, hbm_bytes_per_s=HBM_BYTES_PER_S, tc_flops_per_s=TC_FLOPS_PER_S,
+                 regs_per_sm=REGS_PER_SM, reg_alloc_unit=REG_ALLOC_UNIT, max_warps_per_sm=MAX_WARPS_PER_SM,
+                 max_blocks_per_sm=MAX_BLOCKS_PER_SM, smem_per_sm=SMEM_PER_SM, smem_per_block=SMEM_PER_BLOCK,
+                 smem_reserved_per_block=SMEM_RESERVED_PER_BLOCK)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -602,15 +608,56 @@ def ctas_per_sm(regs: int, warps: int, smem: int) -> int:
     return min(by_regs, by_smem, MAX_WARPS_PER_SM // warps, MAX_BLOCKS_PER_SM)
 
 
-def occupancy_seconds(warp_instr: int, programs: int, warps: int, ctas: int) -> float:
+def occupancy_seconds(warp_instr: int, programs: int, warps: int, ctas: int, warp_ipc: float = WARP_IPC) -> float:
     """The launch's instructions at the issue rate its resident warps sustain, in whole waves (module
     docstring, occupancy_us); inf when a block cannot launch."""
     if ctas == 0:
         return math.inf
     resident = min(ctas, cdiv(programs, SMS))
     waves = cdiv(programs, SMS * resident)
-    rate = min(ISSUE_PER_CLOCK, resident * warps * WARP_IPC)
+    rate = min(ISSUE_PER_CLOCK, resident * warps * warp_ipc)
     return waves * resident * (warp_instr / programs) / rate / CLOCK_HZ
+
+
+def calibrate(rows: list[dict], measured: list[dict]) -> tuple[float, list[dict]]:
+    """Fit WARP_IPC to measured kernel times (``kernel_times.py``'s rows: op, case, direction, kernel, us).
+
+    Each measured kernel is matched with the model's launches of the same name, case and direction (the kernels
+    of the commit that was measured: run this at that commit). Returns the WARP_IPC (on a 1% grid from 0.02 to
+    1) whose predictions have the least mean squared log error, and per kernel the measured time, the
+    predictions at that value and at WARP_IPC, and measured / predicted."""
+    launches: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("warps"):
+            launches.setdefault((r["op"], r["case"], r["direction"], r["kernel"]), []).append(r)
+
+    def predicted(key: tuple, ipc: float) -> float:
+        return sum(max(1e6 * occupancy_seconds(r["warp_instructions"], math.prod(r["grid"]), r["warps"],
+                                                r["ctas_per_sm"], ipc), r["roofline_us"], 1e6 * KERNEL_FLOOR_S)
+                   for r in launches[key])
+
+    pairs = [(key, m["us"]) for m in measured if m.get("us") and
+             (key := (m["op"], m["case"], m.get("direction"), m["kernel"])) in launches]
+    if not pairs:
+        raise ValueError("static_sm90: no measured kernel matches a modelled launch (same op, case, direction "
+                         "and kernel name)")
+    grid = [0.02 * 1.01 ** i for i in range(int(math.log(50) / math.log(1.01)) + 1)]
+    error = lambda ipc: sum(math.log(predicted(k, ipc) / us) ** 2 for k, us in pairs)  # noqa: E731
+    best = min(grid, key=error)
+    table = [dict(op=k[0], case=k[1], direction=k[2], kernel=k[3], measured_us=us,
+                  fitted_us=round(predicted(k, best), 3), model_us=round(predicted(k, WARP_IPC), 3),
+                  ratio=round(us / predicted(k, WARP_IPC), 3)) for k, us in pairs]
+    return round(best, 4), table
+
+
+def calibration_markdown(best: float, table: list[dict], source: str) -> str:
+    lines = [f"# Static model vs measured kernel times ({source})", "",
+             f"WARP_IPC now {WARP_IPC}; best fit {best} (least mean squared log error over {len(table)} kernels).",
+             "", "| op | case | dir | kernel | measured us | model us | measured / model | at the fit us |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {t['op']} | {t['case']} | {t['direction']} | {t['kernel']} | {t['measured_us']:.1f} | "
+              f"{t['model_us']:.1f} | {t['ratio']:.2f} | {t['fitted_us']:.1f} |" for t in table]
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -890,9 +937,10 @@ def launch_row(a: Launch) -> dict:
         outside_instructions=len(outside.ops), warp_instructions=warp_instr, mix={k: mix[k] for k in MIX if mix[k]},
         issue_floor_us=_us(issue), occupancy_us=_us(occupancy), min_bytes=min_bytes, touched_bytes=touched,
         tc_flops=sum(flops.values()), tc_flops_by_type=dict(flops), roofline_us=_us(roofline),
-        predicted_us=_us(max(occupancy, roofline)),
-        bound="issue" if issue > roofline else "occupancy" if occupancy > roofline else
-        "tensor cores" if tc_time > min_bytes / HBM_BYTES_PER_S else "memory")
+        predicted_us=_us(max(occupancy, roofline, KERNEL_FLOOR_S)),
+        bound="launch" if KERNEL_FLOOR_S > max(occupancy, roofline) else "issue" if issue > roofline else
+        "occupancy" if occupancy > roofline else "tensor cores" if tc_time > min_bytes / HBM_BYTES_PER_S else
+        "memory")
 
 
 _NOT_COMPILED = dict(warps=None, stages=None, regs=None, spills=None, smem_bytes=None, ctas_per_sm=None)
@@ -901,16 +949,17 @@ _NOT_COMPILED = dict(warps=None, stages=None, regs=None, spills=None, smem_bytes
 def eager_row(k: EagerKernel) -> dict:
     """An eager op of the fused side's host code, at its roofline."""
     return dict(kernel=f"torch:{k.name}", **_NOT_COMPILED, warp_instructions=0, issue_floor_us=0.0,
-                occupancy_us=0.0, min_bytes=k.bytes, touched_bytes=k.bytes, tc_flops=k.flops, roofline_us=round(k.roofline_us, 3),
-                predicted_us=round(k.roofline_us, 3), bound="memory" if k.flops == 0 else "tensor cores")
+                occupancy_us=0.0, min_bytes=k.bytes, touched_bytes=k.bytes, tc_flops=k.flops,
+                roofline_us=round(k.roofline_us, 3), predicted_us=round(k.roofline_us, 3),
+                bound="memory" if k.flops == 0 else "tensor cores")
 
 
 def reference_row(kernels: list[EagerKernel]) -> dict:
     """The eager reference of one case and direction: its kernels, each at its roofline, summed."""
     total, moved = sum(k.roofline_us for k in kernels), sum(k.bytes for k in kernels)
     return dict(kernel="reference", eager_kernels=len(kernels), **_NOT_COMPILED, warp_instructions=0,
-                issue_floor_us=0.0, occupancy_us=0.0, min_bytes=moved, touched_bytes=moved, tc_flops=sum(k.flops for k in kernels),
-                roofline_us=round(total, 3), predicted_us=round(total, 3),
+                issue_floor_us=0.0, occupancy_us=0.0, min_bytes=moved, touched_bytes=moved,
+                tc_flops=sum(k.flops for k in kernels), roofline_us=round(total, 3), predicted_us=round(total, 3),
                 ops=[dict(name=k.name, bytes=k.bytes, flops=k.flops, us=round(k.roofline_us, 3)) for k in kernels])
 
 
@@ -942,7 +991,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                         fused_us=sum(r["predicted_us"] for r in mine if r["kernel"] != "reference"),
                         reference_us=ref["predicted_us"], no_autocast_us=ref["no_autocast_us"],
                         over_roofline=[f"{r['kernel']} ({r['bound']})" for r in mine
-                                       if r.get("bound") in ("issue", "occupancy")]))
+                                       if r.get("bound") in ("issue", "occupancy", "launch")]))
     for op, case in dict.fromkeys((s["op"], s["case"]) for s in out):
         both = [s for s in out if (s["op"], s["case"]) == (op, case)]
         if len(both) == 2:
@@ -1013,7 +1062,8 @@ def markdown(rows: list[dict], summary: list[dict], meta: dict) -> str:
         "`loops`: SASS instructions of each loop body (inner loops excluded) x its trips per program. MB are 1e6 "
         "bytes. `issue us`: the instructions at 4 per SM per clock; `occupancy us`: at the rate the resident warps "
         f"sustain ({WARP_IPC} per warp per clock, calibrated on the H200), in whole waves. `bound`: what sets the "
-        "predicted time (issue: even the issue floor is over the roofline; occupancy: too few resident warps).",
+        "predicted time (issue: even the issue floor is over the roofline; occupancy: too few resident warps; "
+        f"launch: under the {KERNEL_FLOOR_S * 1e6:g} us a launch takes at least).",
         "",
         "| op | case | dir | kernel | grid | warps | stages | regs | spills | smem KB | CTAs/SM | outside + loops "
         "| M warp-instr | issue us | occupancy us | min MB | touched MB | TC GFLOP | roofline us | predicted us "
@@ -1079,6 +1129,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="only these cases (repeatable)")
     p.add_argument("--json", metavar="PATH", help="also write the rows and the summary as JSON")
     p.add_argument("--sass", metavar="DIR", help="also write every launch's SASS listing into DIR")
+    p.add_argument("--calibrate", metavar="KERNEL_TIMES_JSON",
+                   help="print the model against kernel_times.py's measurements (at the commit measured) and the "
+                        "WARP_IPC that fits them, instead of the page")
     return p.parse_args(argv)
 
 
@@ -1100,7 +1153,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"static_sm90: compiling {op} {case} {'+'.join(directions)}", file=sys.stderr, flush=True)
         rows += model(op, case, directions, args.sass)
     summary = summarize(rows)
-    print(markdown(rows, summary, meta), end="")
+    if args.calibrate:
+        with open(args.calibrate) as f:
+            measured = json.load(f)["rows"]
+        print(calibration_markdown(*calibrate(rows, measured), args.calibrate), end="")
+    else:
+        print(markdown(rows, summary, meta), end="")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows, summary=summary), f, indent=1)

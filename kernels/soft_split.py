@@ -165,9 +165,9 @@ def _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, q, sub, mul, MODE: tl.constex
 
 
 @triton.jit
-def _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP, NUM_CHUNKS, acc0, acc1, s1, s2, HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr,
-                  MASKED: tl.constexpr, PREC: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr,
-                  BK: tl.constexpr):
+def _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP, NUM_CHUNKS, acc0, acc1, s1, s2,
+                  HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
+                  BN0: tl.constexpr, BN1: tl.constexpr, BK: tl.constexpr):
     for kc in range(0, NUM_CHUNKS):
         q = kc * BK + tl.arange(0, BK)
         # with the norm x - s: q-padding gathers s itself and rows beyond the tokens 0 - 0, both 0 here

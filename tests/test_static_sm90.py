@@ -155,7 +155,7 @@ def test_quick_run_rows_and_page(child):
     assert {"_prepare_kernel", "_forward_kernel"} <= {r["kernel"] for r in triton_rows}
     for r in triton_rows:
         assert r["occupancy_us"] >= r["issue_floor_us"]
-        assert r["predicted_us"] == max(r["occupancy_us"], r["roofline_us"])
+        assert r["predicted_us"] == max(r["occupancy_us"], r["roofline_us"], sm.KERNEL_FLOOR_S * 1e6)
         assert 0 < r["min_bytes"] and r["ctas_per_sm"] >= 1 and r["direction"] == "fwd"
     ref = [r for r in rows if r["kernel"] == "reference"]
     assert len(ref) == 1 and ref[0]["predicted_us"] > 0
@@ -257,6 +257,25 @@ def test_occupancy_time():
     full = sm.occupancy_seconds(64 * 132 * 1000, 64 * 132, 4, 16)
     assert full == pytest.approx(64 * 132 * 1000 / (sm.SMS * sm.ISSUE_PER_CLOCK * clock))
     assert sm.occupancy_seconds(100, 1, 4, 0) == float("inf")
+
+
+def test_calibrate_finds_the_rate_that_made_the_times():
+    """Kernel times made by the model at another WARP_IPC: the fit finds it (to its 1% grid), and kernels the
+    model does not have are left out."""
+    rows = [dict(op="o", case="c", direction="fwd", kernel=f"k{i}", warps=w, grid=[g, 1, 1], ctas_per_sm=c,
+                 warp_instructions=n, roofline_us=0.0)
+            for i, (w, g, c, n) in enumerate([(8, 1792, 1, 50e6), (4, 264, 2, 40e6), (4, 5, 6, 3e5)])]
+    truth = 0.2
+    measured = [dict(op="o", case="c", direction="fwd", kernel=r["kernel"],
+                     us=1e6 * sm.occupancy_seconds(r["warp_instructions"], r["grid"][0], r["warps"],
+                                                   r["ctas_per_sm"], truth)) for r in rows]
+    measured.append(dict(op="o", case="c", direction="fwd", kernel="not_modelled", us=5.0))
+    best, table = sm.calibrate(rows, measured)
+    assert best == pytest.approx(truth, rel=0.01)
+    assert [t["kernel"] for t in table] == ["k0", "k1", "k2"]
+    assert table[0]["ratio"] == pytest.approx(sm.WARP_IPC / truth, rel=1e-3)
+    with pytest.raises(ValueError, match="no measured kernel"):
+        sm.calibrate(rows, measured[-1:])
 
 
 def test_distinct_bytes_merges_aliases():
