@@ -6,10 +6,12 @@ Nothing here materializes the unfolded (B, L, K = C*kh*kw) tensor. Every kernel 
 tap contiguous (q = (i*kw + j)*CP + c, CP = C rounded up to the chunk width), so gathers read contiguous memory.
 Reduction rows beyond K (or channels beyond C) are padding; the weights there are zero.
 
-- preparation (one launch): ``wt`` (KP, NP) = W^T in q order and the dot dtype, zero-padded, times the
-  LayerNorm's gamma when there is one; per-chunk sums of ``W @ gamma`` and ``W @ beta + b``; and the gather
-  table of each q: its element offset in x (``koff``) and its tap row and column (``ti``, ``tj``; ``ti = kh``
-  marks padding). With the table the kernels do no index arithmetic per element.
+- preparation (one launch, 16-row tiles: many small programs): ``wt`` (KP, NP) = W^T in q order and the dot
+  dtype, zero-padded, times the LayerNorm's gamma when there is one; per-tile sums of ``W @ gamma`` and
+  ``W @ beta + b``; and the gather table of each q: its element offset in x (``koff``) and its tap's bits. With
+  the table the kernels do no index arithmetic per element. 16-bit tap-major inputs whose channels are x's
+  unit-stride axis and need no padding (``CONTIG``, as T2T-ViT's token views) skip the table: a chunk is
+  BK channels of one tap, addressed from the chunk index, contiguous (16-byte loads), one mask per token.
 - tokens are taken in 2-D tiles (TH token rows x TW token columns of one image, TH*TW = BM). In channel-major
   order a tile whose patches all lie inside the image ("interior") gathers with plain loads and only border
   tiles take the masked path (a scalar branch per tile); the mask of an element is one AND and compare of the
@@ -27,7 +29,8 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
   without the norm) for its chunk and the group's output columns over its tiles, and ``sum dy`` (as ones @ dy);
   with the norm and grad_x also the per-token partial sums over its chunk of ``gamma g xhat`` and ``gamma g``
   (``g = dy @ W``).
-  A finishing kernel sums the groups' partials in a fixed order (deterministic, no atomics) and applies
+  A finishing kernel (a grid of about two programs per SM over blocks of weight columns, each summing the
+  groups' partials GB at a time, in a fixed order: deterministic, no atomics) applies
   ``dW = gamma * D + db beta^T``, ``dgamma = sum_n W * D``, ``dbeta = W^T db``.
 - backward, grad_x (only when x needs a gradient): per input pixel, over the patches that cover it. Pixels
   are grouped by their residue modulo the stride, so a program only visits the taps that can reach its
@@ -35,7 +38,9 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
 
 fp32 inputs use 3xTF32 dots on the GPU (fp32-level accuracy); fp16/bf16 use the tensor cores with fp32
 accumulation. Under the Triton interpreter every operand is upcast to fp32 (it mishandles bf16 arithmetic).
-Offsets are int32 unless some element index can pass 2^31 (then int64, constexpr ``BIG``).
+Offsets are int32 unless some element index can pass 2^31 (then int64, constexpr ``BIG``). Tile sizes, warps and
+pipelining depths are chosen with ``benchmarks/static_sm90.py`` (occupancy: resident warps per SM); a launch whose
+shared memory a GPU cannot hold runs again less deep (``_launch``).
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from t2t_fast.runtime import cdiv, empty, first_exceeded, next_power_of_2, triton_interpret
 
@@ -147,13 +153,33 @@ def _tile(tile, TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh,
 
 
 @triton.jit
-def _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, q, sub, mul, MODE: tl.constexpr, MASKED: tl.constexpr):
-    """The (tokens, q) tile of the unfolded tensor in fp32, as is (MODE 0), minus ``sub`` per token (1) or
-    times ``mul`` after that (2). Padding pixels read as 0 (MASKED; interior tiles have none), rows beyond the
-    tokens as 0 - sub; q-padding gathers tap (0, 0) of channel 0, the shift of the forward."""
-    ptrs = x_ptr + (xrow[:, None] + tl.load(koff_ptr + q)[None, :])
-    if MASKED:
+def _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG: tl.constexpr, BIG: tl.constexpr, BK: tl.constexpr):
+    """Offsets in x of the columns of q chunk kc (BK wide) and their taps' bits, shaped to broadcast against the
+    tokens: from the gather table, or with CONTIG (tap-major, channels x's unit-stride axis, no channel padding:
+    one tap per chunk) computed, so that a token's columns are contiguous (16-byte loads) under one tap."""
+    if CONTIG:
+        r = kc // CPB  # the tap; CPB chunks per tap
+        i = r // KW
+        j = r % KW
+        if BIG:
+            i = i.to(tl.int64)
+        offs = (kc % CPB) * BK + i * sxh + j * sxw + tl.arange(0, BK)
+        cb = (1 << (r // KW)) | (1 << (16 + j))
+    else:
+        q = kc * BK + tl.arange(0, BK)
+        offs = tl.load(koff_ptr + q)
         cb = tl.load(bits_ptr + q)[None, :]
+    return offs, cb
+
+
+@triton.jit
+def _gather(x_ptr, xrow, bits, offs, cb, sub, mul, MODE: tl.constexpr, MASKED: tl.constexpr):
+    """The (tokens, q) tile of the unfolded tensor in fp32 (columns ``offs``, ``cb`` from ``_chunk``), as is
+    (MODE 0), minus ``sub`` per token (1) or times ``mul`` after that (2). Padding pixels read as 0 (MASKED;
+    interior tiles have none), rows beyond the tokens as 0 - sub; q-padding gathers tap (0, 0) of channel 0, the
+    shift of the forward."""
+    ptrs = x_ptr + (xrow[:, None] + offs[None, :])
+    if MASKED:
         a = tl.load(ptrs, mask=(bits[:, None] & cb) == cb, other=0.0).to(tl.float32)
     else:
         a = tl.load(ptrs).to(tl.float32)
@@ -166,12 +192,14 @@ def _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, q, sub, mul, MODE: tl.constex
 
 @triton.jit
 def _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP, NUM_CHUNKS, acc0, acc1, s1, s2,
-                  HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
-                  BN0: tl.constexpr, BN1: tl.constexpr, BK: tl.constexpr):
+                  KW, CPB, sxh, sxw, HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, MASKED: tl.constexpr,
+                  CONTIG: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr,
+                  BK: tl.constexpr):
     for kc in range(0, NUM_CHUNKS):
         q = kc * BK + tl.arange(0, BK)
+        offs, cb = _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG, BIG, BK)
         # with the norm x - s: q-padding gathers s itself and rows beyond the tokens 0 - 0, both 0 here
-        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, q, shift, shift, 1 if HAS_NORM else 0, MASKED)
+        a = _gather(x_ptr, xrow, bits, offs, cb, shift, shift, 1 if HAS_NORM else 0, MASKED)
         if HAS_NORM:
             s1 += a
             s2 += a * a
@@ -199,9 +227,9 @@ def _forward_store(y_ptr, coef_ptr, cvec_ptr, acc, rstd, d, yrow, row_ok, cols, 
 @triton.jit
 def _forward_kernel(
     x_ptr, wt_ptr, coef_ptr, cvec_ptr, koff_ptr, bits_ptr, y_ptr, mean_ptr, rstd_ptr,
-    TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, NP, K, NUM_CHUNKS, sxb, sxh, sxw, eps,
+    TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, NP, K, NUM_CHUNKS, CPB, sxb, sxh, sxw, eps,
     HAS_NORM: tl.constexpr, HAS_CVEC: tl.constexpr, HAS_N1: tl.constexpr, TAP_MAJOR: tl.constexpr,
-    BIG: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr,
+    CONTIG: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr,
     BN1: tl.constexpr, BK: tl.constexpr,
 ):
     """Program (token tile, column group of BN0 + BN1): y of the tile. With HAS_NORM wt holds (gamma*W)^T and
@@ -219,12 +247,12 @@ def _forward_kernel(
         shift = tl.load(x_ptr + xrow, mask=s_ok, other=0.0).to(tl.float32)
     if interior and not TAP_MAJOR:  # tap-major masks are per token (a chunk is one tap): one path
         acc0, acc1, s1, s2 = _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP,
-                                           NUM_CHUNKS, acc0, acc1, s1, s2, HAS_NORM, HAS_N1, False, PREC, BN0, BN1,
-                                           BK)
+                                           NUM_CHUNKS, acc0, acc1, s1, s2, KW, CPB, sxh, sxw, HAS_NORM, HAS_N1,
+                                           False, CONTIG, BIG, PREC, BN0, BN1, BK)
     else:
         acc0, acc1, s1, s2 = _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP,
-                                           NUM_CHUNKS, acc0, acc1, s1, s2, HAS_NORM, HAS_N1, True, PREC, BN0, BN1,
-                                           BK)
+                                           NUM_CHUNKS, acc0, acc1, s1, s2, KW, CPB, sxh, sxw, HAS_NORM, HAS_N1,
+                                           True, CONTIG, BIG, PREC, BN0, BN1, BK)
     rstd = shift
     d = shift
     if HAS_NORM:
@@ -247,24 +275,28 @@ def _forward_kernel(
 
 
 @triton.jit
-def _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, q, mean_ptr, rstd_ptr, yrow, HAS_NORM: tl.constexpr,
-             MASKED: tl.constexpr):
-    """The tile's xhat (x without the norm) in fp32: 0 in rows beyond the tokens, garbage in q-padding (it
-    only meets zero weights or discarded rows)."""
+def _operand(x_ptr, xrow, bits, row_ok, kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, mean_ptr, rstd_ptr, yrow,
+             HAS_NORM: tl.constexpr, MASKED: tl.constexpr, CONTIG: tl.constexpr, BIG: tl.constexpr,
+             BK: tl.constexpr):
+    """The tile's xhat (x without the norm) for q chunk kc in fp32: 0 in rows beyond the tokens, garbage in
+    q-padding (it only meets zero weights or discarded rows). The chunk's columns come from ``_chunk`` here, per
+    tile: the table's (L1 hits) hold no registers across the weight kernel's loop."""
     if HAS_NORM:
         mu = tl.load(mean_ptr + yrow, mask=row_ok, other=0.0)
         rs = tl.load(rstd_ptr + yrow, mask=row_ok, other=0.0)
-        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, q, mu, rs, 2, MASKED)
+        offs, cb = _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG, BIG, BK)
+        a = _gather(x_ptr, xrow, bits, offs, cb, mu, rs, 2, MASKED)
     else:
-        a = _gather(x_ptr, xrow, bits, koff_ptr, bits_ptr, q, xrow, xrow, 0, MASKED)
+        offs, cb = _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG, BIG, BK)
+        a = _gather(x_ptr, xrow, bits, offs, cb, xrow, xrow, 0, MASKED)
     return a
 
 
 @triton.jit
 def _backward_weight_kernel(
     x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, part_ptr, dbp_ptr, stat_ptr,
-    TPI, TILES_W, NUM_TILES, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, M, N, NP, KP, NKB, G, sxb, sxh, sxw,
-    HAS_NORM: tl.constexpr, NEED_STATS: tl.constexpr, HAS_N1: tl.constexpr, BIG: tl.constexpr,
+    TPI, TILES_W, NUM_TILES, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, M, N, NP, KP, NKB, G, CPB, sxb, sxh, sxw,
+    HAS_NORM: tl.constexpr, NEED_STATS: tl.constexpr, HAS_N1: tl.constexpr, CONTIG: tl.constexpr, BIG: tl.constexpr,
     PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr,
     BK: tl.constexpr,
 ):
@@ -292,9 +324,11 @@ def _backward_weight_kernel(
         row_ok, s_ok, xrow, yrow, bits, interior = _tile(tile, TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW,
                                                      sxb, sxh, sxw, BIG, TH, TW)
         if interior:
-            a = _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, q, mean_ptr, rstd_ptr, yrow, HAS_NORM, False)
+            a = _operand(x_ptr, xrow, bits, row_ok, kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, mean_ptr, rstd_ptr,
+                         yrow, HAS_NORM, False, CONTIG, BIG, BK)
         else:
-            a = _operand(x_ptr, xrow, bits, row_ok, koff_ptr, bits_ptr, q, mean_ptr, rstd_ptr, yrow, HAS_NORM, True)
+            a = _operand(x_ptr, xrow, bits, row_ok, kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, mean_ptr, rstd_ptr,
+                         yrow, HAS_NORM, True, CONTIG, BIG, BK)
         dyrow = dy_ptr + yrow[:, None] * N
         dy0 = tl.load(dyrow + cols0[None, :], mask=row_ok[:, None] & (cols0 < N)[None, :], other=0.0).to(dt)
         at = tl.trans(a.to(dt))
@@ -483,6 +517,27 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+_DEPTH: dict[tuple, int] = {}  # (kernel, geometry, launch constexprs) -> the pipelining depth that fitted
+
+
+def _launch(kernel, grid: tuple[int, ...], geo: "_Geometry", *args, num_stages: int, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` pipelined ``num_stages`` deep, or as deep as the GPU's shared memory
+    allows: Triton raises OutOfResources at the first launch of a kernel that needs more than the device has
+    (compile-only checks for sm_90 find at most 168 KB of 227 at T2T-ViT shapes, but one GPU compile of an
+    earlier kernel version needed 311 KB), so the depth steps down, and the depth that fitted is remembered."""
+    key = (kernel, geo, tuple(sorted(kwargs.items())))
+    stages = _DEPTH.get(key, num_stages)
+    while True:
+        try:
+            kernel[grid](*args, num_stages=stages, **kwargs)
+            break
+        except OutOfResources:
+            if stages == 1:
+                raise
+            stages -= 1
+    _DEPTH[key] = stages
+
+
 def _device_guard(x: Tensor):
     """Launch on x's GPU whatever the current device is."""
     return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
@@ -528,6 +583,10 @@ class _Geometry:
             self.bk = chunk
             self.CP = self.C
             self.KP = cdiv(self.K, _BKB) * _BKB
+        # tap-major chunks gather contiguous channels (16-byte loads, one tap each) when the channels are x's
+        # unit-stride axis and need no padding to the chunk width; 16-bit inputs only (fp32 keeps the table
+        # gathers, verified on the GPU at fp32 accuracy)
+        self.contig = self.tap_major and self.CP == self.C and strides[1] == 1 and self.half
         self.BN0, self.BN1, self.col_groups = _columns(self.N, 256 if self.half else 128)  # fp32: 3xTF32 registers
         self.NP = self.col_groups * (self.BN0 + self.BN1)
         # the dot operands' dtype: fp32 under the interpreter, else x's
@@ -547,7 +606,8 @@ class _Geometry:
         self.fwd_bk = min(self.bk, 32 if self.half else 16)
         if self.tap_major and self.half and self.fwd_bm == 64:
             self.fwd_bk = self.bk
-        self.fwd_stages = 3 if self.half else 2  # software-pipelining depth of the forward loop (2 in the backward)
+        # software-pipelining depth of the forward loop (2 in the backward); wide outputs take 2 (shared memory)
+        self.fwd_stages = 3 if narrow else 2
         self.bwd_tile = self.tiles(64)
         # grad_x: pixels x channels per program
         self.dx_block = (64, _pow2(self.C, 16, 64 if self.half else 32))  # 64 pixels: two programs per SM
@@ -674,13 +734,14 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
         rstd = empty(stats, torch.float32, x.device)
         cvec = coef[1] if has_norm else bias
         th, tw = geo.fwd_tile
-        _forward_kernel[geo.grids(1)["forward"]](
+        _launch(
+            _forward_kernel, geo.grids(1)["forward"], geo,
             x, wt, coef if has_norm else wt, cvec if cvec is not None else wt, *table, y, mean, rstd,
             *geo.tile_args(geo.fwd_tile), *geo.image_args(), geo.N, geo.NP, geo.K, geo.fwd_chunks,
-            x.stride(0), x.stride(2), x.stride(3), float(eps),
-            HAS_NORM=has_norm, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, TAP_MAJOR=geo.tap_major, BIG=geo.big,
-            PREC=geo.prec, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.fwd_bk, num_warps=geo.fwd_warps,
-            num_stages=geo.fwd_stages,
+            max(1, geo.CP // geo.fwd_bk), x.stride(0), x.stride(2), x.stride(3), float(eps),
+            HAS_NORM=has_norm, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, TAP_MAJOR=geo.tap_major,
+            CONTIG=geo.contig, BIG=geo.big, PREC=geo.prec, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16),
+            BK=geo.fwd_bk, num_warps=geo.fwd_warps, num_stages=geo.fwd_stages,
         )
     return y, mean, rstd
 
@@ -711,12 +772,13 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         stat = (torch.empty((geo.col_groups * geo.nkb, 2, M), dtype=torch.float32, device=x.device) if need_stats
                 else wt)
         th, tw = geo.bwd_tile
-        _backward_weight_kernel[grids["backward_weight"]](
+        _launch(
+            _backward_weight_kernel, grids["backward_weight"], geo,
             x, dy, wt, *table, mean if has_norm else wt, rstd if has_norm else wt, part, dbp, stat,
             *geo.tile_args(geo.bwd_tile), geo.num_tiles(geo.bwd_tile), *geo.image_args(), M, N, geo.NP, geo.KP,
-            geo.nkb, groups, x.stride(0), x.stride(2), x.stride(3),
-            HAS_NORM=has_norm, NEED_STATS=need_stats, HAS_N1=geo.BN1 > 0, BIG=geo.big, PREC=geo.prec,
-            TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk,
+            geo.nkb, groups, max(1, geo.CP // geo.bk), x.stride(0), x.stride(2), x.stride(3),
+            HAS_NORM=has_norm, NEED_STATS=need_stats, HAS_N1=geo.BN1 > 0, CONTIG=geo.contig, BIG=geo.big,
+            PREC=geo.prec, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk,
             num_warps=4 if has_norm and not need_stats and geo.half else 8, num_stages=2,
         )
         grad_weight = empty((N, K), weight.dtype, x.device)
@@ -740,11 +802,12 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         sh, sw = geo.s
         bp, bc = geo.dx_block
         qc, qr = (1, geo.CP) if geo.tap_major else (geo.KHW, 1)
-        _backward_input_kernel[grids["backward_input"]](
+        _launch(
+            _backward_input_kernel, grids["backward_input"], geo,
             dy, wt, x, mean if has_norm else wt, rstd if has_norm else wt, stat, grad_x,
             M, geo.L, geo.LH, geo.LW, C, geo.H, geo.W, N, geo.NP, K, *geo.k, sh, sw, *geo.p, qc, qr,
             geo.num_p, *x.stride(), *grad_x.stride(),
-            HAS_NORM=has_norm, BIG=geo.big, PREC=geo.prec, BP=bp, BC=bc, BN=64, num_warps=8,
+            HAS_NORM=has_norm, BIG=geo.big, PREC=geo.prec, BP=bp, BC=bc, BN=64, num_warps=8, num_stages=3,
         )
     return grad_x, grad_weight, grad_bias, grad_norm_weight, grad_norm_bias
 

@@ -81,6 +81,7 @@ CASES = [
     (1, 3, 6, 5, 3, 2, 1, 520, False, True, True, True, torch.float32),  # norm gradients in two column blocks
     (1, 4, 5, 70, 3, 1, 1, 8, True, True, True, True, torch.float32),  # grad_x: two pixel blocks across a row
     (2, 32, 6, 7, 3, 2, 1, 48, True, True, True, True, torch.bfloat16),  # 32 + 16 columns, all inside out
+    (1, 64, 6, 5, 3, 2, 1, 24, True, True, True, True, torch.bfloat16),  # contiguous gathers, 2 chunks per tap
 ]
 
 
@@ -212,14 +213,16 @@ def test_launch_grids_at_1024px(stage, batch):
 
 def test_interior_and_border_tiles_both_run(poisoned):
     """Interior tiles (unmasked gathers in channel-major order) next to border ones; and the same image in
-    tap-major order (one masked path: its masks are per token)."""
-    for tokens, C in ((False, 3), (True, 16)):
-        leaves = _inputs(1, C, 40, 36, 3, 20, tokens, True, True, True, torch.float32)
+    tap-major order (one masked path in the forward: its masks are per token), with the table's gathers (fp32)
+    and with contiguous ones (bf16)."""
+    for tokens, C, dtype in ((False, 3, torch.float32), (True, 16, torch.float32), (True, 16, torch.bfloat16)):
+        leaves = _inputs(1, C, 40, 36, 3, 20, tokens, True, True, True, dtype)
         geo = kernel._plan(leaves[0], [3, 3], [1, 1], [1, 1], leaves[1])
         th, tw = geo.fwd_tile
         inside = kernel._inside(th, geo.LH, 40, 3, 1, 1) * kernel._inside(tw, geo.LW, 36, 3, 1, 1)
         assert 0 < inside < geo.num_tiles(geo.fwd_tile)
-        _check_against_reference((3, 1, 1), leaves, torch.float32)
+        assert geo.contig == (dtype == torch.bfloat16)
+        _check_against_reference((3, 1, 1), leaves, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -255,6 +258,32 @@ def test_backward_is_deterministic_on_gpu():
     second = torch.ops.t2t_fast_triton.soft_split_backward(*args)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def test_launch_steps_down_the_pipelining_depth_that_does_not_fit(monkeypatch):
+    """A launch whose shared memory the GPU cannot hold (Triton's OutOfResources) runs again less deep; the depth
+    that fitted is kept for the next call of the same kernel and geometry."""
+    tried = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def run(*args, num_stages, **kwargs):
+                tried.append(num_stages)
+                if num_stages > 1:
+                    raise kernel.OutOfResources(300 * 1024, 227 * 1024, "shared memory")
+            return run
+
+    monkeypatch.setattr(kernel, "_DEPTH", {})
+    k, geo = Kernel(), object()
+    kernel._launch(k, (1,), geo, num_stages=3, BK=16)
+    kernel._launch(k, (1,), geo, num_stages=3, BK=16)
+    assert tried == [3, 2, 1, 1]
+    kernel._launch(k, (1,), geo, num_stages=3, BK=32)  # other constexprs: a kernel of its own
+    assert tried[4:] == [3, 2, 1]
+    monkeypatch.setattr(Kernel, "__getitem__", lambda self, grid: lambda *a, num_stages, **kw: (_ for _ in ()).throw(
+        kernel.OutOfResources(1, 0, "shared memory")))
+    with pytest.raises(kernel.OutOfResources):  # not even one stage fits: the error stands
+        kernel._launch(k, (1,), geo, num_stages=2, BK=64)
 
 
 def test_weight_gradient_sums_many_groups(poisoned, monkeypatch):
