@@ -215,12 +215,14 @@ def test_interior_and_border_tiles_both_run(poisoned):
     """Interior tiles (unmasked gathers in channel-major order) next to border ones; and the same image in
     tap-major order (one masked path in the forward: its masks are per token), with the table's gathers (fp32)
     and with contiguous ones (bf16)."""
-    for tokens, C, dtype in ((False, 3, torch.float32), (True, 16, torch.float32), (True, 16, torch.bfloat16)):
-        leaves = _inputs(1, C, 40, 36, 3, 20, tokens, True, True, True, dtype)
+    for tokens, C, dtype, H, W in ((False, 3, torch.float32, 40, 36), (True, 16, torch.float32, 40, 36),
+                                   (True, 16, torch.bfloat16, 24, 24)):
+        leaves = _inputs(1, C, H, W, 3, 20, tokens, True, True, True, dtype)
         geo = kernel._plan(leaves[0], [3, 3], [1, 1], [1, 1], leaves[1])
-        th, tw = geo.fwd_tile
-        inside = kernel._inside(th, geo.LH, 40, 3, 1, 1) * kernel._inside(tw, geo.LW, 36, 3, 1, 1)
-        assert 0 < inside < geo.num_tiles(geo.fwd_tile)
+        # bf16 (contiguous tap-major gathers): the weight gradient's tiles; the tap-major forward is masked anyway
+        tile = geo.bwd_tile if geo.contig else geo.fwd_tile
+        inside = kernel._inside(tile[0], geo.LH, H, 3, 1, 1) * kernel._inside(tile[1], geo.LW, W, 3, 1, 1)
+        assert 0 < inside < geo.num_tiles(tile)
         assert geo.contig == (dtype == torch.bfloat16)
         _check_against_reference((3, 1, 1), leaves, dtype)
 
@@ -290,7 +292,7 @@ def test_weight_gradient_sums_many_groups(poisoned, monkeypatch):
     """The finishing kernel sums the token groups' partials GB at a time: more groups than one step takes, the
     last step partial (as at T2T-ViT shapes on 132 SMs)."""
     monkeypatch.setattr(kernel, "_CPU_SMS", 64)
-    leaves = _inputs(2, 3, 20, 19, 2, 300, False, True, True, True, torch.float32)
+    leaves = _inputs(1, 3, 20, 19, 2, 300, False, True, True, True, torch.float32)
     geo = kernel._plan(leaves[0], [2, 2], [1, 1], [0, 0], leaves[1])
     groups, gb = geo.grids(64)["backward_weight"][0] // geo.nkb, geo.finish_block(64)[2]
     assert groups > gb and groups % gb, (groups, gb)
