@@ -259,6 +259,15 @@ def test_occupancy_time():
     assert sm.occupancy_seconds(100, 1, 4, 0) == float("inf")
 
 
+def test_plan_selects_ops_and_cases():
+    both = ("fwd", "bwd")
+    assert sm.plan(sm.parse_args(["--case", "T3136"])) == [("performer", "T3136", both)]
+    assert sm.plan(sm.parse_args(["--op", "soft_split", "--case", "final_224", "--case", "stage1_224"])) == [
+        ("soft_split", "stage1_224", both), ("soft_split", "final_224", both)]
+    assert sm.plan(sm.parse_args(["--quick"])) == [("soft_split", "stage1_224", ("fwd",)),
+                                                  ("performer", "T3136", ("fwd",))]
+
+
 def test_calibrate_finds_the_rate_that_made_the_times():
     """Kernel times made by the model at another WARP_IPC: the fit finds it (to its 1% grid), and kernels the
     model does not have are left out."""
