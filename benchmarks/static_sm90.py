@@ -8,6 +8,7 @@ Triton's bundled ``cuobjdump`` gives each cubin's registers and SASS; the SASS i
 
     python benchmarks/static_sm90.py [--op soft_split|performer] [--case CASE ...] [--quick] [--json PATH]
     python benchmarks/static_sm90.py --calibrate kernel_times.json   # the model against a GPU run's kernel times
+                                                                     # (or benchmarks/results/<device>.md)
 
 It prints a markdown page (``benchmarks/results/static-sm90.md`` is its output at the commit named there).
 
@@ -650,6 +651,25 @@ def calibrate(rows: list[dict], measured: list[dict]) -> tuple[float, list[dict]
     return round(best, 4), table
 
 
+def read_kernel_times(path: str) -> list[dict]:
+    """``kernel_times.py``'s rows from its JSON, or from the kernel_times table of a GPU results page
+    (``benchmarks/results/<device>.md``, as summarize.py writes it): op, case, direction, kernel, launches, us."""
+    with open(path) as f:
+        text = f.read()
+    if not path.endswith(".md"):
+        return json.loads(text)["rows"]
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0] in ("soft_split", "performer") and cells[2] in ("fwd", "bwd"):
+            try:
+                rows.append(dict(op=cells[0], case=cells[1], direction=cells[2], kernel=cells[3],
+                                 launches=float(cells[4]), us=float(cells[5])))
+            except ValueError:  # not a number: another table's row
+                continue
+    return rows
+
+
 def calibration_markdown(best: float, table: list[dict], source: str) -> str:
     lines = [f"# Static model vs measured kernel times ({source})", "",
              f"WARP_IPC now {WARP_IPC}; best fit {best} (least mean squared log error over {len(table)} kernels).",
@@ -1129,9 +1149,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="only these cases (repeatable)")
     p.add_argument("--json", metavar="PATH", help="also write the rows and the summary as JSON")
     p.add_argument("--sass", metavar="DIR", help="also write every launch's SASS listing into DIR")
-    p.add_argument("--calibrate", metavar="KERNEL_TIMES_JSON",
-                   help="print the model against kernel_times.py's measurements (at the commit measured) and the "
-                        "WARP_IPC that fits them, instead of the page")
+    p.add_argument("--calibrate", metavar="KERNEL_TIMES",
+                   help="print the model against kernel_times.py's measurements (its JSON, or a GPU results page "
+                        "with its table; run at the commit measured) and the WARP_IPC that fits them, instead of "
+                        "the page")
     return p.parse_args(argv)
 
 
@@ -1154,9 +1175,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows += model(op, case, directions, args.sass)
     summary = summarize(rows)
     if args.calibrate:
-        with open(args.calibrate) as f:
-            measured = json.load(f)["rows"]
-        print(calibration_markdown(*calibrate(rows, measured), args.calibrate), end="")
+        print(calibration_markdown(*calibrate(rows, read_kernel_times(args.calibrate)), args.calibrate), end="")
     else:
         print(markdown(rows, summary, meta), end="")
     if args.json:

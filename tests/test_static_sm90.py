@@ -268,6 +268,21 @@ def test_plan_selects_ops_and_cases():
                                                   ("performer", "T3136", ("fwd",))]
 
 
+def test_kernel_times_read_from_a_results_page(tmp_path):
+    page = tmp_path / "nvidia-h200.md"
+    page.write_text("## kernel_times\n\n| op | case | direction | kernel | launches | us |\n|---|---|---|---|---|---|\n"
+                    "| soft_split | stage1_224 | fwd | _forward_kernel | 1 | 163 |\n"
+                    "| performer | T3136 | bwd | total | 3 | 71 |\n"
+                    "| soft_split | stage1_224 | fwd | _prepare_kernel | n/a | n/a |\n"
+                    "| 64 | 3136 | bf16 | 0.0533 | 0.764 | 1 |\n")
+    assert sm.read_kernel_times(str(page)) == [
+        dict(op="soft_split", case="stage1_224", direction="fwd", kernel="_forward_kernel", launches=1.0, us=163.0),
+        dict(op="performer", case="T3136", direction="bwd", kernel="total", launches=3.0, us=71.0)]
+    data = tmp_path / "kernel_times.json"
+    data.write_text('{"meta": {}, "rows": [{"op": "performer", "case": "T3136", "kernel": "x", "us": 2.0}]}')
+    assert sm.read_kernel_times(str(data))[0]["us"] == 2.0
+
+
 def test_calibrate_finds_the_rate_that_made_the_times():
     """Kernel times made by the model at another WARP_IPC: the fit finds it (to its 1% grid), and kernels the
     model does not have are left out."""
