@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -518,13 +519,15 @@ def _num_sms(index: int) -> int:
 
 
 _DEPTH: dict[tuple, int] = {}  # (kernel, geometry, launch constexprs) -> the pipelining depth that fitted
+STEPPED_DOWN: dict[str, tuple[int, int]] = {}  # kernel name -> (depth asked, depth that fitted), when they differ
 
 
 def _launch(kernel, grid: tuple[int, ...], geo: "_Geometry", *args, num_stages: int, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` pipelined ``num_stages`` deep, or as deep as the GPU's shared memory
     allows: Triton raises OutOfResources at the first launch of a kernel that needs more than the device has
-    (compile-only checks for sm_90 find at most 168 KB of 227 at T2T-ViT shapes, but one GPU compile of an
-    earlier kernel version needed 311 KB), so the depth steps down, and the depth that fitted is remembered."""
+    (compile-only checks for sm_90 find at most 112 KB of 227 at T2T-ViT shapes, but one GPU compile of an
+    earlier kernel version needed 311 KB), so the depth steps down (a RuntimeWarning says so, ``STEPPED_DOWN``
+    records it: slower, still correct), and the depth that fitted is remembered."""
     key = (kernel, geo, tuple(sorted(kwargs.items())))
     stages = _DEPTH.get(key, num_stages)
     while True:
@@ -535,6 +538,11 @@ def _launch(kernel, grid: tuple[int, ...], geo: "_Geometry", *args, num_stages: 
             if stages == 1:
                 raise
             stages -= 1
+    if key not in _DEPTH and stages != num_stages:
+        name = getattr(kernel, "__name__", str(kernel))
+        STEPPED_DOWN[name] = (num_stages, stages)
+        warnings.warn(f"soft_split: {name} needs more shared memory than this GPU has at {num_stages} pipeline "
+                      f"stages; it runs {stages} deep (slower)", RuntimeWarning, stacklevel=2)
     _DEPTH[key] = stages
 
 
