@@ -12,7 +12,8 @@ Triton's bundled ``cuobjdump`` gives each cubin's registers and SASS; the SASS i
 
 It prints a markdown page (``benchmarks/results/static-sm90.md`` is its output at the commit named there).
 
-The model, per kernel launch (every number below is a prediction, and a lower bound on time):
+The model, per kernel launch (every number below is a prediction; all but occupancy_us, which is fitted to
+measured times, are lower bounds on time):
 
 - warp_instructions = warps x (programs x instructions outside loops + sum over loops of the loop body's
   instructions x its executions). A loop's executions are the iterations summed over all programs (and over the
@@ -620,6 +621,13 @@ def occupancy_seconds(warp_instr: int, programs: int, warps: int, ctas: int, war
     return waves * resident * (warp_instr / programs) / rate / CLOCK_HZ
 
 
+def predicted_seconds(warp_instr: int, programs: int, warps: int, ctas: int, roofline_s: float,
+                      warp_ipc: float = WARP_IPC) -> float:
+    """predicted_us of a launch, in seconds (module docstring): the slowest of its occupancy-limited issue time,
+    its roofline and the launch floor."""
+    return max(occupancy_seconds(warp_instr, programs, warps, ctas, warp_ipc), roofline_s, KERNEL_FLOOR_S)
+
+
 def calibrate(rows: list[dict], measured: list[dict]) -> tuple[float, list[dict]]:
     """Fit WARP_IPC to measured kernel times (``kernel_times.py``'s rows: op, case, direction, kernel, us).
 
@@ -633,9 +641,8 @@ def calibrate(rows: list[dict], measured: list[dict]) -> tuple[float, list[dict]
             launches.setdefault((r["op"], r["case"], r["direction"], r["kernel"]), []).append(r)
 
     def predicted(key: tuple, ipc: float) -> float:
-        return sum(max(1e6 * occupancy_seconds(r["warp_instructions"], math.prod(r["grid"]), r["warps"],
-                                                r["ctas_per_sm"], ipc), r["roofline_us"], 1e6 * KERNEL_FLOOR_S)
-                   for r in launches[key])
+        return sum(1e6 * predicted_seconds(r["warp_instructions"], math.prod(r["grid"]), r["warps"],
+                                           r["ctas_per_sm"], r["roofline_us"] / 1e6, ipc) for r in launches[key])
 
     pairs = [(key, m["us"]) for m in measured if m.get("us") and
              (key := (m["op"], m["case"], m.get("direction"), m["kernel"])) in launches]
@@ -957,7 +964,7 @@ def launch_row(a: Launch) -> dict:
         outside_instructions=len(outside.ops), warp_instructions=warp_instr, mix={k: mix[k] for k in MIX if mix[k]},
         issue_floor_us=_us(issue), occupancy_us=_us(occupancy), min_bytes=min_bytes, touched_bytes=touched,
         tc_flops=sum(flops.values()), tc_flops_by_type=dict(flops), roofline_us=_us(roofline),
-        predicted_us=_us(max(occupancy, roofline, KERNEL_FLOOR_S)),
+        predicted_us=_us(predicted_seconds(warp_instr, a.programs, a.warps, ctas, roofline)),
         bound="launch" if KERNEL_FLOOR_S > max(occupancy, roofline) else "issue" if issue > roofline else
         "occupancy" if occupancy > roofline else "tensor cores" if tc_time > min_bytes / HBM_BYTES_PER_S else
         "memory")
