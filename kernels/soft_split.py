@@ -162,10 +162,10 @@ def _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG: tl.constexpr, BIG:
         r = kc // CPB  # the tap; CPB chunks per tap
         i = r // KW
         j = r % KW
+        cb = (1 << i) | (1 << (16 + j))
         if BIG:
             i = i.to(tl.int64)
         offs = (kc % CPB) * BK + i * sxh + j * sxw + tl.arange(0, BK)
-        cb = (1 << (r // KW)) | (1 << (16 + j))
     else:
         q = kc * BK + tl.arange(0, BK)
         offs = tl.load(koff_ptr + q)
