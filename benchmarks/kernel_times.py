@@ -41,8 +41,7 @@ def calls(op: str, case: str, device: torch.device) -> dict[str, Callable[[], ob
         y, mean, rstd = soft_split.forward(x, *geo, *args, 1e-5)
         dy = torch.randn_like(y)
         return {"fwd": lambda: soft_split.forward(x, *geo, *args, 1e-5),
-                "bwd": lambda: soft_split.backward(dy, x, *geo, inp["weight"], inp["norm_weight"], inp["norm_bias"],
-                                                   mean, rstd, inp["grad_x"])}
+                "bwd": lambda: soft_split.backward(dy, x, *geo, *args, y, mean, rstd, inp["grad_x"])}
     inp = sm._performer_inputs(case, device, _random)
     inp["w"].normal_()
     y, *stats = performer.forward(inp["q"], inp["k"], inp["v"], inp["w"], 1e-8)

@@ -212,6 +212,11 @@ def _ss_backward_finish(a: Launch) -> list[int]:
     return [a.programs * cdiv(a["G"], a["GB"])] if a["G"] > 1 else []
 
 
+def _ss_backward_stats(a: Launch) -> list[int]:
+    # for n0 in range(0, N, BN)
+    return [a.programs * cdiv(a["N"], a["BN"])]
+
+
 def _ss_backward_input(a: Launch) -> list[int]:
     # program (pixel block + NUM_P * (image * stride residue), channel block):
     # for a in range((KH - ti + SH - 1) // SH): for e in range((KW - tj + SW - 1) // SW): for n0 in range(0, N, BN)
@@ -249,6 +254,7 @@ TRIPS: dict[str, Callable[[Launch], list[int]]] = {
     "_forward_kernel": _ss_forward,
     "_backward_weight_kernel": _ss_backward_weight,
     "_backward_finish_kernel": _ss_backward_finish,
+    "_backward_stats_kernel": _ss_backward_stats,
     "_backward_input_kernel": _ss_backward_input,
     # performer (kernels/performer.py)
     "_kv_partial_kernel": _pf_tiles,
@@ -871,12 +877,11 @@ def run_fused(op: str, case: str, directions: tuple[str, ...]) -> dict[str, list
             inp = _soft_split_inputs(case, "cpu", on_sm90)
             x = _image(inp, inp["leaf"])
             geo = ([inp["k"]] * 2, [inp["s"]] * 2, [inp["p"]] * 2)
-            y, mean, rstd = stage("fwd", lambda: soft_split.forward(
-                x, *geo, inp["weight"], inp["bias"], inp["norm_weight"], inp["norm_bias"], 1e-5))
+            params = (inp["weight"], inp["bias"], inp["norm_weight"], inp["norm_bias"])
+            y, mean, rstd = stage("fwd", lambda: soft_split.forward(x, *geo, *params, 1e-5))
             if "bwd" in directions:
-                stage("bwd", lambda: soft_split.backward(
-                    on_sm90(torch.empty_like(y)), x, *geo, inp["weight"], inp["norm_weight"], inp["norm_bias"],
-                    mean, rstd, inp["grad_x"]))
+                stage("bwd", lambda: soft_split.backward(on_sm90(torch.empty_like(y)), x, *geo, *params, y, mean,
+                                                         rstd, inp["grad_x"]))
         else:
             inp = _performer_inputs(case, "cpu", on_sm90)
             y, *stats = stage("fwd", lambda: performer.forward(inp["q"], inp["k"], inp["v"], inp["w"], 1e-8))

@@ -117,6 +117,17 @@ SoftSplitGeometry soft_split_geometry(const char* op, const at::Tensor& x, at::I
   return g;
 }
 
+// bias: (out,) in x's dtype, on x's device; sets g.has_bias.
+void check_bias(SoftSplitGeometry& g, const at::Tensor& x, const std::optional<at::Tensor>& bias, const char* op) {
+  g.has_bias = bias.has_value();
+  if (g.has_bias) {
+    check_same_device(*bias, x, op, "bias", "x");
+    check_sizes(*bias, {g.out}, op, "bias");
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": bias dtype ", bias->scalar_type(),
+                     " differs from x dtype ", x.scalar_type());
+  }
+}
+
 PerformerShape performer_shape(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& w, Backend backend) {
   check_device(q, op, "q", backend);
@@ -154,13 +165,7 @@ SoftSplitGeometry check_soft_split_forward(const at::Tensor& x, at::IntArrayRef 
                                            const std::optional<at::Tensor>& norm_bias, double eps, Backend backend) {
   const char* op = "soft_split_forward";
   auto g = soft_split_geometry(op, x, kernel_size, stride, padding, weight, norm_weight, norm_bias, backend);
-  g.has_bias = bias.has_value();
-  if (g.has_bias) {
-    check_same_device(*bias, x, op, "bias", "x");
-    check_sizes(*bias, {g.out}, op, "bias");
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": bias dtype ", bias->scalar_type(),
-                     " differs from x dtype ", x.scalar_type());
-  }
+  check_bias(g, x, bias, op);
   check_eps(eps, op);
   return g;
 }
@@ -168,16 +173,24 @@ SoftSplitGeometry check_soft_split_forward(const at::Tensor& x, at::IntArrayRef 
 SoftSplitGeometry check_soft_split_backward(const at::Tensor& grad_y, const at::Tensor& x,
                                             at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                             at::IntArrayRef padding, const at::Tensor& weight,
+                                            const std::optional<at::Tensor>& bias,
                                             const std::optional<at::Tensor>& norm_weight,
-                                            const std::optional<at::Tensor>& norm_bias, const at::Tensor& mean,
-                                            const at::Tensor& rstd, Backend backend) {
+                                            const std::optional<at::Tensor>& norm_bias,
+                                            const std::optional<at::Tensor>& y, const at::Tensor& mean,
+                                            const at::Tensor& rstd, bool compute_grad_x, Backend backend) {
   const char* op = "soft_split_backward";
   auto g = soft_split_geometry(op, x, kernel_size, stride, padding, weight, norm_weight, norm_bias, backend);
-  g.has_bias = false;
-  check_same_device(grad_y, x, op, "grad_y", "x");
-  check_sizes(grad_y, {g.B, g.L, g.out}, op, "grad_y");
-  TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y dtype ", grad_y.scalar_type(),
-                   " differs from x dtype ", x.scalar_type());
+  check_bias(g, x, bias, op);
+  const at::Tensor* y_given = y.has_value() ? &*y : nullptr;
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&grad_y, "grad_y"}, {y_given, "y"}}) {
+    if (t == nullptr) continue;
+    check_same_device(*t, x, op, name, "x");
+    check_sizes(*t, {g.B, g.L, g.out}, op, name);
+    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), op, ": ", name, " dtype ", t->scalar_type(),
+                     " differs from x dtype ", x.scalar_type());
+  }
+  TORCH_CHECK_VALUE(y.has_value() || !(g.has_norm && compute_grad_x), op,
+                    ": y (the forward's output) is needed with norm_weight and compute_grad_x");
   if (g.has_norm) {
     for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{mean, "mean"}, {rstd, "rstd"}}) {
       check_same_device(t, x, op, name, "x");

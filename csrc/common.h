@@ -46,9 +46,11 @@ SoftSplitGeometry check_soft_split_forward(const at::Tensor& x, at::IntArrayRef 
 SoftSplitGeometry check_soft_split_backward(const at::Tensor& grad_y, const at::Tensor& x,
                                             at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                             at::IntArrayRef padding, const at::Tensor& weight,
+                                            const std::optional<at::Tensor>& bias,
                                             const std::optional<at::Tensor>& norm_weight,
-                                            const std::optional<at::Tensor>& norm_bias, const at::Tensor& mean,
-                                            const at::Tensor& rstd, Backend backend);
+                                            const std::optional<at::Tensor>& norm_bias,
+                                            const std::optional<at::Tensor>& y, const at::Tensor& mean,
+                                            const at::Tensor& rstd, bool compute_grad_x, Backend backend);
 
 struct PerformerShape {
   int64_t B, H, T, d, m;

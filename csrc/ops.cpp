@@ -37,8 +37,8 @@ TORCH_LIBRARY(t2t_fast, m) {
       "Tensor? norm_weight, Tensor? norm_bias, float eps) -> (Tensor, Tensor, Tensor)");
   m.def(
       "soft_split_backward(Tensor grad_y, Tensor x, int[] kernel_size, int[] stride, int[] padding, Tensor weight, "
-      "Tensor? norm_weight, Tensor? norm_bias, Tensor mean, Tensor rstd, bool compute_grad_x) -> (Tensor, Tensor, "
-      "Tensor, Tensor, Tensor)");
+      "Tensor? bias, Tensor? norm_weight, Tensor? norm_bias, Tensor? y, Tensor mean, Tensor rstd, "
+      "bool compute_grad_x) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("performer_forward(Tensor q, Tensor k, Tensor v, Tensor w, float eps) -> (Tensor, Tensor, Tensor, Tensor, "
         "Tensor)");
   m.def(

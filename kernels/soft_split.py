@@ -26,12 +26,13 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
   spread, and q-padding (whose table offset is 0) gathers exactly ``s``. Epilogue:
   ``y = rstd * (acc - d * (W @ gamma)) + W @ beta + b`` with ``d = mean - s``.
 - backward, weights (program = (token group, chunk of q rows, column group)): ``D = dy^T @ xhat`` (x itself
-  without the norm) for its chunk and the group's output columns over its tiles, and ``sum dy`` (as ones @ dy);
-  with the norm and grad_x also the per-token partial sums over its chunk of ``gamma g xhat`` and ``gamma g``
-  (``g = dy @ W``).
+  without the norm) for its chunk and the group's output columns over its tiles, and ``sum dy`` (as ones @ dy).
   A finishing kernel (a grid of about two programs per SM over blocks of weight columns, each summing the
   groups' partials GB at a time, in a fixed order: deterministic, no atomics) applies
   ``dW = gamma * D + db beta^T``, ``dgamma = sum_n W * D``, ``dbeta = W^T db``.
+- backward, LayerNorm sums (with the norm, only when x needs a gradient): per token ``sum_k gamma g xhat`` and
+  ``sum_k gamma g`` (``g = dy @ W``), taken from the forward's output as ``dy . (y - W beta - b)`` and
+  ``dy . (W gamma)``: two row dots of (tokens, out) tiles instead of a second GEMM over every patch.
 - backward, grad_x (only when x needs a gradient): per input pixel, over the patches that cover it. Pixels
   are grouped by their residue modulo the stride, so a program only visits the taps that can reach its
   pixels; for one tap, a block of pixels x a block of channels needs ``dy[tokens] @ wt[columns]^T``.
@@ -64,6 +65,7 @@ _INT32 = 2**31 - 1
 _BKB = 64  # q rows per backward chunk (the wgmma M of dW^T), and the table granularity
 _PARTIAL_BYTES = 32 * 2**20  # cap on the weight-gradient partial buffer of the backward
 _CPU_SMS = 4  # the SM count the backward's grids assume off the GPU (the interpreter)
+_STATS_BLOCK = (64, 64)  # tokens x output columns per step of the LayerNorm-sums kernel
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -295,16 +297,14 @@ def _operand(x_ptr, xrow, bits, row_ok, kc, koff_ptr, bits_ptr, KW, CPB, sxh, sx
 
 @triton.jit
 def _backward_weight_kernel(
-    x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, part_ptr, dbp_ptr, stat_ptr,
-    TPI, TILES_W, NUM_TILES, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, M, N, NP, KP, NKB, G, CPB, sxb, sxh, sxw,
-    HAS_NORM: tl.constexpr, NEED_STATS: tl.constexpr, HAS_N1: tl.constexpr, CONTIG: tl.constexpr, BIG: tl.constexpr,
-    PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr,
-    BK: tl.constexpr,
+    x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, part_ptr, dbp_ptr,
+    TPI, TILES_W, NUM_TILES, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, NP, KP, NKB, G, CPB, sxb, sxh, sxw,
+    HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, CONTIG: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr, BK: tl.constexpr,
 ):
-    """Program (group g, chunk kc of BK q rows; column group cg on axis 1) over tiles g, g+G, ...: part[g, q, n] =
-    sum dy[t, n] xhat[t, q] (x without the norm) for the group's columns n, and in chunk 0 dbp[g, n] = sum dy[t, n];
-    with NEED_STATS (wt = (gamma*W)^T) stat[cg*NKB + kc, 0/1, t] = sum over the chunk and the columns of
-    gamma*g*xhat, gamma*g, with g = dy @ W."""
+    """Program (group g, chunk kc of BK q rows; column group on axis 1) over tiles g, g+G, ...: part[g, q, n] =
+    sum dy[t, n] xhat[t, q] (x without the norm) for the group's columns n, and in chunk 0 dbp[g, n] = sum dy[t, n].
+    Only wt's dtype is used: the dots' operand dtype."""
     g = tl.program_id(0) // NKB
     kc = tl.program_id(0) % NKB
     q = kc * BK + tl.arange(0, BK)
@@ -317,10 +317,6 @@ def _backward_weight_kernel(
     ones = tl.full((16, TH * TW), 1.0, dt)
     db0 = tl.zeros((16, BN0), dtype=tl.float32)
     db1 = tl.zeros((16, BN1), dtype=tl.float32)
-    if NEED_STATS:
-        wc0 = tl.load(wt_ptr + q[:, None] * NP + cols0[None, :])  # (BK, BN0), loaded once per program
-        if HAS_N1:
-            wc1 = tl.load(wt_ptr + q[:, None] * NP + cols1[None, :])
     for tile in range(g, NUM_TILES, G):
         row_ok, s_ok, xrow, yrow, bits, interior = _tile(tile, TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW,
                                                      sxb, sxh, sxw, BIG, TH, TW)
@@ -341,13 +337,6 @@ def _backward_weight_kernel(
             db0 = tl.dot(ones, dy0, db0, input_precision=PREC)
             if HAS_N1:
                 db1 = tl.dot(ones, dy1, db1, input_precision=PREC)
-        if NEED_STATS:
-            gg = tl.dot(dy0, tl.trans(wc0), input_precision=PREC)
-            if HAS_N1:
-                gg = tl.dot(dy1, tl.trans(wc1), gg, input_precision=PREC)
-            srow = stat_ptr + (tl.program_id(1) * NKB + kc) * 2 * M + yrow
-            tl.store(srow, tl.sum(gg * a, axis=1), mask=row_ok)
-            tl.store(srow + M, tl.sum(gg, axis=1), mask=row_ok)
     part = part_ptr + (g * KP + q)[:, None] * NP
     tl.store(part + cols0[None, :], dw0)
     if HAS_N1:
@@ -357,6 +346,32 @@ def _backward_weight_kernel(
         tl.store(dbp_ptr + g * NP + cols0, tl.sum(tl.where(first, db0, 0.0), axis=0))
         if HAS_N1:
             tl.store(dbp_ptr + g * NP + cols1, tl.sum(tl.where(first, db1, 0.0), axis=0))
+
+
+@triton.jit
+def _backward_stats_kernel(dy_ptr, y_ptr, coef_ptr, stat_ptr, M, N, NP, BIG: tl.constexpr, BM: tl.constexpr,
+                           BN: tl.constexpr):
+    """Program (block of BM tokens): the LayerNorm backward's sums over each token's patch, from the forward's
+    y (B*L = M rows of N, contiguous) and coef = [W @ gamma, W @ beta + b] (2, NP): stat[0, t] = sum_k gamma g xhat
+    = dy[t] . (y[t] - W beta - b) and stat[1, t] = sum_k gamma g = dy[t] . (W gamma), with g = dy @ W."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    row_ok = rows < M
+    if BIG:
+        rows = rows.to(tl.int64)
+    s0 = tl.zeros((BM,), dtype=tl.float32)
+    s1 = tl.zeros((BM,), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        n = n0 + tl.arange(0, BN)
+        n_ok = n < N
+        m = row_ok[:, None] & n_ok[None, :]
+        dy = tl.load(dy_ptr + rows[:, None] * N + n[None, :], mask=m, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + rows[:, None] * N + n[None, :], mask=m, other=0.0).to(tl.float32)
+        wg = tl.load(coef_ptr + n, mask=n_ok, other=0.0)
+        cv = tl.load(coef_ptr + NP + n, mask=n_ok, other=0.0)
+        s0 += tl.sum(dy * (y - cv[None, :]), axis=1)
+        s1 += tl.sum(dy * wg[None, :], axis=1)
+    tl.store(stat_ptr + rows, s0, mask=row_ok)
+    tl.store(stat_ptr + M + rows, s1, mask=row_ok)
 
 
 @triton.jit
@@ -644,9 +659,10 @@ class _Geometry:
         return self.B * self.tile_args(tile)[0]
 
     def groups(self, sms: int) -> int:
-        """Token groups of the weight-gradient kernel: about two programs per SM, partials bounded."""
+        """Token groups of the weight-gradient kernel: at most two programs per SM (the blocks an SM holds: a
+        few programs more would run as a second wave of the same length), partials bounded."""
         tiles = self.num_tiles(self.bwd_tile)
-        return max(1, min(tiles, cdiv(2 * sms, self.nkb * self.col_groups),
+        return max(1, min(tiles, (2 * sms) // (self.nkb * self.col_groups),
                           _PARTIAL_BYTES // (4 * self.KP * self.NP)))
 
     def finish_block(self, sms: int) -> tuple[int, int, int]:
@@ -673,6 +689,7 @@ class _Geometry:
                 "forward": (self.num_tiles(self.fwd_tile), self.col_groups),
                 "backward_weight": (self.groups(sms) * self.nkb, self.col_groups),
                 "backward_finish": (cdiv(self.K, finish[0]), cdiv(self.N, finish[1])),
+                "backward_stats": (cdiv(self.M, _STATS_BLOCK[0]),),
                 "backward_input": (self.num_p * self.B * self.s[0] * self.s[1], cdiv(self.C, self.dx_block[1])),
             }
         return self._grids[sms]
@@ -755,9 +772,11 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
 
 
 def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-             weight: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
+             weight: Tensor, bias: Optional[Tensor], norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+             y: Optional[Tensor], mean: Tensor, rstd: Tensor,
              compute_grad_x: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """grad_y (B, L, out); x, weight, norm_weight, norm_bias as in ``forward``; mean, rstd what it returned.
+    """grad_y (B, L, out); x, weight, bias, norm_weight, norm_bias as in ``forward``; y, mean, rstd what it
+    returned (y is only read with the norm and compute_grad_x, and must be given then).
 
     Returns grad_x (B, C, H, W) in x.dtype (or (0,) when not compute_grad_x), grad_weight (out, K) and
     grad_bias (out,) in weight.dtype, grad_norm_weight and grad_norm_bias (K,) fp32 ((0,) without norm_weight).
@@ -767,27 +786,29 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
     B, C, N, K, M = geo.B, geo.C, geo.N, geo.K, geo.M
     has_norm = norm_weight is not None
     need_stats = has_norm and compute_grad_x
+    if need_stats and y is None:
+        raise ValueError("soft_split (triton): y (the forward's output) is needed with norm_weight and "
+                         "compute_grad_x")
     with _device_guard(x):
         if has_norm:
             mean, rstd = mean.contiguous(), rstd.contiguous()
         dy = grad_y.contiguous()
-        wt, _, table = geo.prepare(x, weight, None, norm_weight if need_stats else None, None, scale=need_stats)
+        wt, coef, table = geo.prepare(x, weight, bias, norm_weight if need_stats else None, norm_bias,
+                                      scale=need_stats)
         sms = _num_sms(x.device.index or 0) if x.is_cuda else _CPU_SMS
         grids = geo.grids(sms)
         groups = grids["backward_weight"][0] // geo.nkb
         part = torch.empty((groups, geo.KP, geo.NP), dtype=torch.float32, device=x.device)
         dbp = torch.empty((groups, geo.NP), dtype=torch.float32, device=x.device)
-        stat = (torch.empty((geo.col_groups * geo.nkb, 2, M), dtype=torch.float32, device=x.device) if need_stats
-                else wt)
         th, tw = geo.bwd_tile
         _launch(
             _backward_weight_kernel, grids["backward_weight"], geo,
-            x, dy, wt, *table, mean if has_norm else wt, rstd if has_norm else wt, part, dbp, stat,
-            *geo.tile_args(geo.bwd_tile), geo.num_tiles(geo.bwd_tile), *geo.image_args(), M, N, geo.NP, geo.KP,
+            x, dy, wt, *table, mean if has_norm else wt, rstd if has_norm else wt, part, dbp,
+            *geo.tile_args(geo.bwd_tile), geo.num_tiles(geo.bwd_tile), *geo.image_args(), N, geo.NP, geo.KP,
             geo.nkb, groups, max(1, geo.CP // geo.bk), x.stride(0), x.stride(2), x.stride(3),
-            HAS_NORM=has_norm, NEED_STATS=need_stats, HAS_N1=geo.BN1 > 0, CONTIG=geo.contig, BIG=geo.big,
-            PREC=geo.prec, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk,
-            num_warps=4 if has_norm and not need_stats and geo.half else 8, num_stages=2,
+            HAS_NORM=has_norm, HAS_N1=geo.BN1 > 0, CONTIG=geo.contig, BIG=geo.big, PREC=geo.prec, TH=th, TW=tw,
+            BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk, num_warps=4 if has_norm and geo.half else 8,
+            num_stages=2,
         )
         grad_weight = empty((N, K), weight.dtype, x.device)
         grad_bias = empty((N,), weight.dtype, x.device)
@@ -804,8 +825,12 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         grad_norm_weight, grad_norm_bias = (t.sum(dim=0) if col_blocks > 1 else t[0] for t in shares)
         if not compute_grad_x:
             return empty((0,), x.dtype, x.device), grad_weight, grad_bias, grad_norm_weight, grad_norm_bias
+        stat = wt
         if need_stats:
-            stat = stat.sum(dim=0)  # (2, M), summed over the column groups and chunks in a fixed order
+            stat = torch.empty((2, M), dtype=torch.float32, device=x.device)
+            _backward_stats_kernel[grids["backward_stats"]](dy, y.contiguous(), coef, stat, M, N, geo.NP,
+                                                             BIG=geo.big, BM=_STATS_BLOCK[0], BN=_STATS_BLOCK[1],
+                                                             num_warps=4)
         grad_x = empty((B, C, geo.H, geo.W), x.dtype, x.device)
         sh, sw = geo.s
         bp, bc = geo.dx_block

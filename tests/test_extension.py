@@ -46,10 +46,11 @@ def test_soft_split_operator_outputs(norm, poisoned):
     else:
         assert mean.shape == rstd.shape == (0,) and mean.dtype == rstd.dtype == torch.float32
     gy = torch.randn_like(y)
-    gx, gw, gb, gnw, gnb = ops.soft_split_backward(gy, x, list(k), list(s), list(p), weight, nw, nb, mean, rstd, False)
+    gx, gw, gb, gnw, gnb = ops.soft_split_backward(gy, x, list(k), list(s), list(p), weight, bias, nw, nb, y, mean,
+                                                   rstd, False)
     assert gx.shape == (0,) and gw.shape == weight.shape and gb.shape == (weight.shape[0],)
     assert gnw.shape == gnb.shape == ((weight.shape[1],) if norm else (0,)) and gnw.dtype == torch.float32
-    full = ops.soft_split_backward(gy, x, list(k), list(s), list(p), weight, nw, nb, mean, rstd, True)
+    full = ops.soft_split_backward(gy, x, list(k), list(s), list(p), weight, bias, nw, nb, y, mean, rstd, True)
     assert full[0].shape == x.shape
     for a, b in zip((gw, gb, gnw, gnb), full[1:]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -74,7 +75,7 @@ def test_backward_is_deterministic_across_runs_and_thread_counts():
     gq = torch.randn_like(q)
 
     def run():
-        return (*ops.soft_split_backward(gy, x, list(k), list(s), list(p), weight, nw, nb, mean, rstd, True),
+        return (*ops.soft_split_backward(gy, x, list(k), list(s), list(p), weight, bias, nw, nb, y, mean, rstd, True),
                 *ops.performer_forward(q, kk, v, w, 1e-8), *ops.performer_backward(gq, q, kk, v, w, *stats))
 
     threads = torch.get_num_threads()
@@ -197,7 +198,7 @@ def test_opcheck_all_operators():
         xg = x.detach()
         for compute_grad_x in (True, False):
             torch.library.opcheck(ops.soft_split_backward.default,
-                                  (torch.randn_like(y), xg, *geometry, weight, args[6], args[7], mean, rstd,
+                                  (torch.randn_like(y), xg, *geometry, weight, *args[5:8], y, mean, rstd,
                                    compute_grad_x))
     grad_args = (x.clone().requires_grad_(), *geometry, weight.clone().requires_grad_(),
                  bias.clone().requires_grad_(), nw.clone().requires_grad_(), nb.clone().requires_grad_(), 1e-5)
@@ -270,8 +271,8 @@ FUZZ_SCRIPT = textwrap.dedent("""
     def ss_bwd():
         a = ss_fwd()
         y, mean, rstd = ops.soft_split_forward(*a.values())
-        a.pop("bias"); a.pop("eps")
-        return dict(grad_y=torch.randn_like(y), **a, mean=mean, rstd=rstd, compute_grad_x=True)
+        a.pop("eps")
+        return dict(grad_y=torch.randn_like(y), **a, y=y, mean=mean, rstd=rstd, compute_grad_x=True)
 
     def pf_fwd():
         return dict(q=torch.randn(2, 1, 7, 8), k=torch.randn(2, 1, 7, 8), v=torch.randn(2, 1, 7, 8),
@@ -306,12 +307,12 @@ FUZZ_SCRIPT = textwrap.dedent("""
         setter("weight", lambda t: t[None]), setter("norm_weight", lambda t: t[:26]),
         setter("norm_weight", lambda t: t.double()), setter("norm_weight", None),
         setter("norm_bias", lambda t: t[None]), setter("norm_bias", lambda t: t.half()),
-        setter("norm_weight", lambda t: t.reshape(3, 9)),
+        setter("norm_weight", lambda t: t.reshape(3, 9)), setter("bias", lambda t: t[:4]),
+        setter("bias", lambda t: t.double()), setter("bias", lambda t: t[None]),
     ]
-    SS_FWD = SS + [setter("bias", lambda t: t[:4]), setter("bias", lambda t: t.double()),
-                   setter("bias", lambda t: t[None]), setter("eps", -1.0), setter("eps", float("nan")),
-                   setter("eps", float("inf"))]
-    SS_BWD = SS + [setter("grad_y", lambda t: t[:, :-1]), setter("grad_y", lambda t: t.double()),
+    SS_FWD = SS + [setter("eps", -1.0), setter("eps", float("nan")), setter("eps", float("inf"))]
+    SS_BWD = SS + [setter("y", None), setter("y", lambda t: t[:, :-1]), setter("y", lambda t: t.double()),
+                   setter("grad_y", lambda t: t[:, :-1]), setter("grad_y", lambda t: t.double()),
                    setter("grad_y", lambda t: t[0]), setter("grad_y", lambda t: t[..., :4]),
                    setter("mean", lambda t: t[:, :-1]), setter("rstd", lambda t: t.double()),
                    setter("mean", lambda t: torch.empty(0)), setter("rstd", lambda t: t[None])]
@@ -437,10 +438,9 @@ def test_cuda_statistics_match_cpu_and_reject_float64(poisoned):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5)
     gy = torch.randn_like(cpu[0])
     for grad_x in (True, False):
-        a_all = ops.soft_split_backward(gy, x, [3, 3], [2, 2], [1, 1], params[0], params[2], params[3], cpu[1], cpu[2],
-                                        grad_x)
-        b_all = ops.soft_split_backward(gy.cuda(), x.cuda(), [3, 3], [2, 2], [1, 1], params[0].cuda(),
-                                        params[2].cuda(), params[3].cuda(), gpu[1], gpu[2], grad_x)
+        a_all = ops.soft_split_backward(gy, x, [3, 3], [2, 2], [1, 1], *params, *cpu, grad_x)
+        b_all = ops.soft_split_backward(gy.cuda(), x.cuda(), [3, 3], [2, 2], [1, 1], *(t.cuda() for t in params),
+                                        *gpu, grad_x)
         for a, b in zip(a_all, b_all):
             torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-4)
     with pytest.raises(TypeError, match="float64"):

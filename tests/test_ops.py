@@ -250,6 +250,22 @@ def test_soft_split_autocast_behaves_like_linear():
                                atol=5e-2)
 
 
+@pytest.mark.parametrize("name", [n for n in CPU_BACKENDS if n not in ("triton", "reference")])
+def test_soft_split_output_saved_only_for_the_norm_backward_of_x(name):
+    """With the LayerNorm and x needing a gradient the output is saved for the backward (its LayerNorm sums come
+    from it), so modifying it in place raises autograd's error, as for torch.exp; otherwise it is not saved."""
+    x, k, s, p, weight, bias, nw, nb = _soft_split_args()
+    weight.requires_grad_()
+    with t2t_fast.backend(name):
+        t2t_fast.soft_split(x, k, s, p, weight, bias, nw, nb).mul_(2).sum().backward()
+        y = t2t_fast.soft_split(x.requires_grad_(), k, s, p, weight, bias, nw, nb)
+        y.mul_(2)
+        with pytest.raises(RuntimeError, match="inplace"):
+            y.sum().backward()
+        t2t_fast.soft_split(x, k, s, p, weight, bias).mul_(2).sum().backward()  # no norm: nothing saved
+    assert x.grad is not None
+
+
 def test_import_without_triton_and_extension():
     """`import t2t_fast` and a fused model work with neither triton nor t2t_fast._C importable."""
     import subprocess

@@ -117,8 +117,8 @@ def test_operators_without_norm_and_without_grad_x(poisoned):
     assert mean.shape == (0,) and rstd.shape == (0,) and mean.dtype == torch.float32
     _close(y, reference.soft_split(x, 3, 2, 1, w, b), 1e-5)
     gy = torch.randn_like(y)
-    gx, gw, gb, gnw, gnb = torch.ops.t2t_fast_triton.soft_split_backward(gy, x, [3, 3], [2, 2], [1, 1], w, None,
-                                                                         None, mean, rstd, False)
+    gx, gw, gb, gnw, gnb = torch.ops.t2t_fast_triton.soft_split_backward(gy, x, [3, 3], [2, 2], [1, 1], w, b, None,
+                                                                         None, None, mean, rstd, False)
     assert gx.shape == (0,) and gnw.shape == (0,) and gnb.shape == (0,)
     cols = torch.nn.functional.unfold(x, 3, padding=1, stride=2).transpose(1, 2)
     _close(gw, torch.einsum("bln,blk->nk", gy, cols), 1e-5)
@@ -136,9 +136,21 @@ def test_opcheck():
                           (x, [3, 3], [2, 2], [1, 1], w, b, nw, nb, 1e-5))
     with torch.no_grad():
         y, mean, rstd = torch.ops.t2t_fast_triton.soft_split_forward(x, [3, 3], [2, 2], [1, 1], w, b, nw, nb, 1e-5)
-    args = (torch.randn_like(y), x.detach(), [3, 3], [2, 2], [1, 1], w.detach(), nw.detach(), nb.detach(), mean,
-            rstd, True)
+    args = (torch.randn_like(y), x.detach(), [3, 3], [2, 2], [1, 1], w.detach(), b.detach(), nw.detach(),
+            nb.detach(), y, mean, rstd, True)
     torch.library.opcheck(torch.ops.t2t_fast_triton.soft_split_backward.default, args)
+
+
+def test_backward_needs_y_for_the_norm_sums():
+    """With the LayerNorm and grad_x the backward takes its per-token sums from the forward's y: without it, a
+    ValueError naming y (never a wrong gradient)."""
+    x, w, b, nw, nb = (t.detach() for t in _tiny())
+    y, mean, rstd = torch.ops.t2t_fast_triton.soft_split_forward(x, [3, 3], [2, 2], [1, 1], w, b, nw, nb, 1e-5)
+    args = [torch.randn_like(y), x, [3, 3], [2, 2], [1, 1], w, b, nw, nb, None, mean, rstd, True]
+    with pytest.raises(ValueError, match="y .the forward's output. is needed"):
+        torch.ops.t2t_fast_triton.soft_split_backward(*args)
+    args[-1] = False  # no grad_x: y is not read
+    assert torch.ops.t2t_fast_triton.soft_split_backward(*args)[0].shape == (0,)
 
 
 def test_torch_compile():
@@ -257,7 +269,7 @@ def test_backward_is_deterministic_on_gpu():
     x = leaves[0].detach()
     params = [t.detach() for t in leaves[1:]]
     y, mean, rstd = torch.ops.t2t_fast_triton.soft_split_forward(x, [k, k], [s, s], [p, p], *params, 1e-5)
-    args = (torch.randn_like(y), x, [k, k], [s, s], [p, p], params[0], params[2], params[3], mean, rstd, True)
+    args = (torch.randn_like(y), x, [k, k], [s, s], [p, p], *params, y, mean, rstd, True)
     first = torch.ops.t2t_fast_triton.soft_split_backward(*args)
     second = torch.ops.t2t_fast_triton.soft_split_backward(*args)
     for a, b in zip(first, second):

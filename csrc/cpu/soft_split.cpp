@@ -295,11 +295,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_split_forward_cpu(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_split_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-    at::IntArrayRef padding, const at::Tensor& weight, const std::optional<at::Tensor>& norm_weight,
-    const std::optional<at::Tensor>& norm_bias, const at::Tensor& mean, const at::Tensor& rstd,
-    bool compute_grad_x) {
-  const auto g = check_soft_split_backward(grad_y, x, kernel_size, stride, padding, weight, norm_weight, norm_bias,
-                                           mean, rstd, Backend::CPU);
+    at::IntArrayRef padding, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias,
+    const std::optional<at::Tensor>& y, const at::Tensor& mean, const at::Tensor& rstd, bool compute_grad_x) {
+  // bias and y are only checked: these kernels sum the LayerNorm backward over each token's patch, which they
+  // hold anyway (the Triton backend takes those sums from y)
+  const auto g = check_soft_split_backward(grad_y, x, kernel_size, stride, padding, weight, bias, norm_weight,
+                                           norm_bias, y, mean, rstd, compute_grad_x, Backend::CPU);
   auto [gx, gw, gb, gnw, gnb] = soft_split_backward_outputs(g, x, weight, compute_grad_x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "soft_split_backward_cpu", [&] {
     backward_impl<scalar_t>(grad_y, x, g, weight, norm_weight, norm_bias, mean, rstd, compute_grad_x, gx, gw, gb,

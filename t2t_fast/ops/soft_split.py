@@ -5,10 +5,16 @@ Its operator pair, implemented by the C++ extension (``torch.ops.t2t_fast.*``) a
 
     soft_split_forward(x, kernel_size, stride, padding, weight, bias?, norm_weight?, norm_bias?, eps)
         -> (y (B, L, out) in x.dtype, mean (B, L) fp32, rstd (B, L) fp32)   # mean/rstd are (0,) without norm
-    soft_split_backward(grad_y, x, kernel_size, stride, padding, weight, norm_weight?, norm_bias?, mean, rstd,
-                        compute_grad_x)
+    soft_split_backward(grad_y, x, kernel_size, stride, padding, weight, bias?, norm_weight?, norm_bias?, y?,
+                        mean, rstd, compute_grad_x)
         -> (grad_x (B, C, H, W) or (0,), grad_weight, grad_bias (out,), grad_norm_weight, grad_norm_bias)
                                                                   # norm grads are fp32 (K,), or (0,) without norm
+
+y is the forward's output, passed (with bias) when the LayerNorm runs and grad_x is wanted: the LayerNorm
+backward's per-token sums over the patch, sum_k gamma_k g_k xhat_k and sum_k gamma_k g_k (g = grad_y @ W), are
+grad_y . (y - W beta - b) and grad_y . (W gamma), which a backend can take from y without gathering the patches
+(the Triton one does; the C++ ones hold each token's patch anyway and sum it). So, as for ``torch.exp``, the
+output is saved then: modifying it in place before the backward raises autograd's in-place error.
 
 x is (B, C, H, W) with any strides; weight (out, K), K = C*kh*kw, column order c*kh*kw + i*kw + j; bias (out,)
 in x.dtype; norm_weight/norm_bias (K,) fp32. This file declares the op (``SOFT_SPLIT``: schemas, fake
@@ -30,9 +36,9 @@ from t2t_fast.utils import IntPair, to_pair
 SCHEMAS = (  # as csrc/ops.cpp defines them (tests/test_op_contracts.py)
     "(Tensor x, int[] kernel_size, int[] stride, int[] padding, Tensor weight, Tensor? bias, "
     "Tensor? norm_weight, Tensor? norm_bias, float eps) -> (Tensor, Tensor, Tensor)",
-    "(Tensor grad_y, Tensor x, int[] kernel_size, int[] stride, int[] padding, Tensor weight, "
-    "Tensor? norm_weight, Tensor? norm_bias, Tensor mean, Tensor rstd, bool compute_grad_x) -> (Tensor, "
-    "Tensor, Tensor, Tensor, Tensor)",
+    "(Tensor grad_y, Tensor x, int[] kernel_size, int[] stride, int[] padding, Tensor weight, Tensor? bias, "
+    "Tensor? norm_weight, Tensor? norm_bias, Tensor? y, Tensor mean, Tensor rstd, bool compute_grad_x) -> "
+    "(Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 
 
@@ -55,8 +61,8 @@ def _fake_forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], 
 
 
 def _fake_backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequence[int],
-                   padding: Sequence[int], weight: Tensor, norm_weight: Optional[Tensor],
-                   norm_bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                   padding: Sequence[int], weight: Tensor, bias: Optional[Tensor], norm_weight: Optional[Tensor],
+                   norm_bias: Optional[Tensor], y: Optional[Tensor], mean: Tensor, rstd: Tensor,
                    compute_grad_x: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     gx = x.new_empty(x.shape) if compute_grad_x else x.new_empty(0)
     gn = (weight.shape[1],) if norm_weight is not None else (0,)
@@ -66,16 +72,18 @@ def _fake_backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride
 
 def _setup_context(ctx, inputs, output) -> None:
     x, kernel_size, stride, padding, weight, bias, norm_weight, norm_bias, _ = inputs
-    _, mean, rstd = output
+    y, mean, rstd = output
     ctx.geometry = (kernel_size, stride, padding)
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, weight, norm_weight, norm_bias, mean, rstd)
+    # y only where the backward's LayerNorm sums come from it (see the module docstring)
+    keep_y = norm_weight is not None and ctx.needs_input_grad[0]
+    ctx.save_for_backward(x, weight, bias, norm_weight, norm_bias, y if keep_y else None, mean, rstd)
 
 
 def _backward(backward_op, ctx, grad_y, *_grad_stats):
-    x, weight, norm_weight, norm_bias, mean, rstd = ctx.saved_tensors
-    gx, gw, gb, gnw, gnb = backward_op(grad_y.contiguous(), x, *ctx.geometry, weight, norm_weight, norm_bias,
-                                       mean, rstd, ctx.needs_input_grad[0])
+    x, weight, bias, norm_weight, norm_bias, y, mean, rstd = ctx.saved_tensors
+    gx, gw, gb, gnw, gnb = backward_op(grad_y.contiguous(), x, *ctx.geometry, weight, bias, norm_weight, norm_bias,
+                                       y, mean, rstd, ctx.needs_input_grad[0])
     return (gx if ctx.needs_input_grad[0] else None, None, None, None, gw, gb if ctx.has_bias else None,
             gnw if norm_weight is not None else None, gnb if norm_bias is not None else None, None)
 
