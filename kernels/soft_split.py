@@ -349,11 +349,12 @@ def _backward_weight_kernel(
 
 
 @triton.jit
-def _backward_stats_kernel(dy_ptr, y_ptr, coef_ptr, stat_ptr, M, N, NP, BIG: tl.constexpr, BM: tl.constexpr,
-                           BN: tl.constexpr):
-    """Program (block of BM tokens): the LayerNorm backward's sums over each token's patch, from the forward's
-    y (B*L = M rows of N, contiguous) and coef = [W @ gamma, W @ beta + b] (2, NP): stat[0, t] = sum_k gamma g xhat
-    = dy[t] . (y[t] - W beta - b) and stat[1, t] = sum_k gamma g = dy[t] . (W gamma), with g = dy @ W."""
+def _backward_stats_kernel(dy_ptr, y_ptr, coef_ptr, rstd_ptr, stat_ptr, M, N, NP, K, BIG: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr):
+    """Program (block of BM tokens): the LayerNorm backward's sums over each token's patch, sum_k gamma g xhat
+    = dy[t] . (y[t] - W beta - b) and sum_k gamma g = dy[t] . (W gamma) (g = dy @ W), from the forward's y (B*L = M
+    rows of N, contiguous) and coef = [W @ gamma, W @ beta + b] (2, NP); stored as grad_x uses them:
+    stat[0, t] = -rstd sum_k gamma g / K, stat[1, t] = rstd^2 sum_k gamma g xhat / K."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     row_ok = rows < M
     if BIG:
@@ -370,8 +371,9 @@ def _backward_stats_kernel(dy_ptr, y_ptr, coef_ptr, stat_ptr, M, N, NP, BIG: tl.
         cv = tl.load(coef_ptr + NP + n, mask=n_ok, other=0.0)
         s0 += tl.sum(dy * (y - cv[None, :]), axis=1)
         s1 += tl.sum(dy * wg[None, :], axis=1)
-    tl.store(stat_ptr + rows, s0, mask=row_ok)
-    tl.store(stat_ptr + M + rows, s1, mask=row_ok)
+    rs = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+    tl.store(stat_ptr + rows, -rs * s1 / K, mask=row_ok)
+    tl.store(stat_ptr + M + rows, rs * rs * s0 / K, mask=row_ok)
 
 
 @triton.jit
@@ -423,15 +425,16 @@ def _backward_finish_kernel(
 @triton.jit
 def _backward_input_kernel(
     dy_ptr, wt_ptr, x_ptr, mean_ptr, rstd_ptr, stat_ptr, dx_ptr,
-    M, L, LH, LW, C, H, W, N, NP, K, KH, KW, SH, SW, PH, PW, QC, QR, NUM_P,
+    M, L, LH, LW, C, H, W, N, NP, KH, KW, SH, SW, PH, PW, QC, QR, NUM_P,
     sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw,
     HAS_NORM: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr,
     BN: tl.constexpr,
 ):
     """Program (pixel block + NUM_P * (image * stride residue), channel block): grad_x of the pixels
     (rh + SH*u, rw + SW*v) of one image, summed over the taps (i, j) = (ti + SH*a, tj + SW*e) that reach them.
-    wt[c*QC + (i*kw + j)*QR, n] = W[n, c*kh*kw + i*kw + j] (times gamma with the norm);
-    stat[0/1, token]: sum_k gamma*g*xhat and sum_k gamma*g."""
+    wt[c*QC + (i*kw + j)*QR, n] = W[n, c*kh*kw + i*kw + j] (times gamma with the norm); with the norm, per token
+    stat[0] = -rstd * sum_k gamma*g / K and stat[1] = rstd^2 * sum_k gamma*g*xhat / K (``_backward_stats_kernel``), so
+    that a tap adds rstd * g + stat[0] - (x - mean) * stat[1]."""
     pid_p = tl.program_id(0) % NUM_P
     pid_r = tl.program_id(0) // NUM_P
     pid_c = tl.program_id(1)
@@ -444,8 +447,9 @@ def _backward_input_kernel(
     hr = (H - rh + SH - 1) // SH
     p = pid_p * BP + tl.arange(0, BP)
     p_ok = p < hr * wr
-    uh = p // wr
-    uw = p % wr
+    # unsigned: a signed division by a runtime value costs twice the instructions, per row of every layout
+    uh = (p.to(tl.uint32) // wr.to(tl.uint32)).to(tl.int32)
+    uw = p - uh * wr
     h = rh + SH * uh
     w = rw + SW * uw
     ch = pid_c * BC + tl.arange(0, BC)
@@ -460,6 +464,7 @@ def _backward_input_kernel(
     oh0 = (rh + PH) // SH + uh
     ow0 = (rw + PW) // SW + uw
     acc = tl.zeros((BP, BC), dtype=tl.float32)
+    bsum = tl.zeros((BP,), dtype=tl.float32)  # the taps' stat[0] terms, per pixel: added once
     for a in range(0, (KH - ti + SH - 1) // SH):
         oh = oh0 - a
         for e in range(0, (KW - tj + SW - 1) // SW):
@@ -468,7 +473,7 @@ def _backward_input_kernel(
             row = b * L + oh * LW + ow
             r = (ti + SH * a) * KW + (tj + SW * e)
             g = tl.zeros((BP, BC), dtype=tl.float32)
-            for n0 in range(0, N, BN):
+            for n0 in range(0, N, BN):  # rows of tokens outside the image: dy 0, so g 0
                 n = n0 + tl.arange(0, BN)
                 dyt = tl.load(dy_ptr + row[:, None] * N + n[None, :], mask=tok_ok[:, None] & (n < N)[None, :],
                               other=0.0)
@@ -478,11 +483,14 @@ def _backward_input_kernel(
             if HAS_NORM:
                 mu = tl.load(mean_ptr + row, mask=tok_ok, other=0.0)
                 rs = tl.load(rstd_ptr + row, mask=tok_ok, other=0.0)
-                c1 = tl.load(stat_ptr + row, mask=tok_ok, other=0.0)
-                c2 = tl.load(stat_ptr + M + row, mask=tok_ok, other=0.0)
-                xhat = (xv - mu[:, None]) * rs[:, None]
-                g = rs[:, None] * (g - (c2 / K)[:, None] - xhat * (c1 / K)[:, None])
-            acc += tl.where(tok_ok[:, None], g, 0.0)
+                s0 = tl.load(stat_ptr + row, mask=tok_ok, other=0.0)
+                s1 = tl.load(stat_ptr + M + row, mask=tok_ok, other=0.0)
+                acc += rs[:, None] * g - (xv - mu[:, None]) * s1[:, None]
+                bsum += s0
+            else:
+                acc += g
+    if HAS_NORM:
+        acc += bsum[:, None]
     tl.store(dx_ptr + b * sdb + (h * sdh + w * sdw)[:, None] + ch[None, :] * sdc, acc.to(dx_ptr.dtype.element_ty),
              mask=pix_ok)
 
@@ -828,7 +836,7 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         stat = wt
         if need_stats:
             stat = torch.empty((2, M), dtype=torch.float32, device=x.device)
-            _backward_stats_kernel[grids["backward_stats"]](dy, y.contiguous(), coef, stat, M, N, geo.NP,
+            _backward_stats_kernel[grids["backward_stats"]](dy, y.contiguous(), coef, rstd, stat, M, N, geo.NP, K,
                                                              BIG=geo.big, BM=_STATS_BLOCK[0], BN=_STATS_BLOCK[1],
                                                              num_warps=4)
         grad_x = empty((B, C, geo.H, geo.W), x.dtype, x.device)
@@ -838,7 +846,7 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         _launch(
             _backward_input_kernel, grids["backward_input"], geo,
             dy, wt, x, mean if has_norm else wt, rstd if has_norm else wt, stat, grad_x,
-            M, geo.L, geo.LH, geo.LW, C, geo.H, geo.W, N, geo.NP, K, *geo.k, sh, sw, *geo.p, qc, qr,
+            M, geo.L, geo.LH, geo.LW, C, geo.H, geo.W, N, geo.NP, *geo.k, sh, sw, *geo.p, qc, qr,
             geo.num_p, *x.stride(), *grad_x.stride(),
             HAS_NORM=has_norm, BIG=geo.big, PREC=geo.prec, BP=bp, BC=bc, BN=64, num_warps=8, num_stages=3,
         )
