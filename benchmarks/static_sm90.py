@@ -193,9 +193,9 @@ def _ss_interior(a: Launch) -> int:
 
 
 def _ss_forward(a: Launch) -> list[int]:
-    # program (token tile, column group): if interior and not TAP_MAJOR: for kc in range(NUM_CHUNKS) (unmasked
-    # gathers), else the same loop with masks (the only one for TAP_MAJOR)
-    if a["TAP_MAJOR"]:
+    # program (token tile, column group): if interior: for kc in range(NUM_CHUNKS) (unmasked gathers), else the
+    # same loop with masks (the only one for LINEAR tiles)
+    if a["LINEAR"]:
         return [a.programs * a["NUM_CHUNKS"]]
     inner = a.grid[0] // a["TPI"] * _ss_interior(a) * a.grid[1]
     return [inner * a["NUM_CHUNKS"], (a.programs - inner) * a["NUM_CHUNKS"]]

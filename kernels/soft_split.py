@@ -122,21 +122,38 @@ def _prepare_kernel(
 
 
 @triton.jit
-def _tile(tile, TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw,
-          BIG: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+def _tile(tile, TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw,
+          BIG: tl.constexpr, LINEAR: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
     """Token tile -> (rows in range, tap (0, 0) inside the image, its offset in x, token index (b*L + t), the taps
     of each row inside the image (bit i for tap row i, bit 16 + j for tap column j; 0 for rows beyond the
-    tokens), whether every patch of the tile lies inside the image and every row is a token)."""
-    b = tile // TPI
-    rest = tile % TPI
-    th0 = (rest // TILES_W) * TH
-    tw0 = (rest % TILES_W) * TW
-    if BIG:
-        b = b.to(tl.int64)
+    tokens), whether every patch of the tile lies inside the image and every row is a token). A tile is TH x TW
+    tokens of one image, or with LINEAR (TH = 1) TW consecutive tokens of all M = B*L, across rows and images
+    (never interior)."""
     m = tl.arange(0, TH * TW)
-    th = th0 + m // TW
-    tw = tw0 + m % TW
-    row_ok = (th < LH) & (tw < LW)
+    if LINEAR:
+        t = tile * TW + m
+        if BIG:
+            t = tile.to(tl.int64) * TW + m
+        row_ok = t < M
+        b = t // L
+        r = (t - b * L).to(tl.int32)
+        th = (r.to(tl.uint32) // LW.to(tl.uint32)).to(tl.int32)
+        tw = r - th * LW
+        token = t
+        interior = False
+    else:
+        b = tile // TPI
+        rest = tile % TPI
+        th0 = (rest // TILES_W) * TH
+        tw0 = (rest % TILES_W) * TW
+        if BIG:
+            b = b.to(tl.int64)
+        th = th0 + m // TW
+        tw = tw0 + m % TW
+        row_ok = (th < LH) & (tw < LW)
+        token = b * L + th * LW + tw
+        interior = (th0 * SH >= PH) & ((th0 + TH - 1) * SH - PH + KH <= H) & (tw0 * SW >= PW) \
+            & ((tw0 + TW - 1) * SW - PW + KW <= W) & (th0 + TH <= LH) & (tw0 + TW <= LW)
     h0 = th * SH - PH
     w0 = tw * SW - PW
     if BIG:
@@ -150,9 +167,7 @@ def _tile(tile, TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh,
     hbits = tl.where(hhi > hlo, (1 << hhi) - (1 << hlo), 0)
     wbits = tl.where(whi > wlo, (1 << whi) - (1 << wlo), 0)
     bits = tl.where(row_ok, hbits | (wbits << 16), 0)
-    interior = (th0 * SH >= PH) & ((th0 + TH - 1) * SH - PH + KH <= H) & (tw0 * SW >= PW) \
-        & ((tw0 + TW - 1) * SW - PW + KW <= W) & (th0 + TH <= LH) & (tw0 + TW <= LW)
-    return row_ok, (bits & 0x10001) == 0x10001, xrow, b * L + th * LW + tw, bits, interior
+    return row_ok, (bits & 0x10001) == 0x10001, xrow, token, bits, interior
 
 
 @triton.jit
@@ -230,16 +245,16 @@ def _forward_store(y_ptr, coef_ptr, cvec_ptr, acc, rstd, d, yrow, row_ok, cols, 
 @triton.jit
 def _forward_kernel(
     x_ptr, wt_ptr, coef_ptr, cvec_ptr, koff_ptr, bits_ptr, y_ptr, mean_ptr, rstd_ptr,
-    TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, NP, K, NUM_CHUNKS, CPB, sxb, sxh, sxw, eps,
-    HAS_NORM: tl.constexpr, HAS_CVEC: tl.constexpr, HAS_N1: tl.constexpr, TAP_MAJOR: tl.constexpr,
+    TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, NP, K, NUM_CHUNKS, CPB, sxb, sxh, sxw, eps,
+    HAS_NORM: tl.constexpr, HAS_CVEC: tl.constexpr, HAS_N1: tl.constexpr, LINEAR: tl.constexpr,
     CONTIG: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr,
     BN1: tl.constexpr, BK: tl.constexpr,
 ):
     """Program (token tile, column group of BN0 + BN1): y of the tile. With HAS_NORM wt holds (gamma*W)^T and
     coef = W @ gamma; cvec is added (W @ beta + b with the norm, else the bias); both are NP long."""
     BM: tl.constexpr = TH * TW
-    row_ok, s_ok, xrow, yrow, bits, interior = _tile(tl.program_id(0), TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW,
-                                                 PH, PW, sxb, sxh, sxw, BIG, TH, TW)
+    row_ok, s_ok, xrow, yrow, bits, interior = _tile(tl.program_id(0), TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH,
+                                                 SW, PH, PW, sxb, sxh, sxw, BIG, LINEAR, TH, TW)
     col0 = tl.program_id(1) * BN0  # column groups (axis 1) only exist without the second block
     acc0 = tl.zeros((BM, BN0), dtype=tl.float32)
     acc1 = tl.zeros((BM, BN1), dtype=tl.float32)
@@ -248,7 +263,7 @@ def _forward_kernel(
     shift = tl.zeros((BM,), dtype=tl.float32)
     if HAS_NORM:
         shift = tl.load(x_ptr + xrow, mask=s_ok, other=0.0).to(tl.float32)
-    if interior and not TAP_MAJOR:  # tap-major masks are per token (a chunk is one tap): one path
+    if interior:  # never with LINEAR (tap-major order: a chunk is one tap, its masks per token): one path
         acc0, acc1, s1, s2 = _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP,
                                            NUM_CHUNKS, acc0, acc1, s1, s2, KW, CPB, sxh, sxw, HAS_NORM, HAS_N1,
                                            False, CONTIG, BIG, PREC, BN0, BN1, BK)
@@ -318,8 +333,9 @@ def _backward_weight_kernel(
     db0 = tl.zeros((16, BN0), dtype=tl.float32)
     db1 = tl.zeros((16, BN1), dtype=tl.float32)
     for tile in range(g, NUM_TILES, G):
-        row_ok, s_ok, xrow, yrow, bits, interior = _tile(tile, TPI, TILES_W, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW,
-                                                     sxb, sxh, sxw, BIG, TH, TW)
+        # 2-D tiles: linear ones (as the forward's) would divide by L and LW per row and tile
+        row_ok, s_ok, xrow, yrow, bits, interior = _tile(tile, TPI, TILES_W, 0, L, LH, LW, H, W, KH, KW, SH, SW, PH,
+                                                     PW, sxb, sxh, sxw, BIG, False, TH, TW)
         if interior:
             a = _operand(x_ptr, xrow, bits, row_ok, kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, mean_ptr, rstd_ptr,
                          yrow, HAS_NORM, False, CONTIG, BIG, BK)
@@ -631,7 +647,9 @@ class _Geometry:
         narrow = self.BN0 + self.BN1 <= 256 and self.half
         self.fwd_bm = 128 if narrow and self.tap_major else 64
         self.fwd_warps = 4 if narrow and not self.tap_major else 8
-        self.fwd_tile = self.tiles(self.fwd_bm)
+        # tap-major (every gather masked: no interior tiles to find) takes fwd_bm consecutive tokens of all B*L
+        # (linear tiles): no program cut short at an image's last row (at stage 2, 392 programs, not 448)
+        self.fwd_tile = (1, self.fwd_bm) if self.tap_major else self.tiles(self.fwd_bm)
         # 32-row chunks keep the 128-token tiles' elementwise LayerNorm sums in registers; 64-token tiles of
         # 16-bit tap-major inputs gather a whole tap per chunk
         self.fwd_bk = min(self.bk, 32 if self.half else 16)
@@ -658,7 +676,7 @@ class _Geometry:
         return _tiles(self.LH, self.LW, bm, interior)
 
     def tile_args(self, tile: tuple[int, int]) -> tuple:
-        """TPI, TILES_W and the image geometry of the kernels' tile arguments."""
+        """TPI, TILES_W of the kernels' tile arguments (tiles per image, per tile row; unused when linear)."""
         th, tw = tile
         tiles_w = cdiv(self.LW, tw)
         return (cdiv(self.LH, th) * tiles_w, tiles_w)
@@ -694,7 +712,8 @@ class _Geometry:
             finish = self.finish_block(sms)
             self._grids[sms] = {
                 "prepare": (self.KP // self.prepare_block[0], self.NP // self.prepare_block[1]),
-                "forward": (self.num_tiles(self.fwd_tile), self.col_groups),
+                "forward": (cdiv(self.M, self.fwd_bm) if self.tap_major else self.num_tiles(self.fwd_tile),
+                            self.col_groups),
                 "backward_weight": (self.groups(sms) * self.nkb, self.col_groups),
                 "backward_finish": (cdiv(self.K, finish[0]), cdiv(self.N, finish[1])),
                 "backward_stats": (cdiv(self.M, _STATS_BLOCK[0]),),
@@ -770,9 +789,9 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
         _launch(
             _forward_kernel, geo.grids(1)["forward"], geo,
             x, wt, coef if has_norm else wt, cvec if cvec is not None else wt, *table, y, mean, rstd,
-            *geo.tile_args(geo.fwd_tile), *geo.image_args(), geo.N, geo.NP, geo.K, geo.fwd_chunks,
+            *geo.tile_args(geo.fwd_tile), geo.M, *geo.image_args(), geo.N, geo.NP, geo.K, geo.fwd_chunks,
             max(1, geo.CP // geo.fwd_bk), x.stride(0), x.stride(2), x.stride(3), float(eps),
-            HAS_NORM=has_norm, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, TAP_MAJOR=geo.tap_major,
+            HAS_NORM=has_norm, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, LINEAR=geo.tap_major,
             CONTIG=geo.contig, BIG=geo.big, PREC=geo.prec, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16),
             BK=geo.fwd_bk, num_warps=geo.fwd_warps, num_stages=geo.fwd_stages,
         )
@@ -814,9 +833,8 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
             x, dy, wt, *table, mean if has_norm else wt, rstd if has_norm else wt, part, dbp,
             *geo.tile_args(geo.bwd_tile), geo.num_tiles(geo.bwd_tile), *geo.image_args(), N, geo.NP, geo.KP,
             geo.nkb, groups, max(1, geo.CP // geo.bk), x.stride(0), x.stride(2), x.stride(3),
-            HAS_NORM=has_norm, HAS_N1=geo.BN1 > 0, CONTIG=geo.contig, BIG=geo.big, PREC=geo.prec, TH=th, TW=tw,
-            BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk, num_warps=4 if has_norm and geo.half else 8,
-            num_stages=2,
+            HAS_NORM=has_norm, HAS_N1=geo.BN1 > 0, CONTIG=geo.contig, BIG=geo.big, PREC=geo.prec, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk,
+            num_warps=4 if has_norm and geo.half else 8, num_stages=2,
         )
         grad_weight = empty((N, K), weight.dtype, x.device)
         grad_bias = empty((N,), weight.dtype, x.device)
