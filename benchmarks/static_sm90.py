@@ -251,6 +251,7 @@ def _pf_combine(a: Launch) -> list[int]:
 TRIPS: dict[str, Callable[[Launch], list[int]]] = {
     # soft split (kernels/soft_split.py)
     "_prepare_kernel": lambda a: [],
+    "_stats_kernel": _ss_forward,
     "_forward_kernel": _ss_forward,
     "_backward_weight_kernel": _ss_backward_weight,
     "_backward_finish_kernel": _ss_backward_finish,

@@ -16,15 +16,18 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
   order a tile whose patches all lie inside the image ("interior") gathers with plain loads and only border
   tiles take the masked path (a scalar branch per tile); the mask of an element is one AND and compare of the
   token's in-image tap bits with the column's. Tap-major gathers always take the masked path (one tap per
-  chunk: the masks are per token).
+  chunk: the masks are per token), so there the forward and the statistics take linear tiles instead: BM
+  consecutive tokens of all B*L, across rows and images (no tile cut short at an image's last row).
+- LayerNorm statistics (with the norm, before the forward; few registers, many blocks per SM): per token the
+  sums of ``x - s`` and ``(x - s)^2``, elementwise over the chunks in (q, tokens) tiles and reduced once along
+  q. ``s`` is tap (0, 0) of channel 0, an element of the token's own patch (0 when that is padding), so the
+  variance keeps its precision when the mean is large against the spread, and q-padding (whose table offset is
+  0) gathers exactly ``s``. Writes mean, rstd and ``d = mean - s``.
 - forward: an implicit GEMM. A program owns one token tile and all output columns (two accumulators,
   BN0 + BN1 columns, so each patch is gathered once; groups of BN0 columns on grid axis 1 only for wide outputs:
-  past 384 columns, 192 in fp32). It accumulates ``(x - s) @ (gamma * W)^T`` and, elementwise in registers, the
-  sums of ``x - s`` and ``(x - s)^2``, reduced once after the loop by a 16-column dot with ones (tensor cores,
-  no cross-lane shuffles). ``s`` is tap (0, 0) of channel 0, an element of the token's
-  own patch (0 when that is padding), so the variance keeps its precision when the mean is large against the
-  spread, and q-padding (whose table offset is 0) gathers exactly ``s``. Epilogue:
-  ``y = rstd * (acc - d * (W @ gamma)) + W @ beta + b`` with ``d = mean - s``.
+  past 384 columns, 192 in fp32). It accumulates ``(x - s) @ (gamma * W)^T``; epilogue
+  ``y = rstd * (acc - d * (W @ gamma)) + W @ beta + b``. With the statistics out of its loop it holds no
+  elementwise sums: 8 warps and two blocks per SM at stage 1 (was 4 warps, the sums in its loop).
 - backward, weights (program = (token group, chunk of q rows, column group)): ``D = dy^T @ xhat`` (x itself
   without the norm) for its chunk and the group's output columns over its tiles, and ``sum dy`` (as ones @ dy).
   A finishing kernel (a grid of about two programs per SM over blocks of weight columns, each summing the
@@ -179,7 +182,7 @@ def _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG: tl.constexpr, BIG:
         r = kc // CPB  # the tap; CPB chunks per tap
         i = r // KW
         j = r % KW
-        cb = (1 << i) | (1 << (16 + j))
+        cb = tl.full((1, BK), 1 << i, tl.int32) | (1 << (16 + j))
         if BIG:
             i = i.to(tl.int64)
         offs = (kc % CPB) * BK + i * sxh + j * sxw + tl.arange(0, BK)
@@ -209,25 +212,71 @@ def _gather(x_ptr, xrow, bits, offs, cb, sub, mul, MODE: tl.constexpr, MASKED: t
 
 
 @triton.jit
-def _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP, NUM_CHUNKS, acc0, acc1, s1, s2,
+def _stats_loop(x_ptr, koff_ptr, bits_ptr, xrow, bits, shift, NUM_CHUNKS, s1, s2, KW, CPB, sxh, sxw,
+                MASKED: tl.constexpr, CONTIG: tl.constexpr, BIG: tl.constexpr, BK: tl.constexpr):
+    # (q, tokens) tiles, the transpose of _gather's: a token's sums then reduce along the rows, within a thread
+    # and across warps, instead of along a warp's lanes
+    for kc in range(0, NUM_CHUNKS):
+        offs, cb = _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG, BIG, BK)
+        cb = tl.reshape(cb, (BK, 1))
+        ptrs = x_ptr + (offs[:, None] + xrow[None, :])
+        if MASKED:
+            a = tl.load(ptrs, mask=(bits[None, :] & cb) == cb, other=0.0).to(tl.float32)
+        else:
+            a = tl.load(ptrs).to(tl.float32)
+        # x - s: q-padding gathers s itself and rows beyond the tokens 0 - 0, both 0 here
+        a = a - shift[None, :]
+        s1 += a
+        s2 += a * a
+    return s1, s2
+
+
+@triton.jit
+def _stats_kernel(
+    x_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, d_ptr,
+    TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, K, NUM_CHUNKS, CPB, sxb, sxh, sxw, eps,
+    CONTIG: tl.constexpr, BIG: tl.constexpr, LINEAR: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """Program (token tile): the LayerNorm's mean and rstd of each token's patch, from the sums of x - s and
+    (x - s)^2 (s: tap (0, 0) of channel 0, an element of the patch, so the variance keeps its precision when the
+    mean is large against the spread), elementwise over the chunks and reduced once; also d = mean - s, for the
+    forward (mean - s from the rounded mean would lose the digits s saved)."""
+    row_ok, s_ok, xrow, yrow, bits, interior = _tile(tl.program_id(0), TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH,
+                                                 SW, PH, PW, sxb, sxh, sxw, BIG, LINEAR, TH, TW)
+    shift = tl.load(x_ptr + xrow, mask=s_ok, other=0.0).to(tl.float32)
+    s1 = tl.zeros((BK, TH * TW), dtype=tl.float32)
+    s2 = tl.zeros((BK, TH * TW), dtype=tl.float32)
+    if interior:
+        s1, s2 = _stats_loop(x_ptr, koff_ptr, bits_ptr, xrow, bits, shift, NUM_CHUNKS, s1, s2, KW, CPB, sxh, sxw,
+                             False, CONTIG, BIG, BK)
+    else:
+        s1, s2 = _stats_loop(x_ptr, koff_ptr, bits_ptr, xrow, bits, shift, NUM_CHUNKS, s1, s2, KW, CPB, sxh, sxw,
+                             True, CONTIG, BIG, BK)
+    d = tl.sum(s1, axis=0) / K
+    rstd = tl.rsqrt(tl.maximum(tl.sum(s2, axis=0) / K - d * d, 0.0) + eps)
+    tl.store(mean_ptr + yrow, shift + d, mask=row_ok)
+    tl.store(rstd_ptr + yrow, rstd, mask=row_ok)
+    tl.store(d_ptr + yrow, d, mask=row_ok)
+
+
+@triton.jit
+def _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP, NUM_CHUNKS, acc0, acc1,
                   KW, CPB, sxh, sxw, HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, MASKED: tl.constexpr,
                   CONTIG: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr,
                   BK: tl.constexpr):
     for kc in range(0, NUM_CHUNKS):
         q = kc * BK + tl.arange(0, BK)
         offs, cb = _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG, BIG, BK)
-        # with the norm x - s: q-padding gathers s itself and rows beyond the tokens 0 - 0, both 0 here
+        # with the norm x - s (s as in _stats_kernel): the rounding of the dot operand is relative to the spread
         a = _gather(x_ptr, xrow, bits, offs, cb, shift, shift, 1 if HAS_NORM else 0, MASKED)
-        if HAS_NORM:
-            s1 += a
-            s2 += a * a
         wrow = wt_ptr + q[:, None] * NP + col0
         w0t = tl.load(wrow + tl.arange(0, BN0)[None, :])
         acc0 = tl.dot(a.to(w0t.dtype), w0t, acc0, input_precision=PREC)
         if HAS_N1:
             w1t = tl.load(wrow + BN0 + tl.arange(0, BN1)[None, :])
             acc1 = tl.dot(a.to(w1t.dtype), w1t, acc1, input_precision=PREC)
-    return acc0, acc1, s1, s2
+    return acc0, acc1
 
 
 @triton.jit
@@ -244,47 +293,35 @@ def _forward_store(y_ptr, coef_ptr, cvec_ptr, acc, rstd, d, yrow, row_ok, cols, 
 
 @triton.jit
 def _forward_kernel(
-    x_ptr, wt_ptr, coef_ptr, cvec_ptr, koff_ptr, bits_ptr, y_ptr, mean_ptr, rstd_ptr,
-    TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, NP, K, NUM_CHUNKS, CPB, sxb, sxh, sxw, eps,
+    x_ptr, wt_ptr, coef_ptr, cvec_ptr, koff_ptr, bits_ptr, y_ptr, rstd_ptr, d_ptr,
+    TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, NP, NUM_CHUNKS, CPB, sxb, sxh, sxw,
     HAS_NORM: tl.constexpr, HAS_CVEC: tl.constexpr, HAS_N1: tl.constexpr, LINEAR: tl.constexpr,
     CONTIG: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr,
     BN1: tl.constexpr, BK: tl.constexpr,
 ):
-    """Program (token tile, column group of BN0 + BN1): y of the tile. With HAS_NORM wt holds (gamma*W)^T and
-    coef = W @ gamma; cvec is added (W @ beta + b with the norm, else the bias); both are NP long."""
+    """Program (token tile, column group of BN0 + BN1): y of the tile. With HAS_NORM wt holds (gamma*W)^T,
+    coef = W @ gamma and rstd, d the tokens' statistics (``_stats_kernel``); cvec is added (W @ beta + b with
+    the norm, else the bias); coef and cvec are NP long."""
     BM: tl.constexpr = TH * TW
     row_ok, s_ok, xrow, yrow, bits, interior = _tile(tl.program_id(0), TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH,
                                                  SW, PH, PW, sxb, sxh, sxw, BIG, LINEAR, TH, TW)
     col0 = tl.program_id(1) * BN0  # column groups (axis 1) only exist without the second block
     acc0 = tl.zeros((BM, BN0), dtype=tl.float32)
     acc1 = tl.zeros((BM, BN1), dtype=tl.float32)
-    s1 = tl.zeros((BM, BK), dtype=tl.float32)
-    s2 = tl.zeros((BM, BK), dtype=tl.float32)
     shift = tl.zeros((BM,), dtype=tl.float32)
     if HAS_NORM:
         shift = tl.load(x_ptr + xrow, mask=s_ok, other=0.0).to(tl.float32)
     if interior:  # never with LINEAR (tap-major order: a chunk is one tap, its masks per token): one path
-        acc0, acc1, s1, s2 = _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP,
-                                           NUM_CHUNKS, acc0, acc1, s1, s2, KW, CPB, sxh, sxw, HAS_NORM, HAS_N1,
-                                           False, CONTIG, BIG, PREC, BN0, BN1, BK)
+        acc0, acc1 = _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP, NUM_CHUNKS, acc0,
+                                   acc1, KW, CPB, sxh, sxw, HAS_NORM, HAS_N1, False, CONTIG, BIG, PREC, BN0, BN1, BK)
     else:
-        acc0, acc1, s1, s2 = _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP,
-                                           NUM_CHUNKS, acc0, acc1, s1, s2, KW, CPB, sxh, sxw, HAS_NORM, HAS_N1,
-                                           True, CONTIG, BIG, PREC, BN0, BN1, BK)
+        acc0, acc1 = _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP, NUM_CHUNKS, acc0,
+                                   acc1, KW, CPB, sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, BIG, PREC, BN0, BN1, BK)
     rstd = shift
     d = shift
     if HAS_NORM:
-        # the row sums of s1 and s2 on the tensor cores (columns 0 and 1 of st): a cross-lane reduction costs
-        # a shuffle and an add per element row and lane step
-        e = tl.arange(0, 16)[None, :]
-        ones = tl.full((BK, 16), 1.0, tl.float32)
-        st = tl.dot(s1, tl.where(e == 0, ones, 0.0), input_precision=PREC)
-        st = tl.dot(s2, tl.where(e == 1, ones, 0.0), st, input_precision=PREC)
-        d = tl.sum(tl.where(e == 0, st, 0.0), axis=1) / K
-        rstd = tl.rsqrt(tl.maximum(tl.sum(tl.where(e == 1, st, 0.0), axis=1) / K - d * d, 0.0) + eps)
-        if tl.program_id(1) == 0:
-            tl.store(mean_ptr + yrow, shift + d, mask=row_ok)
-            tl.store(rstd_ptr + yrow, rstd, mask=row_ok)
+        rstd = tl.load(rstd_ptr + yrow, mask=row_ok, other=0.0)
+        d = tl.load(d_ptr + yrow, mask=row_ok, other=0.0)
     _forward_store(y_ptr, coef_ptr, cvec_ptr, acc0, rstd, d, yrow, row_ok, col0 + tl.arange(0, BN0), N, HAS_NORM,
                    HAS_CVEC)
     if HAS_N1:
@@ -642,18 +679,19 @@ class _Geometry:
         self.prec = "tf32x3" if self.dot_dtype == torch.float32 and not interpret else "tf32"
         big = max(_extent(shape, strides), self.M * max(self.NP, self.KP), self.B * self.C * self.H * self.W)
         self.big = big > _INT32 // 2  # int64 offsets (with margin for padding and partial-buffer rows)
-        # forward: 128 tokens per program (two warpgroups) unless the columns need the registers; 16-bit
-        # channel-major images (few channels: stage 1) take 64 tokens on one warpgroup, two programs per SM
+        # forward, 8 warps: 128 tokens per program for 16-bit tap-major inputs of at most 256 columns (stage 2),
+        # else 64 (stage 1: two programs per SM)
         narrow = self.BN0 + self.BN1 <= 256 and self.half
         self.fwd_bm = 128 if narrow and self.tap_major else 64
-        self.fwd_warps = 4 if narrow and not self.tap_major else 8
+        self.fwd_warps = 8
         # tap-major (every gather masked: no interior tiles to find) takes fwd_bm consecutive tokens of all B*L
         # (linear tiles): no program cut short at an image's last row (at stage 2, 392 programs, not 448)
         self.fwd_tile = (1, self.fwd_bm) if self.tap_major else self.tiles(self.fwd_bm)
-        # 32-row chunks keep the 128-token tiles' elementwise LayerNorm sums in registers; 64-token tiles of
-        # 16-bit tap-major inputs gather a whole tap per chunk
+        self.stats_tile = (1, 64) if self.tap_major else self.tiles(64)  # the LayerNorm statistics' tiles
+        # q rows per forward chunk: 16-bit tap-major inputs gather a whole tap (up to 64 channels) per chunk, others
+        # 32 (16 in fp32: the 3xTF32 operands' registers)
         self.fwd_bk = min(self.bk, 32 if self.half else 16)
-        if self.tap_major and self.half and self.fwd_bm == 64:
+        if self.tap_major and self.half:
             self.fwd_bk = self.bk
         # software-pipelining depth of the forward loop (2 in the backward); wide outputs take 2 (shared memory)
         self.fwd_stages = 3 if narrow else 2
@@ -662,6 +700,10 @@ class _Geometry:
         self.dx_block = (64, _pow2(self.C, 16, 64 if self.half else 32))  # 64 pixels: two programs per SM
         self.nkb = self.KP // self.bk
         self.fwd_chunks = self.KP // self.fwd_bk if self.tap_major else cdiv(self.K, self.fwd_bk)
+        # the statistics kernel's chunks: the forward's in tap-major order (a chunk is one tap), else 16 rows (few
+        # registers: many blocks per SM, with triton 3.6 as with 3.9)
+        self.stats_bk = self.fwd_bk if self.tap_major else 16
+        self.stats_chunks = self.fwd_chunks if self.tap_major else cdiv(self.K, 16)
         # preparation programs of 16 q rows x 64 (or 16) columns: small tiles, many programs (it is latency-bound)
         self.prepare_block = (16, 64 if self.NP % 64 == 0 else 16)
         # grad_x pixel blocks per (image, stride residue)
@@ -712,6 +754,7 @@ class _Geometry:
             finish = self.finish_block(sms)
             self._grids[sms] = {
                 "prepare": (self.KP // self.prepare_block[0], self.NP // self.prepare_block[1]),
+                "stats": (cdiv(self.M, 64) if self.tap_major else self.num_tiles(self.stats_tile),),
                 "forward": (cdiv(self.M, self.fwd_bm) if self.tap_major else self.num_tiles(self.fwd_tile),
                             self.col_groups),
                 "backward_weight": (self.groups(sms) * self.nkb, self.col_groups),
@@ -785,12 +828,21 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
         mean = empty(stats, torch.float32, x.device)
         rstd = empty(stats, torch.float32, x.device)
         cvec = coef[1] if has_norm else bias
+        d = torch.empty(stats, dtype=torch.float32, device=x.device)
+        if has_norm:
+            th, tw = geo.stats_tile
+            _stats_kernel[geo.grids(1)["stats"]](
+                x, *table, mean, rstd, d, *geo.tile_args(geo.stats_tile), geo.M, *geo.image_args(), geo.K,
+                geo.stats_chunks, max(1, geo.CP // geo.stats_bk), x.stride(0), x.stride(2), x.stride(3),
+                float(eps), CONTIG=geo.contig, BIG=geo.big, LINEAR=geo.tap_major, TH=th, TW=tw, BK=geo.stats_bk,
+                num_warps=4,
+            )
         th, tw = geo.fwd_tile
         _launch(
             _forward_kernel, geo.grids(1)["forward"], geo,
-            x, wt, coef if has_norm else wt, cvec if cvec is not None else wt, *table, y, mean, rstd,
-            *geo.tile_args(geo.fwd_tile), geo.M, *geo.image_args(), geo.N, geo.NP, geo.K, geo.fwd_chunks,
-            max(1, geo.CP // geo.fwd_bk), x.stride(0), x.stride(2), x.stride(3), float(eps),
+            x, wt, coef if has_norm else wt, cvec if cvec is not None else wt, *table, y, rstd, d,
+            *geo.tile_args(geo.fwd_tile), geo.M, *geo.image_args(), geo.N, geo.NP, geo.fwd_chunks,
+            max(1, geo.CP // geo.fwd_bk), x.stride(0), x.stride(2), x.stride(3),
             HAS_NORM=has_norm, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, LINEAR=geo.tap_major,
             CONTIG=geo.contig, BIG=geo.big, PREC=geo.prec, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16),
             BK=geo.fwd_bk, num_warps=geo.fwd_warps, num_stages=geo.fwd_stages,
