@@ -133,14 +133,16 @@ def _tile(tile, TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, s
     tokens of one image, or with LINEAR (TH = 1) TW consecutive tokens of all M = B*L, across rows and images
     (never interior)."""
     m = tl.arange(0, TH * TW)
-    if LINEAR:
-        t = tile * TW + m
+    if LINEAR:  # per row: unsigned divisions by runtime values (half the instructions of signed ones)
         if BIG:
             t = tile.to(tl.int64) * TW + m
+            b = t // L
+        else:
+            t = tile * TW + m
+            b = (t.to(tl.uint32) // tl.cast(L, tl.uint32)).to(tl.int32)
         row_ok = t < M
-        b = t // L
         r = (t - b * L).to(tl.int32)
-        th = (r.to(tl.uint32) // LW.to(tl.uint32)).to(tl.int32)
+        th = (r.to(tl.uint32) // tl.cast(LW, tl.uint32)).to(tl.int32)
         tw = r - th * LW
         token = t
         interior = False
@@ -501,7 +503,7 @@ def _backward_input_kernel(
     p = pid_p * BP + tl.arange(0, BP)
     p_ok = p < hr * wr
     # unsigned: a signed division by a runtime value costs twice the instructions, per row of every layout
-    uh = (p.to(tl.uint32) // wr.to(tl.uint32)).to(tl.int32)
+    uh = (p.to(tl.uint32) // tl.cast(wr, tl.uint32)).to(tl.int32)
     uw = p - uh * wr
     h = rh + SH * uh
     w = rw + SW * uw
@@ -700,10 +702,10 @@ class _Geometry:
         self.dx_block = (64, _pow2(self.C, 16, 64 if self.half else 32))  # 64 pixels: two programs per SM
         self.nkb = self.KP // self.bk
         self.fwd_chunks = self.KP // self.fwd_bk if self.tap_major else cdiv(self.K, self.fwd_bk)
-        # the statistics kernel's chunks: the forward's in tap-major order (a chunk is one tap), else 16 rows (few
+        # the statistics kernel's chunks: at most 32 channels of a tap in tap-major order, else 16 rows (few
         # registers: many blocks per SM, with triton 3.6 as with 3.9)
-        self.stats_bk = self.fwd_bk if self.tap_major else 16
-        self.stats_chunks = self.fwd_chunks if self.tap_major else cdiv(self.K, 16)
+        self.stats_bk = min(self.fwd_bk, 32) if self.tap_major else 16
+        self.stats_chunks = self.KP // self.stats_bk if self.tap_major else cdiv(self.K, 16)
         # preparation programs of 16 q rows x 64 (or 16) columns: small tiles, many programs (it is latency-bound)
         self.prepare_block = (16, 64 if self.NP % 64 == 0 else 16)
         # grad_x pixel blocks per (image, stride residue)
