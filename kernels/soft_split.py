@@ -358,15 +358,16 @@ def _backward_weight_kernel(
 ):
     """Program (group g, chunk kc of BK q rows; column group on axis 1) over tiles g, g+G, ...: part[g, q, n] =
     sum dy[t, n] xhat[t, q] (x without the norm) for the group's columns n, and in chunk 0 dbp[g, n] = sum dy[t, n].
-    Only wt's dtype is used: the dots' operand dtype."""
+    Only wt's dtype is used: the dots' operand dtype. The dots are dy^T @ xhat (columns x q rows): dy's tile is an
+    operand straight from shared memory, and xhat needs no transposed copy."""
     g = tl.program_id(0) // NKB
     kc = tl.program_id(0) % NKB
     q = kc * BK + tl.arange(0, BK)
     cols0 = tl.program_id(1) * BN0 + tl.arange(0, BN0)  # column groups only exist without the second block
     cols1 = BN0 + tl.arange(0, BN1)
     dt = wt_ptr.dtype.element_ty
-    dw0 = tl.zeros((BK, BN0), dtype=tl.float32)
-    dw1 = tl.zeros((BK, BN1), dtype=tl.float32)
+    dw0 = tl.zeros((BN0, BK), dtype=tl.float32)
+    dw1 = tl.zeros((BN1, BK), dtype=tl.float32)
     # sum dy over the tokens as 16 equal rows of ones @ dy: a tensor-core op instead of a cross-warp reduction
     ones = tl.full((16, TH * TW), 1.0, dt)
     db0 = tl.zeros((16, BN0), dtype=tl.float32)
@@ -383,19 +384,19 @@ def _backward_weight_kernel(
                          yrow, HAS_NORM, True, CONTIG, BIG, BK)
         dyrow = dy_ptr + yrow[:, None] * N
         dy0 = tl.load(dyrow + cols0[None, :], mask=row_ok[:, None] & (cols0 < N)[None, :], other=0.0).to(dt)
-        at = tl.trans(a.to(dt))
-        dw0 = tl.dot(at, dy0, dw0, input_precision=PREC)
+        ad = a.to(dt)
+        dw0 = tl.dot(tl.trans(dy0), ad, dw0, input_precision=PREC)
         if HAS_N1:
             dy1 = tl.load(dyrow + cols1[None, :], mask=row_ok[:, None] & (cols1 < N)[None, :], other=0.0).to(dt)
-            dw1 = tl.dot(at, dy1, dw1, input_precision=PREC)
+            dw1 = tl.dot(tl.trans(dy1), ad, dw1, input_precision=PREC)
         if kc == 0:
             db0 = tl.dot(ones, dy0, db0, input_precision=PREC)
             if HAS_N1:
                 db1 = tl.dot(ones, dy1, db1, input_precision=PREC)
-    part = part_ptr + (g * KP + q)[:, None] * NP
-    tl.store(part + cols0[None, :], dw0)
+    part = part_ptr + (g * KP + q)[None, :] * NP
+    tl.store(part + cols0[:, None], dw0)
     if HAS_N1:
-        tl.store(part + cols1[None, :], dw1)
+        tl.store(part + cols1[:, None], dw1)
     if kc == 0:
         first = tl.arange(0, 16)[:, None] == 0
         tl.store(dbp_ptr + g * NP + cols0, tl.sum(tl.where(first, db0, 0.0), axis=0))
