@@ -125,40 +125,27 @@ def _prepare_kernel(
 
 
 @triton.jit
-def _tile(tile, TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw,
-          BIG: tl.constexpr, LINEAR: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
-    """Token tile -> (rows in range, tap (0, 0) inside the image, its offset in x, token index (b*L + t), the taps
-    of each row inside the image (bit i for tap row i, bit 16 + j for tap column j; 0 for rows beyond the
-    tokens), whether every patch of the tile lies inside the image and every row is a token). A tile is TH x TW
-    tokens of one image, or with LINEAR (TH = 1) TW consecutive tokens of all M = B*L, across rows and images
-    (never interior)."""
+def _tile_rows(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG: tl.constexpr, TH: tl.constexpr,
+               TW: tl.constexpr):
+    """2-D tile (tr, tc) of image b -> (b, token row and column of each row, rows in range, token index (b*L + t),
+    whether every patch of the tile lies inside the image and every row is a token)."""
     m = tl.arange(0, TH * TW)
-    if LINEAR:  # per row: unsigned divisions by runtime values (half the instructions of signed ones)
-        if BIG:
-            t = tile.to(tl.int64) * TW + m
-            b = t // L
-        else:
-            t = tile * TW + m
-            b = (t.to(tl.uint32) // tl.cast(L, tl.uint32)).to(tl.int32)
-        row_ok = t < M
-        r = (t - b * L).to(tl.int32)
-        th = (r.to(tl.uint32) // tl.cast(LW, tl.uint32)).to(tl.int32)
-        tw = r - th * LW
-        token = t
-        interior = False
-    else:
-        b = tile // TPI
-        rest = tile % TPI
-        th0 = (rest // TILES_W) * TH
-        tw0 = (rest % TILES_W) * TW
-        if BIG:
-            b = b.to(tl.int64)
-        th = th0 + m // TW
-        tw = tw0 + m % TW
-        row_ok = (th < LH) & (tw < LW)
-        token = b * L + th * LW + tw
-        interior = (th0 * SH >= PH) & ((th0 + TH - 1) * SH - PH + KH <= H) & (tw0 * SW >= PW) \
-            & ((tw0 + TW - 1) * SW - PW + KW <= W) & (th0 + TH <= LH) & (tw0 + TW <= LW)
+    th0 = tr * TH
+    tw0 = tc * TW
+    if BIG:
+        b = b.to(tl.int64)
+    th = th0 + m // TW
+    tw = tw0 + m % TW
+    row_ok = (th < LH) & (tw < LW)
+    interior = (th0 * SH >= PH) & ((th0 + TH - 1) * SH - PH + KH <= H) & (tw0 * SW >= PW) \
+        & ((tw0 + TW - 1) * SW - PW + KW <= W) & (th0 + TH <= LH) & (tw0 + TW <= LW)
+    return b, th, tw, row_ok, b * L + th * LW + tw, interior
+
+
+@triton.jit
+def _patches(b, th, tw, row_ok, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw, BIG: tl.constexpr):
+    """Rows (b, th, tw) -> (tap (0, 0) inside the image, its offset in x, the taps of each row inside the image:
+    bit i for tap row i, bit 16 + j for tap column j; 0 for rows beyond the tokens)."""
     h0 = th * SH - PH
     w0 = tw * SW - PW
     if BIG:
@@ -172,7 +159,36 @@ def _tile(tile, TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, s
     hbits = tl.where(hhi > hlo, (1 << hhi) - (1 << hlo), 0)
     wbits = tl.where(whi > wlo, (1 << whi) - (1 << wlo), 0)
     bits = tl.where(row_ok, hbits | (wbits << 16), 0)
-    return row_ok, (bits & 0x10001) == 0x10001, xrow, token, bits, interior
+    return (bits & 0x10001) == 0x10001, xrow, bits
+
+
+@triton.jit
+def _tile(tile, TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw,
+          BIG: tl.constexpr, LINEAR: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+    """Token tile -> (rows in range, tap (0, 0) inside the image, its offset in x, token index (b*L + t), the taps
+    of each row inside the image, whether every patch of the tile lies inside the image and every row is a
+    token). A tile is TH x TW tokens of one image (tile = b*TPI + tr*TILES_W + tc), or with LINEAR (TH = 1) TW
+    consecutive tokens of all M = B*L, across rows and images (never interior)."""
+    if LINEAR:  # per row: unsigned divisions by runtime values (half the instructions of signed ones)
+        m = tl.arange(0, TW)
+        if BIG:
+            t = tile.to(tl.int64) * TW + m
+            b = t // L
+        else:
+            t = tile * TW + m
+            b = (t.to(tl.uint32) // tl.cast(L, tl.uint32)).to(tl.int32)
+        row_ok = t < M
+        r = (t - b * L).to(tl.int32)
+        th = (r.to(tl.uint32) // tl.cast(LW, tl.uint32)).to(tl.int32)
+        tw = r - th * LW
+        token = t
+        interior = False
+    else:
+        rest = tile % TPI
+        b, th, tw, row_ok, token, interior = _tile_rows(tile // TPI, rest // TILES_W, rest % TILES_W, L, LH, LW, H,
+                                                        W, KH, KW, SH, SW, PH, PW, BIG, TH, TW)
+    s_ok, xrow, bits = _patches(b, th, tw, row_ok, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw, BIG)
+    return row_ok, s_ok, xrow, token, bits, interior
 
 
 @triton.jit
@@ -350,49 +366,91 @@ def _operand(x_ptr, xrow, bits, row_ok, kc, koff_ptr, bits_ptr, KW, CPB, sxh, sx
 
 
 @triton.jit
+def _weight_step(x_ptr, dy_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, tr, tc, kc, cols0, cols1, ones,
+                 dw0, dw1, db0, db1, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb, sxh, sxw,
+                 HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, MASKED: tl.constexpr, CONTIG: tl.constexpr,
+                 BIG: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BK: tl.constexpr):
+    """One tile (tr, tc) of image b into the weight kernel's accumulators."""
+    b, th, tw, row_ok, yrow, _ = _tile_rows(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG, TH, TW)
+    _, xrow, bits = _patches(b, th, tw, row_ok, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw, BIG)
+    a = _operand(x_ptr, xrow, bits, row_ok, kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, mean_ptr, rstd_ptr, yrow,
+                 HAS_NORM, MASKED, CONTIG, BIG, BK)
+    dt = ones.dtype
+    dyrow = dy_ptr + yrow[:, None] * N
+    dy0 = tl.load(dyrow + cols0[None, :], mask=row_ok[:, None] & (cols0 < N)[None, :], other=0.0).to(dt)
+    ad = a.to(dt)
+    dw0 = tl.dot(tl.trans(dy0), ad, dw0, input_precision=PREC)
+    if HAS_N1:
+        dy1 = tl.load(dyrow + cols1[None, :], mask=row_ok[:, None] & (cols1 < N)[None, :], other=0.0).to(dt)
+        dw1 = tl.dot(tl.trans(dy1), ad, dw1, input_precision=PREC)
+    if kc == 0:
+        db0 = tl.dot(ones, dy0, db0, input_precision=PREC)
+        if HAS_N1:
+            db1 = tl.dot(ones, dy1, db1, input_precision=PREC)
+    return dw0, dw1, db0, db1
+
+
+@triton.jit
 def _backward_weight_kernel(
     x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, part_ptr, dbp_ptr,
-    TPI, TILES_W, NUM_TILES, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, NP, KP, NKB, G, CPB, sxb, sxh, sxw,
+    TILES_H, TILES_W, R0, R1, C0, C1, NUM_INNER, NUM_BORDER, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, NP, KP,
+    NKB, G, CPB, sxb, sxh, sxw,
     HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, CONTIG: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr,
-    TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr, BK: tl.constexpr,
+    INNER: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr,
+    BK: tl.constexpr,
 ):
-    """Program (group g, chunk kc of BK q rows; column group on axis 1) over tiles g, g+G, ...: part[g, q, n] =
-    sum dy[t, n] xhat[t, q] (x without the norm) for the group's columns n, and in chunk 0 dbp[g, n] = sum dy[t, n].
-    Only wt's dtype is used: the dots' operand dtype. The dots are dy^T @ xhat (columns x q rows): dy's tile is an
-    operand straight from shared memory, and xhat needs no transposed copy."""
+    """Program (group g, chunk kc of BK q rows; column group on axis 1) over its share of the tiles (every G-th):
+    part[g, q, n] = sum dy[t, n] xhat[t, q] (x without the norm) for the group's columns n, and in chunk 0
+    dbp[g, n] = sum dy[t, n]. With INNER (NUM_INNER > 0) two loops, one per gather path: the interior tiles (rows
+    R0..R1-1, columns C0..C1-1 of each image's TILES_H x TILES_W tiles: NUM_INNER in all), then the border ones
+    (NUM_BORDER), so that no loop body holds both paths; else one loop over every tile, masked. Only wt's dtype is used: the dots' operand dtype. The dots are dy^T @ xhat
+    (columns x q rows): dy's tile is an operand straight from shared memory, and xhat needs no transposed copy."""
     g = tl.program_id(0) // NKB
     kc = tl.program_id(0) % NKB
     q = kc * BK + tl.arange(0, BK)
     cols0 = tl.program_id(1) * BN0 + tl.arange(0, BN0)  # column groups only exist without the second block
     cols1 = BN0 + tl.arange(0, BN1)
-    dt = wt_ptr.dtype.element_ty
     dw0 = tl.zeros((BN0, BK), dtype=tl.float32)
     dw1 = tl.zeros((BN1, BK), dtype=tl.float32)
     # sum dy over the tokens as 16 equal rows of ones @ dy: a tensor-core op instead of a cross-warp reduction
-    ones = tl.full((16, TH * TW), 1.0, dt)
+    ones = tl.full((16, TH * TW), 1.0, wt_ptr.dtype.element_ty)
     db0 = tl.zeros((16, BN0), dtype=tl.float32)
     db1 = tl.zeros((16, BN1), dtype=tl.float32)
-    for tile in range(g, NUM_TILES, G):
-        # 2-D tiles: linear ones (as the forward's) would divide by L and LW per row and tile
-        row_ok, s_ok, xrow, yrow, bits, interior = _tile(tile, TPI, TILES_W, 0, L, LH, LW, H, W, KH, KW, SH, SW, PH,
-                                                     PW, sxb, sxh, sxw, BIG, False, TH, TW)
-        if interior:
-            a = _operand(x_ptr, xrow, bits, row_ok, kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, mean_ptr, rstd_ptr,
-                         yrow, HAS_NORM, False, CONTIG, BIG, BK)
-        else:
-            a = _operand(x_ptr, xrow, bits, row_ok, kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, mean_ptr, rstd_ptr,
-                         yrow, HAS_NORM, True, CONTIG, BIG, BK)
-        dyrow = dy_ptr + yrow[:, None] * N
-        dy0 = tl.load(dyrow + cols0[None, :], mask=row_ok[:, None] & (cols0 < N)[None, :], other=0.0).to(dt)
-        ad = a.to(dt)
-        dw0 = tl.dot(tl.trans(dy0), ad, dw0, input_precision=PREC)
-        if HAS_N1:
-            dy1 = tl.load(dyrow + cols1[None, :], mask=row_ok[:, None] & (cols1 < N)[None, :], other=0.0).to(dt)
-            dw1 = tl.dot(tl.trans(dy1), ad, dw1, input_precision=PREC)
-        if kc == 0:
-            db0 = tl.dot(ones, dy0, db0, input_precision=PREC)
-            if HAS_N1:
-                db1 = tl.dot(ones, dy1, db1, input_precision=PREC)
+    if INNER:
+        inner_w = C1 - C0
+        inner = (R1 - R0) * inner_w  # interior tiles per image
+        for i in range(g, NUM_INNER, G):
+            j = i % inner
+            dw0, dw1, db0, db1 = _weight_step(x_ptr, dy_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, i // inner,
+                                              R0 + j // inner_w, C0 + j % inner_w, kc, cols0, cols1, ones,
+                                              dw0, dw1, db0, db1, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB,
+                                              sxb, sxh, sxw, HAS_NORM, HAS_N1, False, CONTIG, BIG, PREC, TH, TW, BK)
+        # border tiles of an image, numbered: the rows above R0, the rows from R1, then the sides of rows R0..R1-1
+        border = TILES_H * TILES_W - inner
+        top = R0 * TILES_W
+        bottom = (TILES_H - R1) * TILES_W
+        side_w = TILES_W - inner_w
+        for i in range(g, NUM_BORDER, G):
+            j = i % border
+            in_top = j < top
+            full_row = j < top + bottom
+            k = tl.where(in_top, j, tl.where(full_row, j - top, j - top - bottom))
+            width = tl.where(full_row, TILES_W, tl.maximum(side_w, 1))
+            tr = tl.where(in_top, 0, tl.where(full_row, R1, R0)) + k // width
+            tc = k % width
+            tc = tl.where(full_row | (tc < C0), tc, tc + inner_w)
+            dw0, dw1, db0, db1 = _weight_step(x_ptr, dy_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, i // border,
+                                              tr, tc, kc, cols0, cols1, ones, dw0, dw1, db0, db1, L, LH, LW, H, W,
+                                              KH, KW, SH, SW, PH, PW, N, CPB, sxb, sxh, sxw, HAS_NORM, HAS_N1, True,
+                                              CONTIG, BIG, PREC, TH, TW, BK)
+    else:  # no interior tiles (stage 2 and on): every tile in order, masked
+        tiles = TILES_H * TILES_W
+        for i in range(g, NUM_BORDER, G):
+            j = i % tiles
+            dw0, dw1, db0, db1 = _weight_step(x_ptr, dy_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, i // tiles,
+                                              j // TILES_W, j % TILES_W, kc, cols0, cols1, ones, dw0, dw1, db0, db1,
+                                              L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb, sxh, sxw,
+                                              HAS_NORM, HAS_N1, True, CONTIG, BIG, PREC, TH, TW, BK)
     part = part_ptr + (g * KP + q)[None, :] * NP
     tl.store(part + cols0[:, None], dw0)
     if HAS_N1:
@@ -586,10 +644,18 @@ def _tiles(lh: int, lw: int, bm: int, interior) -> tuple[int, int]:
     return best[1], best[2]
 
 
+def _inside_range(t: int, ln: int, size: int, k: int, s: int, p: int) -> tuple[int, int]:
+    """(lo, hi): the tiles lo..hi-1 of the cdiv(ln, t) tiles of t token positions along one axis are those whose
+    patches all lie inside the image (a contiguous run; (0, 0) when none)."""
+    inside = [r for r in range(cdiv(ln, t))
+              if r * t * s >= p and ((r + 1) * t - 1) * s - p + k <= size and (r + 1) * t <= ln]
+    return (inside[0], inside[-1] + 1) if inside else (0, 0)
+
+
 def _inside(t: int, ln: int, size: int, k: int, s: int, p: int) -> int:
     """How many of the cdiv(ln, t) tiles of t token positions along one axis have every patch inside the image."""
-    return sum(1 for r in range(cdiv(ln, t))
-               if r * t * s >= p and ((r + 1) * t - 1) * s - p + k <= size and (r + 1) * t <= ln)
+    lo, hi = _inside_range(t, ln, size, k, s, p)
+    return hi - lo
 
 
 @functools.lru_cache(maxsize=None)
@@ -699,6 +765,14 @@ class _Geometry:
         # software-pipelining depth of the forward loop (2 in the backward); wide outputs take 2 (shared memory)
         self.fwd_stages = 3 if narrow else 2
         self.bwd_tile = self.tiles(64)
+        # the weight kernel's tile arguments: TILES_H, TILES_W, the interior tiles' rows R0..R1-1 and columns
+        # C0..C1-1 of an image, and the interior and border tiles of all images
+        tiles_w = cdiv(self.LW, self.bwd_tile[1])
+        tiles_h = cdiv(self.LH, self.bwd_tile[0])
+        r0, r1 = _inside_range(self.bwd_tile[0], self.LH, self.H, self.k[0], self.s[0], self.p[0])
+        c0, c1 = _inside_range(self.bwd_tile[1], self.LW, self.W, self.k[1], self.s[1], self.p[1])
+        inner = self.B * (r1 - r0) * (c1 - c0)
+        self.bwd_tile_args = (tiles_h, tiles_w, r0, r1, c0, c1, inner, self.B * tiles_h * tiles_w - inner)
         # grad_x: pixels x channels per program
         self.dx_block = (64, _pow2(self.C, 16, 64 if self.half else 32))  # 64 pixels: two programs per SM
         self.nkb = self.KP // self.bk
@@ -886,9 +960,10 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         _launch(
             _backward_weight_kernel, grids["backward_weight"], geo,
             x, dy, wt, *table, mean if has_norm else wt, rstd if has_norm else wt, part, dbp,
-            *geo.tile_args(geo.bwd_tile), geo.num_tiles(geo.bwd_tile), *geo.image_args(), N, geo.NP, geo.KP,
-            geo.nkb, groups, max(1, geo.CP // geo.bk), x.stride(0), x.stride(2), x.stride(3),
-            HAS_NORM=has_norm, HAS_N1=geo.BN1 > 0, CONTIG=geo.contig, BIG=geo.big, PREC=geo.prec, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk,
+            *geo.bwd_tile_args, *geo.image_args(), N, geo.NP, geo.KP, geo.nkb, groups, max(1, geo.CP // geo.bk),
+            x.stride(0), x.stride(2), x.stride(3),
+            HAS_NORM=has_norm, HAS_N1=geo.BN1 > 0, CONTIG=geo.contig, BIG=geo.big, PREC=geo.prec,
+            INNER=geo.bwd_tile_args[6] > 0, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk,
             num_warps=4 if has_norm and geo.half else 8, num_stages=2,
         )
         grad_weight = empty((N, K), weight.dtype, x.device)
