@@ -355,8 +355,12 @@ def _operand(x_ptr, xrow, bits, row_ok, kc, koff_ptr, bits_ptr, KW, CPB, sxh, sx
     q-padding (it only meets zero weights or discarded rows). The chunk's columns come from ``_chunk`` here, per
     tile: the table's (L1 hits) hold no registers across the weight kernel's loop."""
     if HAS_NORM:
-        mu = tl.load(mean_ptr + yrow, mask=row_ok, other=0.0)
-        rs = tl.load(rstd_ptr + yrow, mask=row_ok, other=0.0)
+        if MASKED:
+            mu = tl.load(mean_ptr + yrow, mask=row_ok, other=0.0)
+            rs = tl.load(rstd_ptr + yrow, mask=row_ok, other=0.0)
+        else:  # interior tiles: every row a token
+            mu = tl.load(mean_ptr + yrow)
+            rs = tl.load(rstd_ptr + yrow)
         offs, cb = _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG, BIG, BK)
         a = _gather(x_ptr, xrow, bits, offs, cb, mu, rs, 2, MASKED)
     else:
@@ -366,10 +370,31 @@ def _operand(x_ptr, xrow, bits, row_ok, kc, koff_ptr, bits_ptr, KW, CPB, sxh, sx
 
 
 @triton.jit
+def _dy_tile(dyrow, cols, row_ok, N, MASKED: tl.constexpr, EVEN_N: tl.constexpr):
+    """dy of a tile's rows for columns cols (0 beyond the tokens and columns): unmasked for an interior tile
+    (every row a token) when every column is one (EVEN_N)."""
+    if EVEN_N:
+        if MASKED:
+            dy = tl.load(dyrow + cols[None, :], mask=row_ok[:, None], other=0.0)
+        else:
+            dy = tl.load(dyrow + cols[None, :])
+    else:
+        dy = tl.load(dyrow + cols[None, :], mask=row_ok[:, None] & (cols < N)[None, :], other=0.0)
+    return dy
+
+
+@triton.jit
+def _udiv(a, b):
+    """a // b for non-negative int32 a, b: unsigned, half the instructions of a signed division."""
+    return (tl.cast(a, tl.uint32) // tl.cast(b, tl.uint32)).to(tl.int32)
+
+
+@triton.jit
 def _weight_step(x_ptr, dy_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, tr, tc, kc, cols0, cols1, ones,
                  dw0, dw1, db0, db1, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb, sxh, sxw,
                  HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, MASKED: tl.constexpr, CONTIG: tl.constexpr,
-                 BIG: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BK: tl.constexpr):
+                 BIG: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+                 BK: tl.constexpr):
     """One tile (tr, tc) of image b into the weight kernel's accumulators."""
     b, th, tw, row_ok, yrow, _ = _tile_rows(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG, TH, TW)
     _, xrow, bits = _patches(b, th, tw, row_ok, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw, BIG)
@@ -377,11 +402,11 @@ def _weight_step(x_ptr, dy_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, tr, t
                  HAS_NORM, MASKED, CONTIG, BIG, BK)
     dt = ones.dtype
     dyrow = dy_ptr + yrow[:, None] * N
-    dy0 = tl.load(dyrow + cols0[None, :], mask=row_ok[:, None] & (cols0 < N)[None, :], other=0.0).to(dt)
+    dy0 = _dy_tile(dyrow, cols0, row_ok, N, MASKED, EVEN_N).to(dt)
     ad = a.to(dt)
     dw0 = tl.dot(tl.trans(dy0), ad, dw0, input_precision=PREC)
     if HAS_N1:
-        dy1 = tl.load(dyrow + cols1[None, :], mask=row_ok[:, None] & (cols1 < N)[None, :], other=0.0).to(dt)
+        dy1 = _dy_tile(dyrow, cols1, row_ok, N, MASKED, EVEN_N).to(dt)
         dw1 = tl.dot(tl.trans(dy1), ad, dw1, input_precision=PREC)
     if kc == 0:
         db0 = tl.dot(ones, dy0, db0, input_precision=PREC)
@@ -396,15 +421,17 @@ def _backward_weight_kernel(
     TILES_H, TILES_W, R0, R1, C0, C1, NUM_INNER, NUM_BORDER, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, NP, KP,
     NKB, G, CPB, sxb, sxh, sxw,
     HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, CONTIG: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr,
-    INNER: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr,
-    BK: tl.constexpr,
+    INNER: tl.constexpr, EVEN_N: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr,
+    BN1: tl.constexpr, BK: tl.constexpr,
 ):
     """Program (group g, chunk kc of BK q rows; column group on axis 1) over its share of the tiles (every G-th):
     part[g, q, n] = sum dy[t, n] xhat[t, q] (x without the norm) for the group's columns n, and in chunk 0
     dbp[g, n] = sum dy[t, n]. With INNER (NUM_INNER > 0) two loops, one per gather path: the interior tiles (rows
     R0..R1-1, columns C0..C1-1 of each image's TILES_H x TILES_W tiles: NUM_INNER in all), then the border ones
-    (NUM_BORDER), so that no loop body holds both paths; else one loop over every tile, masked. Only wt's dtype is used: the dots' operand dtype. The dots are dy^T @ xhat
-    (columns x q rows): dy's tile is an operand straight from shared memory, and xhat needs no transposed copy."""
+    (NUM_BORDER), so that no loop body holds both paths; else one loop over every tile, masked. Interior tiles
+    load dy, mean and rstd unmasked (every row a token; dy's columns too with EVEN_N). Only wt's dtype is used:
+    the dots' operand dtype. The dots are dy^T @ xhat (columns x q rows): dy's tile is an operand straight from
+    shared memory, and xhat needs no transposed copy."""
     g = tl.program_id(0) // NKB
     kc = tl.program_id(0) % NKB
     q = kc * BK + tl.arange(0, BK)
@@ -420,29 +447,34 @@ def _backward_weight_kernel(
         inner_w = C1 - C0
         inner = (R1 - R0) * inner_w  # interior tiles per image
         for i in range(g, NUM_INNER, G):
-            j = i % inner
-            dw0, dw1, db0, db1 = _weight_step(x_ptr, dy_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, i // inner,
-                                              R0 + j // inner_w, C0 + j % inner_w, kc, cols0, cols1, ones,
+            b = _udiv(i, inner)
+            j = i - b * inner
+            r = _udiv(j, inner_w)
+            dw0, dw1, db0, db1 = _weight_step(x_ptr, dy_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b,
+                                              R0 + r, C0 + j - r * inner_w, kc, cols0, cols1, ones,
                                               dw0, dw1, db0, db1, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB,
-                                              sxb, sxh, sxw, HAS_NORM, HAS_N1, False, CONTIG, BIG, PREC, TH, TW, BK)
+                                              sxb, sxh, sxw, HAS_NORM, HAS_N1, False, CONTIG, BIG, EVEN_N, PREC, TH,
+                                              TW, BK)
         # border tiles of an image, numbered: the rows above R0, the rows from R1, then the sides of rows R0..R1-1
         border = TILES_H * TILES_W - inner
         top = R0 * TILES_W
         bottom = (TILES_H - R1) * TILES_W
         side_w = TILES_W - inner_w
         for i in range(g, NUM_BORDER, G):
-            j = i % border
+            b = _udiv(i, border)
+            j = i - b * border
             in_top = j < top
             full_row = j < top + bottom
             k = tl.where(in_top, j, tl.where(full_row, j - top, j - top - bottom))
             width = tl.where(full_row, TILES_W, tl.maximum(side_w, 1))
-            tr = tl.where(in_top, 0, tl.where(full_row, R1, R0)) + k // width
-            tc = k % width
+            r = _udiv(k, width)
+            tr = tl.where(in_top, 0, tl.where(full_row, R1, R0)) + r
+            tc = k - r * width
             tc = tl.where(full_row | (tc < C0), tc, tc + inner_w)
-            dw0, dw1, db0, db1 = _weight_step(x_ptr, dy_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, i // border,
+            dw0, dw1, db0, db1 = _weight_step(x_ptr, dy_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b,
                                               tr, tc, kc, cols0, cols1, ones, dw0, dw1, db0, db1, L, LH, LW, H, W,
                                               KH, KW, SH, SW, PH, PW, N, CPB, sxb, sxh, sxw, HAS_NORM, HAS_N1, True,
-                                              CONTIG, BIG, PREC, TH, TW, BK)
+                                              CONTIG, BIG, EVEN_N, PREC, TH, TW, BK)
     else:  # no interior tiles (stage 2 and on): every tile in order, masked
         tiles = TILES_H * TILES_W
         for i in range(g, NUM_BORDER, G):
@@ -450,7 +482,7 @@ def _backward_weight_kernel(
             dw0, dw1, db0, db1 = _weight_step(x_ptr, dy_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, i // tiles,
                                               j // TILES_W, j % TILES_W, kc, cols0, cols1, ones, dw0, dw1, db0, db1,
                                               L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb, sxh, sxw,
-                                              HAS_NORM, HAS_N1, True, CONTIG, BIG, PREC, TH, TW, BK)
+                                              HAS_NORM, HAS_N1, True, CONTIG, BIG, EVEN_N, PREC, TH, TW, BK)
     part = part_ptr + (g * KP + q)[None, :] * NP
     tl.store(part + cols0[:, None], dw0)
     if HAS_N1:
@@ -963,7 +995,8 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
             *geo.bwd_tile_args, *geo.image_args(), N, geo.NP, geo.KP, geo.nkb, groups, max(1, geo.CP // geo.bk),
             x.stride(0), x.stride(2), x.stride(3),
             HAS_NORM=has_norm, HAS_N1=geo.BN1 > 0, CONTIG=geo.contig, BIG=geo.big, PREC=geo.prec,
-            INNER=geo.bwd_tile_args[6] > 0, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk,
+            INNER=geo.bwd_tile_args[6] > 0, EVEN_N=geo.NP == N, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16),
+            BK=geo.bk,
             num_warps=4 if has_norm and geo.half else 8, num_stages=2,
         )
         grad_weight = empty((N, K), weight.dtype, x.device)

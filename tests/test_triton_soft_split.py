@@ -82,6 +82,9 @@ CASES = [
     (1, 4, 5, 70, 3, 1, 1, 8, True, True, True, True, torch.float32),  # grad_x: two pixel blocks across a row
     (2, 32, 6, 7, 3, 2, 1, 48, True, True, True, True, torch.bfloat16),  # 32 + 16 columns, all inside out
     (1, 64, 6, 5, 3, 2, 1, 24, True, True, True, True, torch.bfloat16),  # contiguous gathers, 2 chunks per tap
+    # interior tiles with every column a real one: the weight gradient's unmasked dy, mean and rstd loads
+    (2, 3, 20, 19, 2, 1, 0, 32, False, True, True, True, torch.float32),
+    (2, 3, 20, 19, 2, 1, 0, 48, False, True, False, True, torch.bfloat16),
 ]
 
 
