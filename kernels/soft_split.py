@@ -29,7 +29,8 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
   ``y = rstd * (acc - d * (W @ gamma)) + W @ beta + b``. With the statistics out of its loop it holds no
   elementwise sums: 8 warps and two blocks per SM at stage 1 (was 4 warps, the sums in its loop).
 - backward, weights (program = (token group, chunk of q rows, column group)): ``D = dy^T @ xhat`` (x itself
-  without the norm) for its chunk and the group's output columns over its tiles, and ``sum dy`` (as ones @ dy).
+  without the norm) for its chunk and the group's output columns over its tiles, and ``sum dy`` (as ones @ dy);
+  the interior tiles in one loop (unmasked) and the border ones in another, so no loop body holds both paths.
   A finishing kernel (a grid of about two programs per SM over blocks of weight columns, each summing the
   groups' partials GB at a time, in a fixed order: deterministic, no atomics) applies
   ``dW = gamma * D + db beta^T``, ``dgamma = sum_n W * D``, ``dbeta = W^T db``.
