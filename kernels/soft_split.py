@@ -975,9 +975,10 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
     B, C, N, K, M = geo.B, geo.C, geo.N, geo.K, geo.M
     has_norm = norm_weight is not None
     need_stats = has_norm and compute_grad_x
-    if need_stats and y is None:
+    if need_stats and (y is None or tuple(y.shape) != (B, geo.L, N) or y.dtype != x.dtype):
         raise ValueError("soft_split (triton): y (the forward's output) is needed with norm_weight and "
-                         "compute_grad_x")
+                         f"compute_grad_x, ({B}, {geo.L}, {N}) in {x.dtype}; got "
+                         f"{None if y is None else (tuple(y.shape), y.dtype)}")
     with _device_guard(x):
         if has_norm:
             mean, rstd = mean.contiguous(), rstd.contiguous()

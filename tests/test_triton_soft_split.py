@@ -150,8 +150,10 @@ def test_backward_needs_y_for_the_norm_sums():
     x, w, b, nw, nb = (t.detach() for t in _tiny())
     y, mean, rstd = torch.ops.t2t_fast_triton.soft_split_forward(x, [3, 3], [2, 2], [1, 1], w, b, nw, nb, 1e-5)
     args = [torch.randn_like(y), x, [3, 3], [2, 2], [1, 1], w, b, nw, nb, None, mean, rstd, True]
-    with pytest.raises(ValueError, match="y .the forward's output. is needed"):
-        torch.ops.t2t_fast_triton.soft_split_backward(*args)
+    for bad in (None, y[:, :-1], y.double()):
+        args[9] = bad
+        with pytest.raises(ValueError, match="y .the forward's output. is needed"):
+            torch.ops.t2t_fast_triton.soft_split_backward(*args)
     args[-1] = False  # no grad_x: y is not read
     assert torch.ops.t2t_fast_triton.soft_split_backward(*args)[0].shape == (0,)
 
