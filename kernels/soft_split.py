@@ -126,6 +126,20 @@ def _prepare_kernel(
 
 
 @triton.jit
+def _udiv(a, b):
+    """a // b for non-negative int32 a, b: unsigned, half the instructions of a signed division by a runtime
+    value (tl.cast also takes a runtime int of 1, which Triton specializes to a constexpr without .to)."""
+    return (tl.cast(a, tl.uint32) // tl.cast(b, tl.uint32)).to(tl.int32)
+
+
+@triton.jit
+def _tile_index(tile, TPI, TILES_W):
+    """2-D tile number b*TPI + tr*TILES_W + tc -> (b, tr, tc)."""
+    rest = tile % TPI
+    return tile // TPI, rest // TILES_W, rest % TILES_W
+
+
+@triton.jit
 def _tile_rows(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG: tl.constexpr, TH: tl.constexpr,
                TW: tl.constexpr):
     """2-D tile (tr, tc) of image b -> (b, token row and column of each row, rows in range, token index (b*L + t),
@@ -170,24 +184,24 @@ def _tile(tile, TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, s
     of each row inside the image, whether every patch of the tile lies inside the image and every row is a
     token). A tile is TH x TW tokens of one image (tile = b*TPI + tr*TILES_W + tc), or with LINEAR (TH = 1) TW
     consecutive tokens of all M = B*L, across rows and images (never interior)."""
-    if LINEAR:  # per row: unsigned divisions by runtime values (half the instructions of signed ones)
+    if LINEAR:  # per row: unsigned divisions by runtime values
         m = tl.arange(0, TW)
         if BIG:
             t = tile.to(tl.int64) * TW + m
             b = t // L
         else:
             t = tile * TW + m
-            b = (t.to(tl.uint32) // tl.cast(L, tl.uint32)).to(tl.int32)
+            b = _udiv(t, L)
         row_ok = t < M
         r = (t - b * L).to(tl.int32)
-        th = (r.to(tl.uint32) // tl.cast(LW, tl.uint32)).to(tl.int32)
+        th = _udiv(r, LW)
         tw = r - th * LW
         token = t
         interior = False
     else:
-        rest = tile % TPI
-        b, th, tw, row_ok, token, interior = _tile_rows(tile // TPI, rest // TILES_W, rest % TILES_W, L, LH, LW, H,
-                                                        W, KH, KW, SH, SW, PH, PW, BIG, TH, TW)
+        b, tr, tc = _tile_index(tile, TPI, TILES_W)
+        b, th, tw, row_ok, token, interior = _tile_rows(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG, TH,
+                                                        TW)
     s_ok, xrow, bits = _patches(b, th, tw, row_ok, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw, BIG)
     return row_ok, s_ok, xrow, token, bits, interior
 
@@ -213,38 +227,39 @@ def _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG: tl.constexpr, BIG:
 
 
 @triton.jit
-def _gather(x_ptr, xrow, bits, offs, cb, sub, mul, MODE: tl.constexpr, MASKED: tl.constexpr):
-    """The (tokens, q) tile of the unfolded tensor in fp32 (columns ``offs``, ``cb`` from ``_chunk``), as is
-    (MODE 0), minus ``sub`` per token (1) or times ``mul`` after that (2). Padding pixels read as 0 (MASKED;
-    interior tiles have none), rows beyond the tokens as 0 - sub; q-padding gathers tap (0, 0) of channel 0, the
-    shift of the forward."""
-    ptrs = x_ptr + (xrow[:, None] + offs[None, :])
+def _gather(x_ptr, xrow, bits, offs, cb, sub, mul, MODE: tl.constexpr, MASKED: tl.constexpr,
+            TRANSPOSED: tl.constexpr):
+    """The (tokens, q) tile of the unfolded tensor in fp32 (columns ``offs``, ``cb`` from ``_chunk``), or with
+    TRANSPOSED its (q, tokens) transpose, as is (MODE 0), minus ``sub`` per token (1) or times ``mul`` after that
+    (2). Padding pixels read as 0 (MASKED; interior tiles have none), rows beyond the tokens as 0 - sub; q-padding
+    gathers tap (0, 0) of channel 0, the shift of the forward."""
+    if TRANSPOSED:
+        ptrs = x_ptr + (offs[:, None] + xrow[None, :])
+        tok = bits[None, :]
+        cb = tl.trans(cb)
+    else:
+        ptrs = x_ptr + (xrow[:, None] + offs[None, :])
+        tok = bits[:, None]
     if MASKED:
-        a = tl.load(ptrs, mask=(bits[:, None] & cb) == cb, other=0.0).to(tl.float32)
+        a = tl.load(ptrs, mask=(tok & cb) == cb, other=0.0).to(tl.float32)
     else:
         a = tl.load(ptrs).to(tl.float32)
     if MODE >= 1:
-        a = a - sub[:, None]
+        a = a - (sub[None, :] if TRANSPOSED else sub[:, None])
     if MODE == 2:
-        a = a * mul[:, None]
+        a = a * (mul[None, :] if TRANSPOSED else mul[:, None])
     return a
 
 
 @triton.jit
 def _stats_loop(x_ptr, koff_ptr, bits_ptr, xrow, bits, shift, NUM_CHUNKS, s1, s2, KW, CPB, sxh, sxw,
                 MASKED: tl.constexpr, CONTIG: tl.constexpr, BIG: tl.constexpr, BK: tl.constexpr):
-    # (q, tokens) tiles, the transpose of _gather's: a token's sums then reduce along the rows, within a thread
-    # and across warps, instead of along a warp's lanes
+    # (q, tokens) tiles: a token's sums then reduce along the rows, within a thread and across warps, instead of
+    # along a warp's lanes
     for kc in range(0, NUM_CHUNKS):
         offs, cb = _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG, BIG, BK)
-        cb = tl.reshape(cb, (BK, 1))
-        ptrs = x_ptr + (offs[:, None] + xrow[None, :])
-        if MASKED:
-            a = tl.load(ptrs, mask=(bits[None, :] & cb) == cb, other=0.0).to(tl.float32)
-        else:
-            a = tl.load(ptrs).to(tl.float32)
         # x - s: q-padding gathers s itself and rows beyond the tokens 0 - 0, both 0 here
-        a = a - shift[None, :]
+        a = _gather(x_ptr, xrow, bits, offs, cb, shift, shift, 1, MASKED, True)
         s1 += a
         s2 += a * a
     return s1, s2
@@ -288,7 +303,7 @@ def _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP
         q = kc * BK + tl.arange(0, BK)
         offs, cb = _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG, BIG, BK)
         # with the norm x - s (s as in _stats_kernel): the rounding of the dot operand is relative to the spread
-        a = _gather(x_ptr, xrow, bits, offs, cb, shift, shift, 1 if HAS_NORM else 0, MASKED)
+        a = _gather(x_ptr, xrow, bits, offs, cb, shift, shift, 1 if HAS_NORM else 0, MASKED, False)
         wrow = wt_ptr + q[:, None] * NP + col0
         w0t = tl.load(wrow + tl.arange(0, BN0)[None, :])
         acc0 = tl.dot(a.to(w0t.dtype), w0t, acc0, input_precision=PREC)
@@ -363,10 +378,10 @@ def _operand(x_ptr, xrow, bits, row_ok, kc, koff_ptr, bits_ptr, KW, CPB, sxh, sx
             mu = tl.load(mean_ptr + yrow)
             rs = tl.load(rstd_ptr + yrow)
         offs, cb = _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG, BIG, BK)
-        a = _gather(x_ptr, xrow, bits, offs, cb, mu, rs, 2, MASKED)
+        a = _gather(x_ptr, xrow, bits, offs, cb, mu, rs, 2, MASKED, False)
     else:
         offs, cb = _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG, BIG, BK)
-        a = _gather(x_ptr, xrow, bits, offs, cb, xrow, xrow, 0, MASKED)
+        a = _gather(x_ptr, xrow, bits, offs, cb, xrow, xrow, 0, MASKED, False)
     return a
 
 
@@ -382,12 +397,6 @@ def _dy_tile(dyrow, cols, row_ok, N, MASKED: tl.constexpr, EVEN_N: tl.constexpr)
     else:
         dy = tl.load(dyrow + cols[None, :], mask=row_ok[:, None] & (cols < N)[None, :], other=0.0)
     return dy
-
-
-@triton.jit
-def _udiv(a, b):
-    """a // b for non-negative int32 a, b: unsigned, half the instructions of a signed division."""
-    return (tl.cast(a, tl.uint32) // tl.cast(b, tl.uint32)).to(tl.int32)
 
 
 @triton.jit
@@ -477,13 +486,12 @@ def _backward_weight_kernel(
                                               KH, KW, SH, SW, PH, PW, N, CPB, sxb, sxh, sxw, HAS_NORM, HAS_N1, True,
                                               CONTIG, BIG, EVEN_N, PREC, TH, TW, BK)
     else:  # no interior tiles (stage 2 and on): every tile in order, masked
-        tiles = TILES_H * TILES_W
         for i in range(g, NUM_BORDER, G):
-            j = i % tiles
-            dw0, dw1, db0, db1 = _weight_step(x_ptr, dy_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, i // tiles,
-                                              j // TILES_W, j % TILES_W, kc, cols0, cols1, ones, dw0, dw1, db0, db1,
-                                              L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb, sxh, sxw,
-                                              HAS_NORM, HAS_N1, True, CONTIG, BIG, EVEN_N, PREC, TH, TW, BK)
+            b, tr, tc = _tile_index(i, TILES_H * TILES_W, TILES_W)
+            dw0, dw1, db0, db1 = _weight_step(x_ptr, dy_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, tr, tc, kc,
+                                              cols0, cols1, ones, dw0, dw1, db0, db1, L, LH, LW, H, W, KH, KW, SH,
+                                              SW, PH, PW, N, CPB, sxb, sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, BIG,
+                                              EVEN_N, PREC, TH, TW, BK)
     part = part_ptr + (g * KP + q)[None, :] * NP
     tl.store(part + cols0[:, None], dw0)
     if HAS_N1:
@@ -594,8 +602,7 @@ def _backward_input_kernel(
     hr = (H - rh + SH - 1) // SH
     p = pid_p * BP + tl.arange(0, BP)
     p_ok = p < hr * wr
-    # unsigned: a signed division by a runtime value costs twice the instructions, per row of every layout
-    uh = (p.to(tl.uint32) // tl.cast(wr, tl.uint32)).to(tl.int32)
+    uh = _udiv(p, wr)  # per row of every layout it is used in
     uw = p - uh * wr
     h = rh + SH * uh
     w = rw + SW * uw
@@ -788,8 +795,8 @@ class _Geometry:
         self.fwd_warps = 8
         # tap-major (every gather masked: no interior tiles to find) takes fwd_bm consecutive tokens of all B*L
         # (linear tiles): no program cut short at an image's last row (at stage 2, 392 programs, not 448)
-        self.fwd_tile = (1, self.fwd_bm) if self.tap_major else self.tiles(self.fwd_bm)
-        self.stats_tile = (1, 64) if self.tap_major else self.tiles(64)  # the LayerNorm statistics' tiles
+        self.fwd_tile = self.token_tile(self.fwd_bm)
+        self.stats_tile = self.token_tile(64)  # the LayerNorm statistics' tiles
         # q rows per forward chunk: 16-bit tap-major inputs gather a whole tap (up to 64 channels) per chunk, others
         # 32 (16 in fp32: the 3xTF32 operands' registers)
         self.fwd_bk = min(self.bk, 32 if self.half else 16)
@@ -800,12 +807,12 @@ class _Geometry:
         self.bwd_tile = self.tiles(64)
         # the weight kernel's tile arguments: TILES_H, TILES_W, the interior tiles' rows R0..R1-1 and columns
         # C0..C1-1 of an image, and the interior and border tiles of all images
-        tiles_w = cdiv(self.LW, self.bwd_tile[1])
-        tiles_h = cdiv(self.LH, self.bwd_tile[0])
+        tpi, tiles_w = self.tile_args(self.bwd_tile)
+        tiles_h = tpi // tiles_w
         r0, r1 = _inside_range(self.bwd_tile[0], self.LH, self.H, self.k[0], self.s[0], self.p[0])
         c0, c1 = _inside_range(self.bwd_tile[1], self.LW, self.W, self.k[1], self.s[1], self.p[1])
         inner = self.B * (r1 - r0) * (c1 - c0)
-        self.bwd_tile_args = (tiles_h, tiles_w, r0, r1, c0, c1, inner, self.B * tiles_h * tiles_w - inner)
+        self.bwd_tile_args = (tiles_h, tiles_w, r0, r1, c0, c1, inner, self.B * tpi - inner)
         # grad_x: pixels x channels per program
         self.dx_block = (64, _pow2(self.C, 16, 64 if self.half else 32))  # 64 pixels: two programs per SM
         self.nkb = self.KP // self.bk
@@ -826,6 +833,15 @@ class _Geometry:
             return (_inside(th, self.LH, self.H, self.k[0], self.s[0], self.p[0])
                     * _inside(tw, self.LW, self.W, self.k[1], self.s[1], self.p[1]))
         return _tiles(self.LH, self.LW, bm, interior)
+
+    def token_tile(self, bm: int) -> tuple[int, int]:
+        """(TH, TW) of the forward's and the statistics' bm-token tiles: linear (1, bm) in tap-major order, else
+        2-D (``tiles``)."""
+        return (1, bm) if self.tap_major else self.tiles(bm)
+
+    def token_programs(self, tile: tuple[int, int]) -> int:
+        """Programs over ``token_tile`` tiles: linear ones cover all B*L tokens, 2-D ones each image."""
+        return cdiv(self.M, tile[1]) if self.tap_major else self.num_tiles(tile)
 
     def tile_args(self, tile: tuple[int, int]) -> tuple:
         """TPI, TILES_W of the kernels' tile arguments (tiles per image, per tile row; unused when linear)."""
@@ -864,9 +880,8 @@ class _Geometry:
             finish = self.finish_block(sms)
             self._grids[sms] = {
                 "prepare": (self.KP // self.prepare_block[0], self.NP // self.prepare_block[1]),
-                "stats": (cdiv(self.M, 64) if self.tap_major else self.num_tiles(self.stats_tile),),
-                "forward": (cdiv(self.M, self.fwd_bm) if self.tap_major else self.num_tiles(self.fwd_tile),
-                            self.col_groups),
+                "stats": (self.token_programs(self.stats_tile),),
+                "forward": (self.token_programs(self.fwd_tile), self.col_groups),
                 "backward_weight": (self.groups(sms) * self.nkb, self.col_groups),
                 "backward_finish": (cdiv(self.K, finish[0]), cdiv(self.N, finish[1])),
                 "backward_stats": (cdiv(self.M, _STATS_BLOCK[0]),),
