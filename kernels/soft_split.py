@@ -29,9 +29,10 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
   ``y = rstd * (acc - d * (W @ gamma)) + W @ beta + b``. With the statistics out of its loop it holds no
   elementwise sums: 8 warps and two blocks per SM at stage 1 (was 4 warps, the sums in its loop).
 - backward, weights (program = (token group, chunk of q rows, column group)): ``D = dy^T @ xhat`` (x itself
-  without the norm) for its chunk and the group's output columns over its tiles, and ``sum dy`` (as ones @ dy);
-  the interior tiles in one loop (unmasked) and the border ones in another, so no loop body holds both paths.
-  A finishing kernel (a grid of about two programs per SM over blocks of weight columns, each summing the
+  without the norm) for its chunk and the group's output columns over its tiles; the interior tiles in one loop
+  (unmasked) and the border ones in another, so no loop body holds both paths. 8 warps, two blocks per SM: the
+  bias gradient ``db = sum dy`` is one pass of torch over dy instead (its accumulators here, ones @ dy, cost the
+  second block: 4 warps at 230 registers, or 8 at 148). A finishing kernel (a grid of about two programs per SM over blocks of weight columns, each summing the
   groups' partials GB at a time, in a fixed order: deterministic, no atomics) applies
   ``dW = gamma * D + db beta^T``, ``dgamma = sum_n W * D``, ``dbeta = W^T db``.
 - backward, LayerNorm sums (with the norm, only when x needs a gradient): per token ``sum_k gamma g xhat`` and
@@ -400,34 +401,30 @@ def _dy_tile(dyrow, cols, row_ok, N, MASKED: tl.constexpr, EVEN_N: tl.constexpr)
 
 
 @triton.jit
-def _weight_step(x_ptr, dy_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, tr, tc, kc, cols0, cols1, ones,
-                 dw0, dw1, db0, db1, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb, sxh, sxw,
+def _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, tr, tc, kc, cols0, cols1,
+                 dw0, dw1, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb, sxh, sxw,
                  HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, MASKED: tl.constexpr, CONTIG: tl.constexpr,
                  BIG: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
                  BK: tl.constexpr):
-    """One tile (tr, tc) of image b into the weight kernel's accumulators."""
+    """One tile (tr, tc) of image b into the weight kernel's accumulators (only wt's dtype is used: the dots'
+    operand dtype)."""
     b, th, tw, row_ok, yrow, _ = _tile_rows(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG, TH, TW)
     _, xrow, bits = _patches(b, th, tw, row_ok, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw, BIG)
     a = _operand(x_ptr, xrow, bits, row_ok, kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, mean_ptr, rstd_ptr, yrow,
                  HAS_NORM, MASKED, CONTIG, BIG, BK)
-    dt = ones.dtype
+    dt = wt_ptr.dtype.element_ty
     dyrow = dy_ptr + yrow[:, None] * N
-    dy0 = _dy_tile(dyrow, cols0, row_ok, N, MASKED, EVEN_N).to(dt)
     ad = a.to(dt)
-    dw0 = tl.dot(tl.trans(dy0), ad, dw0, input_precision=PREC)
+    dw0 = tl.dot(tl.trans(_dy_tile(dyrow, cols0, row_ok, N, MASKED, EVEN_N).to(dt)), ad, dw0, input_precision=PREC)
     if HAS_N1:
-        dy1 = _dy_tile(dyrow, cols1, row_ok, N, MASKED, EVEN_N).to(dt)
-        dw1 = tl.dot(tl.trans(dy1), ad, dw1, input_precision=PREC)
-    if kc == 0:
-        db0 = tl.dot(ones, dy0, db0, input_precision=PREC)
-        if HAS_N1:
-            db1 = tl.dot(ones, dy1, db1, input_precision=PREC)
-    return dw0, dw1, db0, db1
+        dw1 = tl.dot(tl.trans(_dy_tile(dyrow, cols1, row_ok, N, MASKED, EVEN_N).to(dt)), ad, dw1,
+                     input_precision=PREC)
+    return dw0, dw1
 
 
 @triton.jit
 def _backward_weight_kernel(
-    x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, part_ptr, dbp_ptr,
+    x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, part_ptr,
     TILES_H, TILES_W, R0, R1, C0, C1, NUM_INNER, NUM_BORDER, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, NP, KP,
     NKB, G, CPB, sxb, sxh, sxw,
     HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, CONTIG: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr,
@@ -435,13 +432,13 @@ def _backward_weight_kernel(
     BN1: tl.constexpr, BK: tl.constexpr,
 ):
     """Program (group g, chunk kc of BK q rows; column group on axis 1) over its share of the tiles (every G-th):
-    part[g, q, n] = sum dy[t, n] xhat[t, q] (x without the norm) for the group's columns n, and in chunk 0
-    dbp[g, n] = sum dy[t, n]. With INNER (NUM_INNER > 0) two loops, one per gather path: the interior tiles (rows
-    R0..R1-1, columns C0..C1-1 of each image's TILES_H x TILES_W tiles: NUM_INNER in all), then the border ones
-    (NUM_BORDER), so that no loop body holds both paths; else one loop over every tile, masked. Interior tiles
-    load dy, mean and rstd unmasked (every row a token; dy's columns too with EVEN_N). Only wt's dtype is used:
-    the dots' operand dtype. The dots are dy^T @ xhat (columns x q rows): dy's tile is an operand straight from
-    shared memory, and xhat needs no transposed copy."""
+    part[g, q, n] = sum dy[t, n] xhat[t, q] (x without the norm) for the group's columns n. With INNER
+    (NUM_INNER > 0) two loops, one per gather path: the interior tiles (rows R0..R1-1, columns C0..C1-1 of each
+    image's TILES_H x TILES_W tiles: NUM_INNER in all), then the border ones (NUM_BORDER), so that no loop body
+    holds both paths; else one loop over every tile, masked. Interior tiles load dy, mean and rstd unmasked
+    (every row a token; dy's columns too with EVEN_N). The dots are dy^T @ xhat (columns x q rows): dy's tile is
+    an operand straight from shared memory, and xhat needs no transposed copy. sum dy is not taken here: its
+    accumulators (ones @ dy) cost the second block per SM."""
     g = tl.program_id(0) // NKB
     kc = tl.program_id(0) % NKB
     q = kc * BK + tl.arange(0, BK)
@@ -449,10 +446,6 @@ def _backward_weight_kernel(
     cols1 = BN0 + tl.arange(0, BN1)
     dw0 = tl.zeros((BN0, BK), dtype=tl.float32)
     dw1 = tl.zeros((BN1, BK), dtype=tl.float32)
-    # sum dy over the tokens as 16 equal rows of ones @ dy: a tensor-core op instead of a cross-warp reduction
-    ones = tl.full((16, TH * TW), 1.0, wt_ptr.dtype.element_ty)
-    db0 = tl.zeros((16, BN0), dtype=tl.float32)
-    db1 = tl.zeros((16, BN1), dtype=tl.float32)
     if INNER:
         inner_w = C1 - C0
         inner = (R1 - R0) * inner_w  # interior tiles per image
@@ -460,11 +453,10 @@ def _backward_weight_kernel(
             b = _udiv(i, inner)
             j = i - b * inner
             r = _udiv(j, inner_w)
-            dw0, dw1, db0, db1 = _weight_step(x_ptr, dy_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b,
-                                              R0 + r, C0 + j - r * inner_w, kc, cols0, cols1, ones,
-                                              dw0, dw1, db0, db1, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB,
-                                              sxb, sxh, sxw, HAS_NORM, HAS_N1, False, CONTIG, BIG, EVEN_N, PREC, TH,
-                                              TW, BK)
+            dw0, dw1 = _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, R0 + r,
+                                    C0 + j - r * inner_w, kc, cols0, cols1, dw0, dw1, L, LH, LW, H, W, KH, KW, SH,
+                                    SW, PH, PW, N, CPB, sxb, sxh, sxw, HAS_NORM, HAS_N1, False, CONTIG, BIG, EVEN_N,
+                                    PREC, TH, TW, BK)
         # border tiles of an image, numbered: the rows above R0, the rows from R1, then the sides of rows R0..R1-1
         border = TILES_H * TILES_W - inner
         top = R0 * TILES_W
@@ -481,26 +473,19 @@ def _backward_weight_kernel(
             tr = tl.where(in_top, 0, tl.where(full_row, R1, R0)) + r
             tc = k - r * width
             tc = tl.where(full_row | (tc < C0), tc, tc + inner_w)
-            dw0, dw1, db0, db1 = _weight_step(x_ptr, dy_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b,
-                                              tr, tc, kc, cols0, cols1, ones, dw0, dw1, db0, db1, L, LH, LW, H, W,
-                                              KH, KW, SH, SW, PH, PW, N, CPB, sxb, sxh, sxw, HAS_NORM, HAS_N1, True,
-                                              CONTIG, BIG, EVEN_N, PREC, TH, TW, BK)
+            dw0, dw1 = _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, tr, tc, kc,
+                                    cols0, cols1, dw0, dw1, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb,
+                                    sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, BIG, EVEN_N, PREC, TH, TW, BK)
     else:  # no interior tiles (stage 2 and on): every tile in order, masked
         for i in range(g, NUM_BORDER, G):
             b, tr, tc = _tile_index(i, TILES_H * TILES_W, TILES_W)
-            dw0, dw1, db0, db1 = _weight_step(x_ptr, dy_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, tr, tc, kc,
-                                              cols0, cols1, ones, dw0, dw1, db0, db1, L, LH, LW, H, W, KH, KW, SH,
-                                              SW, PH, PW, N, CPB, sxb, sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, BIG,
-                                              EVEN_N, PREC, TH, TW, BK)
+            dw0, dw1 = _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, tr, tc, kc,
+                                    cols0, cols1, dw0, dw1, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb,
+                                    sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, BIG, EVEN_N, PREC, TH, TW, BK)
     part = part_ptr + (g * KP + q)[None, :] * NP
     tl.store(part + cols0[:, None], dw0)
     if HAS_N1:
         tl.store(part + cols1[:, None], dw1)
-    if kc == 0:
-        first = tl.arange(0, 16)[:, None] == 0
-        tl.store(dbp_ptr + g * NP + cols0, tl.sum(tl.where(first, db0, 0.0), axis=0))
-        if HAS_N1:
-            tl.store(dbp_ptr + g * NP + cols1, tl.sum(tl.where(first, db1, 0.0), axis=0))
 
 
 @triton.jit
@@ -533,14 +518,14 @@ def _backward_stats_kernel(dy_ptr, y_ptr, coef_ptr, rstd_ptr, stat_ptr, M, N, NP
 
 @triton.jit
 def _backward_finish_kernel(
-    part_ptr, dbp_ptr, w_ptr, nw_ptr, nb_ptr, gw_ptr, gb_ptr, gnw_ptr, gnb_ptr,
+    part_ptr, db_ptr, w_ptr, nw_ptr, nb_ptr, gw_ptr, gb_ptr, gnw_ptr, gnb_ptr,
     N, NP, K, KP, CP, KHW, G, swn, swk,
     HAS_NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, TAP_MAJOR: tl.constexpr,
     BK: tl.constexpr, BN: tl.constexpr, GB: tl.constexpr,
 ):
     """Program (block of BK weight columns k, block of BN output rows n): sums the groups' partials in a fixed
-    order, GB groups per step (loads in flight together), and writes grad_weight[n, k] (and grad_bias[n] in
-    k block 0); with the norm, the block's shares of grad_norm_weight[k] and grad_norm_bias[k] in
+    order, GB groups per step (loads in flight together), and writes grad_weight[n, k] (and grad_bias[n] = db[n],
+    the fp32 sum dy, in k block 0); with the norm, the block's shares of grad_norm_weight[k] and grad_norm_bias[k] in
     gnw[n block, k] and gnb[n block, k]."""
     k = tl.program_id(0) * BK + tl.arange(0, BK)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -554,14 +539,11 @@ def _backward_finish_kernel(
     gs = tl.arange(0, GB)
     tile = part_ptr + (q[:, None] * NP + n[None, :])[None, :, :]
     acc = tl.zeros((GB, BK, BN), dtype=tl.float32)
-    dba = tl.zeros((GB, BN), dtype=tl.float32)
     for g0 in range(0, G, GB):
         g = g0 + gs
-        g_ok = g < G
-        acc += tl.load(tile + (g * KP * NP)[:, None, None], mask=g_ok[:, None, None] & m[None, :, :], other=0.0)
-        dba += tl.load(dbp_ptr + (g * NP)[:, None] + n[None, :], mask=g_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += tl.load(tile + (g * KP * NP)[:, None, None], mask=(g < G)[:, None, None] & m[None, :, :], other=0.0)
     d = tl.sum(acc, axis=0)
-    db = tl.sum(dba, axis=0)
+    db = tl.load(db_ptr + n, mask=n_ok, other=0.0)
     gw = d
     if HAS_NORM:
         gam = tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
@@ -1004,18 +986,19 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         grids = geo.grids(sms)
         groups = grids["backward_weight"][0] // geo.nkb
         part = torch.empty((groups, geo.KP, geo.NP), dtype=torch.float32, device=x.device)
-        dbp = torch.empty((groups, geo.NP), dtype=torch.float32, device=x.device)
         th, tw = geo.bwd_tile
         _launch(
             _backward_weight_kernel, grids["backward_weight"], geo,
-            x, dy, wt, *table, mean if has_norm else wt, rstd if has_norm else wt, part, dbp,
+            x, dy, wt, *table, mean if has_norm else wt, rstd if has_norm else wt, part,
             *geo.bwd_tile_args, *geo.image_args(), N, geo.NP, geo.KP, geo.nkb, groups, max(1, geo.CP // geo.bk),
             x.stride(0), x.stride(2), x.stride(3),
             HAS_NORM=has_norm, HAS_N1=geo.BN1 > 0, CONTIG=geo.contig, BIG=geo.big, PREC=geo.prec,
             INNER=geo.bwd_tile_args[6] > 0, EVEN_N=geo.NP == N, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16),
             BK=geo.bk,
-            num_warps=4 if has_norm and geo.half else 8, num_stages=2,
+            num_warps=8, num_stages=2,
         )
+        # the bias gradient (fp32, deterministic): one pass over dy, cheaper than accumulators in the weight kernel
+        db = dy.view(M, N).sum(dim=0, dtype=torch.float32)
         grad_weight = empty((N, K), weight.dtype, x.device)
         grad_bias = empty((N,), weight.dtype, x.device)
         col_blocks = grids["backward_finish"][1]
@@ -1023,7 +1006,7 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         shares = [empty((col_blocks, K) if has_norm else (1, 0), torch.float32, x.device) for _ in range(2)]
         bk, bn, gb = geo.finish_block(sms)
         _backward_finish_kernel[grids["backward_finish"]](
-            part, dbp, weight, norm_weight if has_norm else wt, norm_bias if norm_bias is not None else wt,
+            part, db, weight, norm_weight if has_norm else wt, norm_bias if norm_bias is not None else wt,
             grad_weight, grad_bias, *shares, N, geo.NP, K, geo.KP, geo.CP, geo.KHW, groups, weight.stride(0),
             weight.stride(1), HAS_NORM=has_norm, HAS_NORM_BIAS=norm_bias is not None, TAP_MAJOR=geo.tap_major,
             BK=bk, BN=bn, GB=gb, num_warps=8,
