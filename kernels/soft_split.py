@@ -562,8 +562,9 @@ def _backward_finish_kernel(
 @triton.jit
 def _backward_input_kernel(
     dy_ptr, wt_ptr, x_ptr, mean_ptr, rstd_ptr, stat_ptr, dx_ptr,
-    M, L, LH, LW, C, H, W, N, NP, KH, KW, SH, SW, PH, PW, QC, QR, NUM_P,
+    M, L, LH, LW, C, H, W, N, NP, QC, QR, NUM_P,
     sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     HAS_NORM: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr,
     BN: tl.constexpr,
 ):
@@ -571,9 +572,12 @@ def _backward_input_kernel(
     (rh + SH*u, rw + SW*v) of one image, summed over the taps (i, j) = (ti + SH*a, tj + SW*e) that reach them.
     wt[c*QC + (i*kw + j)*QR, n] = W[n, c*kh*kw + i*kw + j] (times gamma with the norm); with the norm, per token
     stat[0] = -rstd * sum_k gamma*g / K and stat[1] = rstd^2 * sum_k gamma*g*xhat / K (``_backward_stats_kernel``), so
-    that a tap adds rstd * g + stat[0] - (x - mean) * stat[1]."""
-    pid_p = tl.program_id(0) % NUM_P
-    pid_r = tl.program_id(0) // NUM_P
+    that a tap adds rstd * g + stat[0] - (x - mean) * stat[1]: rstd * g per tap, the rest per pixel once, from the
+    taps' sums of stat[1] and of stat[0] + (mean - ref) * stat[1] (ref: the pixel's channel 0, near every mean
+    that covers it, so that the difference keeps its digits when the mean is large against the spread). The
+    geometry is constexpr: the divisions by the stride fold."""
+    pid_r = _udiv(tl.program_id(0), NUM_P)
+    pid_p = tl.program_id(0) - pid_r * NUM_P
     pid_c = tl.program_id(1)
     b = pid_r // (SH * SW)
     rh = (pid_r // SW) % SH
@@ -591,16 +595,17 @@ def _backward_input_kernel(
     ch = pid_c * BC + tl.arange(0, BC)
     c_ok = ch < C
     pix_ok = p_ok[:, None] & c_ok[None, :]
+    xpix = x_ptr + b * sxb + h * sxh + w * sxw
     if HAS_NORM:
-        xv = tl.load(x_ptr + b * sxb + (h * sxh + w * sxw)[:, None] + ch[None, :] * sxc, mask=pix_ok,
-                     other=0.0).to(tl.float32)
+        ref = tl.load(xpix, mask=p_ok, other=0.0).to(tl.float32)
     ti = (rh + PH) % SH
     tj = (rw + PW) % SW
     # the pixel at h is reached by tap i = ti + SH*a of token row (rh + PH) // SH + uh - a
     oh0 = (rh + PH) // SH + uh
     ow0 = (rw + PW) // SW + uw
     acc = tl.zeros((BP, BC), dtype=tl.float32)
-    bsum = tl.zeros((BP,), dtype=tl.float32)  # the taps' stat[0] terms, per pixel: added once
+    bsum = tl.zeros((BP,), dtype=tl.float32)  # per pixel, over the taps: stat[0] + (mean - ref) * stat[1]
+    s1sum = tl.zeros((BP,), dtype=tl.float32)  # and stat[1]
     for a in range(0, (KH - ti + SH - 1) // SH):
         oh = oh0 - a
         for e in range(0, (KW - tj + SW - 1) // SW):
@@ -621,12 +626,14 @@ def _backward_input_kernel(
                 rs = tl.load(rstd_ptr + row, mask=tok_ok, other=0.0)
                 s0 = tl.load(stat_ptr + row, mask=tok_ok, other=0.0)
                 s1 = tl.load(stat_ptr + M + row, mask=tok_ok, other=0.0)
-                acc += rs[:, None] * g - (xv - mu[:, None]) * s1[:, None]
-                bsum += s0
+                acc += rs[:, None] * g
+                bsum += s0 + (mu - ref) * s1
+                s1sum += s1
             else:
                 acc += g
     if HAS_NORM:
-        acc += bsum[:, None]
+        xv = tl.load(xpix[:, None] + ch[None, :] * sxc, mask=pix_ok, other=0.0).to(tl.float32)
+        acc += bsum[:, None] - (xv - ref[:, None]) * s1sum[:, None]
     tl.store(dx_ptr + b * sdb + (h * sdh + w * sdw)[:, None] + ch[None, :] * sdc, acc.to(dx_ptr.dtype.element_ty),
              mask=pix_ok)
 
@@ -1027,9 +1034,9 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         _launch(
             _backward_input_kernel, grids["backward_input"], geo,
             dy, wt, x, mean if has_norm else wt, rstd if has_norm else wt, stat, grad_x,
-            M, geo.L, geo.LH, geo.LW, C, geo.H, geo.W, N, geo.NP, *geo.k, sh, sw, *geo.p, qc, qr,
-            geo.num_p, *x.stride(), *grad_x.stride(),
-            HAS_NORM=has_norm, BIG=geo.big, PREC=geo.prec, BP=bp, BC=bc, BN=64, num_warps=8, num_stages=3,
+            M, geo.L, geo.LH, geo.LW, C, geo.H, geo.W, N, geo.NP, qc, qr, geo.num_p, *x.stride(), *grad_x.stride(),
+            KH=geo.k[0], KW=geo.k[1], SH=sh, SW=sw, PH=geo.p[0], PW=geo.p[1], HAS_NORM=has_norm, BIG=geo.big,
+            PREC=geo.prec, BP=bp, BC=bc, BN=64, num_warps=8, num_stages=3,
         )
     return grad_x, grad_weight, grad_bias, grad_norm_weight, grad_norm_bias
 
