@@ -44,7 +44,9 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
 
 fp32 inputs use 3xTF32 dots on the GPU (fp32-level accuracy); fp16/bf16 use the tensor cores with fp32
 accumulation. Under the Triton interpreter every operand is upcast to fp32 (it mishandles bf16 arithmetic).
-Offsets are int32 unless some element index can pass 2^31 (then int64, constexpr ``BIG``). Tile sizes, warps and
+Offsets are int32 unless some element index can pass 2^31 (then int64, constexpr ``BIG``). The kernel geometry
+(kernel size, stride, padding, chunks per tap) is constexpr in the token kernels: the divisions by it fold (one
+compile per soft-split geometry; T2T-ViT has three). Tile sizes, warps and
 pipelining depths are chosen with ``benchmarks/static_sm90.py`` (occupancy: resident warps per SM); a launch whose
 shared memory a GPU cannot hold runs again less deep (``_launch``).
 """
@@ -269,7 +271,8 @@ def _stats_loop(x_ptr, koff_ptr, bits_ptr, xrow, bits, shift, NUM_CHUNKS, s1, s2
 @triton.jit
 def _stats_kernel(
     x_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, d_ptr,
-    TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, K, NUM_CHUNKS, CPB, sxb, sxh, sxw, eps,
+    TPI, TILES_W, M, L, LH, LW, H, W, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, K, NUM_CHUNKS, CPB: tl.constexpr, sxb, sxh, sxw, eps,
     CONTIG: tl.constexpr, BIG: tl.constexpr, LINEAR: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     BK: tl.constexpr,
 ):
@@ -329,7 +332,8 @@ def _forward_store(y_ptr, coef_ptr, cvec_ptr, acc, rstd, d, yrow, row_ok, cols, 
 @triton.jit
 def _forward_kernel(
     x_ptr, wt_ptr, coef_ptr, cvec_ptr, koff_ptr, bits_ptr, y_ptr, rstd_ptr, d_ptr,
-    TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, NP, NUM_CHUNKS, CPB, sxb, sxh, sxw,
+    TPI, TILES_W, M, L, LH, LW, H, W, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, N, NP, NUM_CHUNKS, CPB: tl.constexpr, sxb, sxh, sxw,
     HAS_NORM: tl.constexpr, HAS_CVEC: tl.constexpr, HAS_N1: tl.constexpr, LINEAR: tl.constexpr,
     CONTIG: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr,
     BN1: tl.constexpr, BK: tl.constexpr,
@@ -425,8 +429,9 @@ def _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, 
 @triton.jit
 def _backward_weight_kernel(
     x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, part_ptr,
-    TILES_H, TILES_W, R0, R1, C0, C1, NUM_INNER, NUM_BORDER, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, NP, KP,
-    NKB, G, CPB, sxb, sxh, sxw,
+    TILES_H, TILES_W, R0, R1, C0, C1, NUM_INNER, NUM_BORDER, L, LH, LW, H, W, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, N, NP, KP,
+    NKB, G, CPB: tl.constexpr, sxb, sxh, sxw,
     HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, CONTIG: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr,
     INNER: tl.constexpr, EVEN_N: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr,
     BN1: tl.constexpr, BK: tl.constexpr,
@@ -777,13 +782,13 @@ class _Geometry:
         self.prec = "tf32x3" if self.dot_dtype == torch.float32 and not interpret else "tf32"
         big = max(_extent(shape, strides), self.M * max(self.NP, self.KP), self.B * self.C * self.H * self.W)
         self.big = big > _INT32 // 2  # int64 offsets (with margin for padding and partial-buffer rows)
-        # forward, 8 warps: 128 tokens per program for 16-bit tap-major inputs of at most 256 columns (stage 2),
-        # else 64 (stage 1: two programs per SM)
+        # forward, 8 warps: 64 tokens per program, two programs per SM at stages 1 and 2 (128 tokens held 203
+        # registers at stage 2: one)
         narrow = self.BN0 + self.BN1 <= 256 and self.half
-        self.fwd_bm = 128 if narrow and self.tap_major else 64
+        self.fwd_bm = 64
         self.fwd_warps = 8
         # tap-major (every gather masked: no interior tiles to find) takes fwd_bm consecutive tokens of all B*L
-        # (linear tiles): no program cut short at an image's last row (at stage 2, 392 programs, not 448)
+        # (linear tiles): no program cut short at an image's last row (at stage 2, 784 programs, not 896)
         self.fwd_tile = self.token_tile(self.fwd_bm)
         self.stats_tile = self.token_tile(64)  # the LayerNorm statistics' tiles
         # q rows per forward chunk: 16-bit tap-major inputs gather a whole tap (up to 64 channels) per chunk, others
