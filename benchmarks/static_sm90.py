@@ -205,7 +205,8 @@ def _ss_backward_weight(a: Launch) -> list[int]:
     # program (group g, chunk; column group on axis 1): with INNER for i in range(g, NUM_INNER, G) (interior
     # tiles), then for i in range(g, NUM_BORDER, G) (the only loop without INNER)
     return [a["NKB"] * a.grid[1] * sum(len(range(g, a[n], a["G"])) for g in range(a["G"]))
-            for n in (("NUM_INNER", "NUM_BORDER") if a["INNER"] else ("NUM_BORDER",))]
+            for n in (("NUM_INNER", "NUM_BORDER") if a["INNER"] else ("NUM_BORDER",))] \
+        + [a.grid[1] * cdiv(a["M"], a["TH"] * a["TW"])]
 
 
 def _ss_backward_finish(a: Launch) -> list[int]:

@@ -30,9 +30,10 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
   elementwise sums: 8 warps and two blocks per SM at stage 1 (was 4 warps, the sums in its loop).
 - backward, weights (program = (token group, chunk of q rows, column group)): ``D = dy^T @ xhat`` (x itself
   without the norm) for its chunk and the group's output columns over its tiles; the interior tiles in one loop
-  (unmasked) and the border ones in another, so no loop body holds both paths. 8 warps, two blocks per SM: the
-  bias gradient ``db = sum dy`` is one pass of torch over dy instead (its accumulators here, ones @ dy, cost the
-  second block: 4 warps at 230 registers, or 8 at 148). A finishing kernel (a grid of about two programs per SM over blocks of weight columns, each summing the
+  (unmasked) and the border ones in another, so no loop body holds both paths. Then, with D stored, each program
+  sums dy over its share of row blocks (``db = sum dy`` as dy^T @ ones): accumulators held inside the tile loops
+  cost the second block per SM (4 warps at 230 registers, or 8 at 148); after them, 8 warps at 127 and two blocks.
+  A finishing kernel (a grid of about two programs per SM over blocks of weight columns, each summing the
   groups' partials GB at a time, in a fixed order: deterministic, no atomics) applies
   ``dW = gamma * D + db beta^T``, ``dgamma = sum_n W * D``, ``dbeta = W^T db``.
 - backward, LayerNorm sums (with the norm, only when x needs a gradient): per token ``sum_k gamma g xhat`` and
@@ -428,10 +429,10 @@ def _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, 
 
 @triton.jit
 def _backward_weight_kernel(
-    x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, part_ptr,
-    TILES_H, TILES_W, R0, R1, C0, C1, NUM_INNER, NUM_BORDER, L, LH, LW, H, W, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PH: tl.constexpr, PW: tl.constexpr, N, NP, KP,
-    NKB, G, CPB: tl.constexpr, sxb, sxh, sxw,
+    x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, part_ptr, dbp_ptr,
+    TILES_H, TILES_W, R0, R1, C0, C1, NUM_INNER, NUM_BORDER, M, L, LH, LW, H, W,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    N, NP, KP, NKB, G, CPB: tl.constexpr, sxb, sxh, sxw,
     HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, CONTIG: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr,
     INNER: tl.constexpr, EVEN_N: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr,
     BN1: tl.constexpr, BK: tl.constexpr,
@@ -442,8 +443,8 @@ def _backward_weight_kernel(
     image's TILES_H x TILES_W tiles: NUM_INNER in all), then the border ones (NUM_BORDER), so that no loop body
     holds both paths; else one loop over every tile, masked. Interior tiles load dy, mean and rstd unmasked
     (every row a token; dy's columns too with EVEN_N). The dots are dy^T @ xhat (columns x q rows): dy's tile is
-    an operand straight from shared memory, and xhat needs no transposed copy. sum dy is not taken here: its
-    accumulators (ones @ dy) cost the second block per SM."""
+    an operand straight from shared memory, and xhat needs no transposed copy. Then dbp[program, n] = sum dy[t, n]
+    over the row blocks of dy (M x N, TH*TW rows each) numbered g + kc*G modulo G*NKB: every block once in all."""
     g = tl.program_id(0) // NKB
     kc = tl.program_id(0) % NKB
     q = kc * BK + tl.arange(0, BK)
@@ -491,6 +492,27 @@ def _backward_weight_kernel(
     tl.store(part + cols0[:, None], dw0)
     if HAS_N1:
         tl.store(part + cols1[:, None], dw1)
+    # sum dy after the tile loops, so that its accumulators never hold registers next to D's
+    dt = wt_ptr.dtype.element_ty
+    ones = tl.full((TH * TW, 16), 1.0, dt)
+    db0 = tl.zeros((BN0, 16), dtype=tl.float32)
+    db1 = tl.zeros((BN1, 16), dtype=tl.float32)
+    for r0 in range((g + kc * G) * (TH * TW), M, G * NKB * (TH * TW)):
+        rows = r0 + tl.arange(0, TH * TW)
+        row_ok = rows < M
+        if BIG:
+            rows = rows.to(tl.int64)
+        dyrow = dy_ptr + rows[:, None] * N
+        db0 = tl.dot(tl.trans(_dy_tile(dyrow, cols0, row_ok, N, True, EVEN_N).to(dt)), ones, db0,
+                     input_precision=PREC)
+        if HAS_N1:
+            db1 = tl.dot(tl.trans(_dy_tile(dyrow, cols1, row_ok, N, True, EVEN_N).to(dt)), ones, db1,
+                         input_precision=PREC)
+    first = tl.arange(0, 16)[None, :] == 0
+    dbp = dbp_ptr + tl.program_id(0) * NP
+    tl.store(dbp + cols0, tl.sum(tl.where(first, db0, 0.0), axis=1))
+    if HAS_N1:
+        tl.store(dbp + cols1, tl.sum(tl.where(first, db1, 0.0), axis=1))
 
 
 @triton.jit
@@ -998,11 +1020,12 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         grids = geo.grids(sms)
         groups = grids["backward_weight"][0] // geo.nkb
         part = torch.empty((groups, geo.KP, geo.NP), dtype=torch.float32, device=x.device)
+        dbp = torch.empty((groups * geo.nkb, geo.NP), dtype=torch.float32, device=x.device)
         th, tw = geo.bwd_tile
         _launch(
             _backward_weight_kernel, grids["backward_weight"], geo,
-            x, dy, wt, *table, mean if has_norm else wt, rstd if has_norm else wt, part,
-            *geo.bwd_tile_args, *geo.image_args(), N, geo.NP, geo.KP, geo.nkb, groups, max(1, geo.CP // geo.bk),
+            x, dy, wt, *table, mean if has_norm else wt, rstd if has_norm else wt, part, dbp,
+            *geo.bwd_tile_args, M, *geo.image_args(), N, geo.NP, geo.KP, geo.nkb, groups, max(1, geo.CP // geo.bk),
             x.stride(0), x.stride(2), x.stride(3),
             HAS_NORM=has_norm, HAS_N1=geo.BN1 > 0, CONTIG=geo.contig, BIG=geo.big, PREC=geo.prec,
             INNER=geo.bwd_tile_args[6] > 0, EVEN_N=geo.NP == N, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16),
@@ -1010,7 +1033,6 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
             num_warps=8, num_stages=2,
         )
         # the bias gradient (fp32, deterministic): one pass over dy, cheaper than accumulators in the weight kernel
-        db = dy.view(M, N).sum(dim=0, dtype=torch.float32)
         grad_weight = empty((N, K), weight.dtype, x.device)
         grad_bias = empty((N,), weight.dtype, x.device)
         col_blocks = grids["backward_finish"][1]
@@ -1018,7 +1040,8 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         shares = [empty((col_blocks, K) if has_norm else (1, 0), torch.float32, x.device) for _ in range(2)]
         bk, bn, gb = geo.finish_block(sms)
         _backward_finish_kernel[grids["backward_finish"]](
-            part, db, weight, norm_weight if has_norm else wt, norm_bias if norm_bias is not None else wt,
+            part, dbp.sum(dim=0), weight, norm_weight if has_norm else wt,
+            norm_bias if norm_bias is not None else wt,
             grad_weight, grad_bias, *shares, N, geo.NP, K, geo.KP, geo.CP, geo.KHW, groups, weight.stride(0),
             weight.stride(1), HAS_NORM=has_norm, HAS_NORM_BIAS=norm_bias is not None, TAP_MAJOR=geo.tap_major,
             BK=bk, BN=bn, GB=gb, num_warps=8,
