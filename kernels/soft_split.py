@@ -47,9 +47,9 @@ fp32 inputs use 3xTF32 dots on the GPU (fp32-level accuracy); fp16/bf16 use the 
 accumulation. Under the Triton interpreter every operand is upcast to fp32 (it mishandles bf16 arithmetic).
 Offsets are int32 unless some element index can pass 2^31 (then int64, constexpr ``BIG``). The kernel geometry
 (kernel size, stride, padding, chunks per tap) is constexpr in the token kernels: the divisions by it fold (one
-compile per soft-split geometry; T2T-ViT has three). Tile sizes, warps and
-pipelining depths are chosen with ``benchmarks/static_sm90.py`` (occupancy: resident warps per SM); a launch whose
-shared memory a GPU cannot hold runs again less deep (``_launch``).
+compile per soft-split geometry; T2T-ViT has three). Tile sizes, warps and pipelining depths are chosen with
+``benchmarks/static_sm90.py`` (occupancy: resident warps per SM); a launch whose shared memory a GPU cannot hold
+runs again less deep (``_launch``).
 """
 from __future__ import annotations
 
@@ -1032,13 +1032,14 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
             BK=geo.bk,
             num_warps=8, num_stages=2,
         )
-        # the bias gradient (fp32, deterministic): one pass over dy, cheaper than accumulators in the weight kernel
         grad_weight = empty((N, K), weight.dtype, x.device)
         grad_bias = empty((N,), weight.dtype, x.device)
         col_blocks = grids["backward_finish"][1]
         # the norm gradients: written whole by a single block of columns, else one share per block, summed here
         shares = [empty((col_blocks, K) if has_norm else (1, 0), torch.float32, x.device) for _ in range(2)]
         bk, bn, gb = geo.finish_block(sms)
+        # db: the weight programs' rows of sum dy, added by torch (deterministic; the finishing kernel's programs
+        # would each have to add them all)
         _backward_finish_kernel[grids["backward_finish"]](
             part, dbp.sum(dim=0), weight, norm_weight if has_norm else wt,
             norm_bias if norm_bias is not None else wt,
