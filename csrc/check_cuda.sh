@@ -24,34 +24,44 @@ fi
 
 TORCH_MACROS=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
               -D__CUDA_NO_HALF2_OPERATORS__)
-status=0
+# The checks run concurrently (each is single-threaded); their logs print in order afterwards.
+logs="$(mktemp -d)"
+trap 'rm -rf "$logs"' EXIT
+pids=()
+names=()
 for src in csrc/cuda/*.cu; do
-  echo "nvcc -c -arch=sm_90 $src"
-  if ! "$NVCC" -c -arch=sm_90 -std=c++17 -O3 --use_fast_math -Werror all-warnings "${TORCH_MACROS[@]}" "$@" \
-       -o /dev/null "$src"; then
-    status=1
-  fi
+  names+=("nvcc -c -arch=sm_90 $src")
+  "$NVCC" -c -arch=sm_90 -std=c++17 -O3 --use_fast_math -Werror all-warnings "${TORCH_MACROS[@]}" "$@" \
+    -o /dev/null "$src" >"$logs/${#pids[@]}" 2>&1 &
+  pids+=($!)
 done
 
 if python3 -c "import torch" 2>/dev/null; then
   mapfile -t includes < <(python3 -c "from torch.utils.cpp_extension import include_paths; print('\n'.join(include_paths()))")
   # CPU wheels lack the generated c10/cuda/impl/cuda_cmake_macros.h; a stub stands in for the syntax check.
-  stub="$(mktemp -d)"
-  trap 'rm -rf "$stub"' EXIT
+  stub="$logs/stub"
   mkdir -p "$stub/c10/cuda/impl"
   printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$stub/c10/cuda/impl/cuda_cmake_macros.h"
   inc_flags=()
   for p in "${includes[@]}"; do inc_flags+=(-I "$p"); done
   inc_flags+=(-idirafter "$stub")
-  echo "c++ -fsyntax-only csrc/cuda/registration.cpp"
-  if ! "${CXX:-c++}" -fsyntax-only -std=c++20 -Wall -Wextra -Wno-unused-parameter "${inc_flags[@]}" \
-       -I "$CUDA_ROOT/include" -I "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
-       -DT2T_FAST_WITH_CUDA=1 csrc/cuda/registration.cpp; then
-    status=1
-  fi
+  names+=("c++ -fsyntax-only csrc/cuda/registration.cpp")
+  "${CXX:-c++}" -fsyntax-only -std=c++20 -Wall -Wextra -Wno-unused-parameter "${inc_flags[@]}" \
+    -I "$CUDA_ROOT/include" -I "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+    -DT2T_FAST_WITH_CUDA=1 csrc/cuda/registration.cpp >"$logs/${#pids[@]}" 2>&1 &
+  pids+=($!)
 else
   echo "check_cuda.sh: torch not importable; skipping csrc/cuda/registration.cpp"
 fi
+
+status=0
+for n in "${!pids[@]}"; do
+  echo "${names[$n]}"
+  if ! wait "${pids[$n]}"; then
+    status=1
+  fi
+  cat "$logs/$n"
+done
 
 if [[ $status -ne 0 ]]; then
   echo "check_cuda.sh: FAILED"

@@ -837,8 +837,9 @@ class _Geometry:
         # registers: many blocks per SM, with triton 3.6 as with 3.9)
         self.stats_bk = min(self.fwd_bk, 32) if self.tap_major else 16
         self.stats_chunks = self.KP // self.stats_bk if self.tap_major else cdiv(self.K, 16)
-        # preparation programs of 16 q rows x 64 (or 16) columns: small tiles, many programs (it is latency-bound)
-        self.prepare_block = (16, 64 if self.NP % 64 == 0 else 16)
+        # preparation programs of 16 q rows x 64 (or 16) columns: small tiles, many programs (it is latency-bound);
+        # under the interpreter, whose cost is per program, a chunk of rows each
+        self.prepare_block = (self.bk if interpret else 16, 64 if self.NP % 64 == 0 else 16)
         # grad_x pixel blocks per (image, stride residue)
         self.num_p = cdiv(cdiv(self.H, self.s[0]) * cdiv(self.W, self.s[1]), self.dx_block[0])
         self._grids: dict[int, dict[str, tuple[int, ...]]] = {}

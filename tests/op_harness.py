@@ -144,9 +144,12 @@ def check_soft_split(backend: str, inputs: tuple, dtype: torch.dtype) -> None:
     """Forward and every gradient of the front door on ``backend`` against the float64 reference."""
     x, (k, s, p), *params = inputs
     gpu = x.is_cuda  # T2T-ViT's full shapes: longer fp32 reductions
+    # the reference backend is PyTorch's eager LayerNorm in x's dtype: on one CPU thread its bf16 backward sums
+    # the norm_weight gradient less accurately (4% of the largest value at 180 tokens; OMP_NUM_THREADS=1)
+    low = 5e-2 if backend == "reference" else 3e-2
     _compare(backend, lambda impl, x, *params: impl.soft_split(x, k, s, p, *params), [x, *params], dtype,
              ("x", "weight", "bias", "norm_weight", "norm_bias"), tolerance(dtype, fp32=1e-4 if gpu else 1e-5),
-             tolerance(dtype, low=3e-2, fp32=1e-4 if gpu else 2e-5))
+             tolerance(dtype, low=low, fp32=1e-4 if gpu else 2e-5))
 
 
 # ---------------------------------------------------------------------------------------------------------
