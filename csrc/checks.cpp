@@ -240,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_split_forward_outputs(const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_split_backward_outputs(
     const SoftSplitGeometry& g, const at::Tensor& x, const at::Tensor& weight, bool compute_grad_x) {
   const auto norm_shape = g.has_norm ? std::vector<int64_t>{g.K} : std::vector<int64_t>{0};
-  return {new_output(compute_grad_x ? x.sizes().vec() : std::vector<int64_t>{0}, x.options()),
+  return {compute_grad_x ? new_output_like(x) : new_output({0}, x.options()),
           new_output(weight.sizes(), weight.options()), new_output({g.out}, weight.options()),
           new_output(norm_shape, x.options().dtype(at::kFloat)), new_output(norm_shape, x.options().dtype(at::kFloat))};
 }

@@ -7,6 +7,7 @@
 #include <Python.h>
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -21,13 +22,20 @@ std::atomic<bool> g_poison{false};
 
 bool poison_enabled() { return g_poison.load(std::memory_order_relaxed); }
 
-at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  auto t = at::empty(sizes, options);
+namespace {
+at::Tensor poisoned(at::Tensor t) {
   if (poison_enabled() && at::isFloatingType(t.scalar_type())) {
     t.fill_(std::numeric_limits<double>::quiet_NaN());
   }
   return t;
 }
+}  // namespace
+
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return poisoned(at::empty(sizes, options));
+}
+
+at::Tensor new_output_like(const at::Tensor& t) { return poisoned(at::empty_like(t)); }
 
 }  // namespace t2t_fast
 

@@ -64,7 +64,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
-from t2t_fast.runtime import cdiv, empty, first_exceeded, next_power_of_2, triton_interpret
+from t2t_fast.runtime import cdiv, empty, empty_like, first_exceeded, next_power_of_2, triton_interpret
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_K = 8192  # C*kh*kw: bounds the weight-gradient partial buffers
@@ -999,7 +999,7 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
     """grad_y (B, L, out); x, weight, bias, norm_weight, norm_bias as in ``forward``; y, mean, rstd what it
     returned (y is only read with the norm and compute_grad_x, and must be given then).
 
-    Returns grad_x (B, C, H, W) in x.dtype (or (0,) when not compute_grad_x), grad_weight (out, K) and
+    Returns grad_x (B, C, H, W) in x.dtype with x's strides (or (0,) when not compute_grad_x), grad_weight (out, K) and
     grad_bias (out,) in weight.dtype, grad_norm_weight and grad_norm_bias (K,) fp32 ((0,) without norm_weight).
     """
     _refuse(verify(x, kernel_size, stride, padding, weight, None, norm_weight, norm_bias, 0.0))
@@ -1057,7 +1057,7 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
             _backward_stats_kernel[grids["backward_stats"]](dy, y.contiguous(), coef, rstd, stat, M, N, geo.NP, K,
                                                              BIG=geo.big, BM=_STATS_BLOCK[0], BN=_STATS_BLOCK[1],
                                                              num_warps=4)
-        grad_x = empty((B, C, geo.H, geo.W), x.dtype, x.device)
+        grad_x = empty_like(x)  # x's strides: a token view's channels are contiguous (vector stores)
         sh, sw = geo.s
         bp, bc = geo.dx_block
         qc, qr = (1, geo.CP) if geo.tap_major else (geo.KHW, 1)

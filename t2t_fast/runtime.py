@@ -28,6 +28,12 @@ def empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> tor
     return t.fill_(float("nan")) if _poison else t
 
 
+def empty_like(t: torch.Tensor) -> torch.Tensor:
+    """``empty`` with t's shape, dtype, device and (as ``torch.empty_like``) strides."""
+    out = torch.empty_like(t)
+    return out.fill_(float("nan")) if _poison else out
+
+
 def _set_extension_poison(on: bool) -> None:
     try:
         extension = importlib.import_module("t2t_fast._C")

@@ -189,17 +189,21 @@ def test_gradcheck_performer_float64():
 
 def test_opcheck_all_operators():
     x = torch.randn(2, 3, 9, 8)
+    tokens = torch.randn(2, 72, 3).transpose(1, 2).reshape(2, 3, 9, 8)  # grad_x keeps these strides
     weight, bias = torch.randn(5, 27), torch.randn(5)
     nw, nb = torch.rand(27) + 0.5, torch.randn(27)
     geometry = ([3, 3], [2, 2], [1, 1])
-    for args in ((x, *geometry, weight, bias, nw, nb, 1e-5), (x, *geometry, weight, None, None, None, 1e-5)):
+    for args in ((x, *geometry, weight, bias, nw, nb, 1e-5), (x, *geometry, weight, None, None, None, 1e-5),
+                 (tokens, *geometry, weight, bias, nw, nb, 1e-5)):
         torch.library.opcheck(ops.soft_split_forward.default, args)
         y, mean, rstd = ops.soft_split_forward(*args)
-        xg = x.detach()
+        xg = args[0].detach()
         for compute_grad_x in (True, False):
             torch.library.opcheck(ops.soft_split_backward.default,
                                   (torch.randn_like(y), xg, *geometry, weight, *args[5:8], y, mean, rstd,
                                    compute_grad_x))
+        grad_x = ops.soft_split_backward(torch.randn_like(y), xg, *geometry, weight, *args[5:8], y, mean, rstd, True)[0]
+        assert grad_x.stride() == xg.stride()
     grad_args = (x.clone().requires_grad_(), *geometry, weight.clone().requires_grad_(),
                  bias.clone().requires_grad_(), nw.clone().requires_grad_(), nb.clone().requires_grad_(), 1e-5)
     torch.library.opcheck(ops.soft_split_forward.default, grad_args)

@@ -128,13 +128,16 @@ def test_operators_without_norm_and_without_grad_x(poisoned):
     _close(gb, gy.sum((0, 1)), 1e-5)
 
 
-def _tiny():
-    x, w, b, nw, nb = _inputs(1, 3, 7, 8, 3, 10, False, True, True, True, torch.float32)
+def _tiny(tokens=False):
+    x, w, b, nw, nb = _inputs(1, 3, 7, 8, 3, 10, tokens, True, True, True, torch.float32)
     return x, w, b, nw, nb
 
 
-def test_opcheck():
-    x, w, b, nw, nb = _tiny()
+@pytest.mark.parametrize("tokens", [False, True], ids=["nchw", "tokens"])
+def test_opcheck(tokens):
+    """The fake functions match the kernels (strides included: grad_x has x's, (B, L, C)-contiguous for a token
+    view)."""
+    x, w, b, nw, nb = _tiny(tokens)
     torch.library.opcheck(torch.ops.t2t_fast_triton.soft_split_forward.default,
                           (x, [3, 3], [2, 2], [1, 1], w, b, nw, nb, 1e-5))
     with torch.no_grad():
@@ -142,6 +145,7 @@ def test_opcheck():
     args = (torch.randn_like(y), x.detach(), [3, 3], [2, 2], [1, 1], w.detach(), b.detach(), nw.detach(),
             nb.detach(), y, mean, rstd, True)
     torch.library.opcheck(torch.ops.t2t_fast_triton.soft_split_backward.default, args)
+    assert torch.ops.t2t_fast_triton.soft_split_backward(*args)[0].stride() == x.stride()
 
 
 def test_backward_needs_y_for_the_norm_sums():

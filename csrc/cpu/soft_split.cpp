@@ -168,10 +168,11 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const SoftSpli
   const bool need_dxn = compute_grad_x || g.has_norm;
   const acc_t inv_k = acc_t(1) / static_cast<acc_t>(g.K);
 
-  // grad_x accumulates in acc_t: in place for float/double, in a float buffer for float16/bfloat16.
+  // grad_x accumulates in acc_t, (B, C, H, W)-contiguous: in place for a contiguous float/double gx, else in a
+  // buffer copied into gx (which has x's strides) at the end.
   at::Tensor gx_acc;
   if (compute_grad_x) {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (std::is_same_v<scalar_t, acc_t> && gx.is_contiguous()) {
       gx.zero_();
       gx_acc = gx;
     } else {
@@ -261,7 +262,7 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const SoftSpli
     });
   }
 
-  if (compute_grad_x && !std::is_same_v<scalar_t, acc_t>) gx.copy_(gx_acc);
+  if (compute_grad_x && !gx_acc.is_same(gx)) gx.copy_(gx_acc);
   // Slots are added in slot order: deterministic.
   auto reduce = [&](int64_t at, int64_t n, auto* out) {
     at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {

@@ -91,12 +91,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_spli
   const at::Tensor mu = g.has_norm ? mean.contiguous() : at::Tensor(), rs = g.has_norm ? rstd.contiguous() : at::Tensor();
   const auto dims = dims_of(g, x);
   const at::Tensor ws = workspace(gpu::soft_split_backward_workspace(dims, g.has_norm, compute_grad_x), x);
+  // the kernels write grad_x (B, C, H, W)-contiguous; gx has x's strides (a token view's: channels innermost)
+  const at::Tensor gx_out = compute_grad_x && !gx.is_contiguous() ? at::empty(gx.sizes(), gx.options()) : gx;
   check_launch(gpu::soft_split_backward(dtype_of(x), dims, gy.data_ptr(), x.data_ptr(), w.data_ptr(), float_ptr(nw),
                                         float_ptr(nb), float_ptr(mu), float_ptr(rs), compute_grad_x,
-                                        compute_grad_x ? gx.data_ptr() : nullptr, gw.data_ptr(), gb.data_ptr(),
+                                        compute_grad_x ? gx_out.data_ptr() : nullptr, gw.data_ptr(), gb.data_ptr(),
                                         g.has_norm ? gnw.data_ptr<float>() : nullptr,
                                         g.has_norm ? gnb.data_ptr<float>() : nullptr, ws.data_ptr(), stream_of(x)),
                "soft_split_backward");
+  if (!gx_out.is_same(gx)) gx.copy_(gx_out);
   return {gx, gw, gb, gnw, gnb};
 }
 

@@ -10,6 +10,9 @@ Its operator pair, implemented by the C++ extension (``torch.ops.t2t_fast.*``) a
         -> (grad_x (B, C, H, W) or (0,), grad_weight, grad_bias (out,), grad_norm_weight, grad_norm_bias)
                                                                   # norm grads are fp32 (K,), or (0,) without norm
 
+grad_x has x's strides (as ``torch.empty_like(x)``): the gradient of a token view comes back (B, L, C)-contiguous,
+and its channels are the Triton kernel's unit-stride axis.
+
 y is the forward's output, passed (with bias) when the LayerNorm runs and grad_x is wanted: the LayerNorm
 backward's per-token sums over the patch, sum_k gamma_k g_k xhat_k and sum_k gamma_k g_k (g = grad_y @ W), are
 grad_y . (y - W beta - b) and grad_y . (W gamma), which a backend can take from y without gathering the patches
@@ -64,7 +67,7 @@ def _fake_backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride
                    padding: Sequence[int], weight: Tensor, bias: Optional[Tensor], norm_weight: Optional[Tensor],
                    norm_bias: Optional[Tensor], y: Optional[Tensor], mean: Tensor, rstd: Tensor,
                    compute_grad_x: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    gx = x.new_empty(x.shape) if compute_grad_x else x.new_empty(0)
+    gx = torch.empty_like(x) if compute_grad_x else x.new_empty(0)
     gn = (weight.shape[1],) if norm_weight is not None else (0,)
     return (gx, torch.empty_like(weight), weight.new_empty(weight.shape[0]),
             x.new_empty(gn, dtype=torch.float32), x.new_empty(gn, dtype=torch.float32))
