@@ -23,9 +23,10 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
   q. ``s`` is tap (0, 0) of channel 0, an element of the token's own patch (0 when that is padding), so the
   variance keeps its precision when the mean is large against the spread, and q-padding (whose table offset is
   0) gathers exactly ``s``. Writes mean, rstd and ``d = mean - s``.
-- forward: an implicit GEMM. A program owns one token tile and all output columns (two accumulators,
-  BN0 + BN1 columns, so each patch is gathered once; groups of BN0 columns on grid axis 1 only for wide outputs:
-  past 384 columns, 192 in fp32). It accumulates ``(x - s) @ (gamma * W)^T``; epilogue
+- forward: an implicit GEMM. A program owns one token tile and up to 256 output columns (192 in fp32) in two
+  accumulators of BN0 + BN1 columns, so at T2T-ViT's 192 columns each patch is gathered once; wider outputs
+  take equal column groups on grid axis 1 (384: two of 192, which hold two blocks per SM where one program of
+  384 held one). It accumulates ``(x - s) @ (gamma * W)^T``; epilogue
   ``y = rstd * (acc - d * (W @ gamma)) + W @ beta + b``. With the statistics out of its loop it holds no
   elementwise sums: 8 warps and two blocks per SM at stage 1 (was 4 warps, the sums in its loop).
 - backward, weights (program = (token group, chunk of q rows, column group)): ``D = dy^T @ xhat`` (x itself
@@ -138,9 +139,11 @@ def _udiv(a, b):
 
 @triton.jit
 def _tile_index(tile, TPI, TILES_W):
-    """2-D tile number b*TPI + tr*TILES_W + tc -> (b, tr, tc)."""
-    rest = tile % TPI
-    return tile // TPI, rest // TILES_W, rest % TILES_W
+    """2-D tile number b*TPI + tr*TILES_W + tc -> (b, tr, tc) (non-negative: unsigned divisions)."""
+    b = _udiv(tile, TPI)
+    rest = tile - b * TPI
+    tr = _udiv(rest, TILES_W)
+    return b, tr, rest - tr * TILES_W
 
 
 @triton.jit
@@ -320,14 +323,20 @@ def _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP
 
 @triton.jit
 def _forward_store(y_ptr, coef_ptr, cvec_ptr, acc, rstd, d, yrow, row_ok, cols, N, HAS_NORM: tl.constexpr,
-                   HAS_CVEC: tl.constexpr):
+                   HAS_CVEC: tl.constexpr, EVEN_N: tl.constexpr):
     out = acc
-    if HAS_NORM:
-        out = rstd[:, None] * (acc - d[:, None] * tl.load(coef_ptr + cols, mask=cols < N, other=0.0)[None, :])
+    if HAS_NORM:  # coef is NP long
+        out = rstd[:, None] * (acc - d[:, None] * tl.load(coef_ptr + cols)[None, :])
     if HAS_CVEC:
-        out += tl.load(cvec_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + yrow[:, None] * N + cols[None, :], out.to(y_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (cols < N)[None, :])
+        if EVEN_N:
+            out += tl.load(cvec_ptr + cols).to(tl.float32)[None, :]
+        else:
+            out += tl.load(cvec_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    if EVEN_N:
+        tl.store(y_ptr + yrow[:, None] * N + cols[None, :], out.to(y_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(y_ptr + yrow[:, None] * N + cols[None, :], out.to(y_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (cols < N)[None, :])
 
 
 @triton.jit
@@ -336,8 +345,8 @@ def _forward_kernel(
     TPI, TILES_W, M, L, LH, LW, H, W, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, N, NP, NUM_CHUNKS, CPB: tl.constexpr, sxb, sxh, sxw,
     HAS_NORM: tl.constexpr, HAS_CVEC: tl.constexpr, HAS_N1: tl.constexpr, LINEAR: tl.constexpr,
-    CONTIG: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr,
-    BN1: tl.constexpr, BK: tl.constexpr,
+    CONTIG: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, EVEN_N: tl.constexpr, TH: tl.constexpr,
+    TW: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr, BK: tl.constexpr,
 ):
     """Program (token tile, column group of BN0 + BN1): y of the tile. With HAS_NORM wt holds (gamma*W)^T,
     coef = W @ gamma and rstd, d the tokens' statistics (``_stats_kernel``); cvec is added (W @ beta + b with
@@ -345,7 +354,7 @@ def _forward_kernel(
     BM: tl.constexpr = TH * TW
     row_ok, s_ok, xrow, yrow, bits, interior = _tile(tl.program_id(0), TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH,
                                                  SW, PH, PW, sxb, sxh, sxw, BIG, LINEAR, TH, TW)
-    col0 = tl.program_id(1) * BN0  # column groups (axis 1) only exist without the second block
+    col0 = tl.program_id(1) * (BN0 + BN1 * HAS_N1)
     acc0 = tl.zeros((BM, BN0), dtype=tl.float32)
     acc1 = tl.zeros((BM, BN1), dtype=tl.float32)
     shift = tl.zeros((BM,), dtype=tl.float32)
@@ -363,10 +372,10 @@ def _forward_kernel(
         rstd = tl.load(rstd_ptr + yrow, mask=row_ok, other=0.0)
         d = tl.load(d_ptr + yrow, mask=row_ok, other=0.0)
     _forward_store(y_ptr, coef_ptr, cvec_ptr, acc0, rstd, d, yrow, row_ok, col0 + tl.arange(0, BN0), N, HAS_NORM,
-                   HAS_CVEC)
+                   HAS_CVEC, EVEN_N)
     if HAS_N1:
         _forward_store(y_ptr, coef_ptr, cvec_ptr, acc1, rstd, d, yrow, row_ok, col0 + BN0 + tl.arange(0, BN1), N,
-                       HAS_NORM, HAS_CVEC)
+                       HAS_NORM, HAS_CVEC, EVEN_N)
 
 
 @triton.jit
@@ -448,8 +457,9 @@ def _backward_weight_kernel(
     g = tl.program_id(0) // NKB
     kc = tl.program_id(0) % NKB
     q = kc * BK + tl.arange(0, BK)
-    cols0 = tl.program_id(1) * BN0 + tl.arange(0, BN0)  # column groups only exist without the second block
-    cols1 = BN0 + tl.arange(0, BN1)
+    col0 = tl.program_id(1) * (BN0 + BN1 * HAS_N1)
+    cols0 = col0 + tl.arange(0, BN0)
+    cols1 = col0 + BN0 + tl.arange(0, BN1)
     dw0 = tl.zeros((BN0, BK), dtype=tl.float32)
     dw1 = tl.zeros((BN1, BK), dtype=tl.float32)
     if INNER:
@@ -678,13 +688,13 @@ def _extent(shape: Sequence[int], strides: Sequence[int]) -> int:
 
 
 def _columns(n: int, cap: int) -> tuple[int, int, int]:
-    """(BN0, BN1, groups): a program covers BN0 + BN1 output columns (BN1 = 0: one block), powers of two; past
-    1.5 * cap columns, groups of cap columns (BN1 = 0 whenever there are several groups)."""
-    if n > cap + cap // 2:
-        return cap, 0, cdiv(n, cap)
-    bn0 = max(16, 1 << (n.bit_length() - 1))
-    rest = n - bn0
-    return (bn0, 0, 1) if rest <= 0 else (bn0, _pow2(rest, 16, bn0), 1)
+    """(BN0, BN1, groups): the n output columns in the fewest groups of at most cap, each covered by a program's
+    two blocks of BN0 + BN1 columns (BN1 = 0: one block), powers of two."""
+    groups = cdiv(n, cap)
+    width = cdiv(n, groups)
+    bn0 = max(16, 1 << (width.bit_length() - 1))
+    rest = width - bn0
+    return (bn0, 0, groups) if rest <= 0 else (bn0, _pow2(rest, 16, bn0), groups)
 
 
 def _tiles(lh: int, lw: int, bm: int, interior) -> tuple[int, int]:
@@ -796,7 +806,7 @@ class _Geometry:
         # unit-stride axis and need no padding to the chunk width; 16-bit inputs only (fp32 keeps the table
         # gathers, verified on the GPU at fp32 accuracy)
         self.contig = self.tap_major and self.CP == self.C and strides[1] == 1 and self.half
-        self.BN0, self.BN1, self.col_groups = _columns(self.N, 256 if self.half else 128)  # fp32: 3xTF32 registers
+        self.BN0, self.BN1, self.col_groups = _columns(self.N, 256 if self.half else 192)  # fp32: 3xTF32 registers
         self.NP = self.col_groups * (self.BN0 + self.BN1)
         # the dot operands' dtype: fp32 under the interpreter, else x's
         self.dot_dtype = torch.float32 if interpret else dtype
@@ -986,8 +996,8 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
             *geo.tile_args(geo.fwd_tile), geo.M, *geo.image_args(), geo.N, geo.NP, geo.fwd_chunks,
             max(1, geo.CP // geo.fwd_bk), x.stride(0), x.stride(2), x.stride(3),
             HAS_NORM=has_norm, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, LINEAR=geo.tap_major,
-            CONTIG=geo.contig, BIG=geo.big, PREC=geo.prec, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16),
-            BK=geo.fwd_bk, num_warps=geo.fwd_warps, num_stages=geo.fwd_stages,
+            CONTIG=geo.contig, BIG=geo.big, PREC=geo.prec, EVEN_N=geo.NP == geo.N, TH=th, TW=tw, BN0=geo.BN0,
+            BN1=max(geo.BN1, 16), BK=geo.fwd_bk, num_warps=geo.fwd_warps, num_stages=geo.fwd_stages,
         )
     return y, mean, rstd
 
