@@ -25,7 +25,8 @@ def _cuda() -> bool:
 def time_fn(fn: Callable[[], object], warmup: float = 25, rep: float = 100,
             grad_to_none: Optional[Sequence[torch.Tensor]] = None) -> float:
     """Median milliseconds of one ``fn()`` call. ``warmup``/``rep``: milliseconds of warm-up and measurement
-    (as ``do_bench``); ``grad_to_none``: tensors whose ``.grad`` is reset before every call."""
+    (as ``do_bench``; off the GPU, 0 skips the warm-up call); ``grad_to_none``: tensors whose ``.grad`` is reset
+    before every call."""
     if _cuda():
         import triton.testing
 
@@ -33,7 +34,8 @@ def time_fn(fn: Callable[[], object], warmup: float = 25, rep: float = 100,
                                              return_mode="median"))
     times = []
     deadline = time.perf_counter() + rep / 1e3
-    fn()  # warm-up (compilation, caches)
+    if warmup > 0:
+        fn()  # warm-up (compilation, caches)
     while not times or (time.perf_counter() < deadline and len(times) < 100):
         for t in grad_to_none or ():
             t.grad = None

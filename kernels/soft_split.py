@@ -650,7 +650,9 @@ def _backward_input_kernel(
             tok_ok = p_ok & (oh >= 0) & (oh < LH) & (ow >= 0) & (ow < LW)
             row = b * L + oh * LW + ow
             r = (ti + SH * a) * KW + (tj + SW * e)
-            g = tl.zeros((BP, BC), dtype=tl.float32)
+            # with the norm, g = dy @ W of this tap, scaled by the tokens' rstd after the loop; without it the
+            # taps accumulate straight into acc (no second accumulator: half the registers)
+            g = tl.zeros((BP, BC), dtype=tl.float32) if HAS_NORM else acc
             for n0 in range(0, N, BN):  # rows of tokens outside the image: dy 0, so g 0
                 n = n0 + tl.arange(0, BN)
                 dyt = tl.load(dy_ptr + row[:, None] * N + n[None, :], mask=tok_ok[:, None] & (n < N)[None, :],
@@ -667,7 +669,7 @@ def _backward_input_kernel(
                 bsum += s0 + (mu - ref) * s1
                 s1sum += s1
             else:
-                acc += g
+                acc = g
     if HAS_NORM:
         xv = tl.load(xpix[:, None] + ch[None, :] * sxc, mask=pix_ok, other=0.0).to(tl.float32)
         acc += bsum[:, None] - (xv - ref[:, None]) * s1sum[:, None]

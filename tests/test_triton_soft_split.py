@@ -136,10 +136,11 @@ def _tiny(tokens=False):
 @pytest.mark.parametrize("tokens", [False, True], ids=["nchw", "tokens"])
 def test_opcheck(tokens):
     """The fake functions match the kernels (strides included: grad_x has x's, (B, L, C)-contiguous for a token
-    view)."""
+    view; the forward's outputs do not depend on x's layout, so it is checked once)."""
     x, w, b, nw, nb = _tiny(tokens)
-    torch.library.opcheck(torch.ops.t2t_fast_triton.soft_split_forward.default,
-                          (x, [3, 3], [2, 2], [1, 1], w, b, nw, nb, 1e-5))
+    if not tokens:
+        torch.library.opcheck(torch.ops.t2t_fast_triton.soft_split_forward.default,
+                              (x, [3, 3], [2, 2], [1, 1], w, b, nw, nb, 1e-5))
     with torch.no_grad():
         y, mean, rstd = torch.ops.t2t_fast_triton.soft_split_forward(x, [3, 3], [2, 2], [1, 1], w, b, nw, nb, 1e-5)
     args = (torch.randn_like(y), x.detach(), [3, 3], [2, 2], [1, 1], w.detach(), b.detach(), nw.detach(),
@@ -236,7 +237,7 @@ def test_interior_and_border_tiles_both_run(poisoned):
     """Interior tiles (unmasked gathers) next to border ones; and the same image in tap-major order (there the
     forward takes linear tiles, every gather masked, and the weight gradient 2-D tiles of both kinds), with the
     table's gathers (fp32) and with contiguous ones (bf16)."""
-    for tokens, C, dtype, H, W in ((False, 3, torch.float32, 40, 36), (True, 16, torch.float32, 40, 36),
+    for tokens, C, dtype, H, W in ((False, 3, torch.float32, 24, 26), (True, 16, torch.float32, 26, 24),
                                    (True, 16, torch.bfloat16, 24, 24)):
         leaves = _inputs(1, C, H, W, 3, 20, tokens, True, True, True, dtype)
         geo = kernel._plan(leaves[0], [3, 3], [1, 1], [1, 1], leaves[1])
