@@ -39,10 +39,13 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
   ``dW = gamma * D + db beta^T``, ``dgamma = sum_n W * D``, ``dbeta = W^T db``.
 - backward, LayerNorm sums (with the norm, only when x needs a gradient): per token ``sum_k gamma g xhat`` and
   ``sum_k gamma g`` (``g = dy @ W``), taken from the forward's output as ``dy . (y - W beta - b)`` and
-  ``dy . (W gamma)``: two row dots of (tokens, out) tiles instead of a second GEMM over every patch.
+  ``dy . (W gamma)``: two row dots of (tokens, out) tiles instead of a second GEMM over every patch. The same
+  pass writes ``rstd * dy`` (dy's dtype; not in fp16, whose range it could pass) for grad_x, whose dots then
+  need no per-tap rescaling.
 - backward, grad_x (only when x needs a gradient): per input pixel, over the patches that cover it. Pixels
   are grouped by their residue modulo the stride, so a program only visits the taps that can reach its
-  pixels; for one tap, a block of pixels x a block of channels needs ``dy[tokens] @ wt[columns]^T``.
+  pixels; for one tap, a block of pixels x a block of channels needs ``dy[tokens] @ wt[columns]^T``, all taps
+  into one accumulator (in fp16 with the norm, each tap's scaled by rstd after its dots).
 
 fp32 inputs use 3xTF32 dots on the GPU (fp32-level accuracy); fp16/bf16 use the tensor cores with fp32
 accumulation. Under the Triton interpreter every operand is upcast to fp32 (it mishandles bf16 arithmetic).
@@ -526,16 +529,19 @@ def _backward_weight_kernel(
 
 
 @triton.jit
-def _backward_stats_kernel(dy_ptr, y_ptr, coef_ptr, rstd_ptr, stat_ptr, M, N, NP, K, BIG: tl.constexpr,
-                           BM: tl.constexpr, BN: tl.constexpr):
+def _backward_stats_kernel(dy_ptr, y_ptr, coef_ptr, rstd_ptr, stat_ptr, dys_ptr, M, N, NP, K, SCALE_DY: tl.constexpr,
+                           BIG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """Program (block of BM tokens): the LayerNorm backward's sums over each token's patch, sum_k gamma g xhat
     = dy[t] . (y[t] - W beta - b) and sum_k gamma g = dy[t] . (W gamma) (g = dy @ W), from the forward's y (B*L = M
     rows of N, contiguous) and coef = [W @ gamma, W @ beta + b] (2, NP); stored as grad_x uses them:
-    stat[0, t] = -rstd sum_k gamma g / K, stat[1, t] = rstd^2 sum_k gamma g xhat / K."""
+    stat[0, t] = -rstd sum_k gamma g / K, stat[1, t] = rstd^2 sum_k gamma g xhat / K. With SCALE_DY also
+    dys = rstd * dy in dy's dtype (M x N), grad_x's dot operand: rstd g = dys @ W, so grad_x holds no per-tap tile
+    to scale."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     row_ok = rows < M
     if BIG:
         rows = rows.to(tl.int64)
+    rs = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
     s0 = tl.zeros((BM,), dtype=tl.float32)
     s1 = tl.zeros((BM,), dtype=tl.float32)
     for n0 in range(0, N, BN):
@@ -548,7 +554,9 @@ def _backward_stats_kernel(dy_ptr, y_ptr, coef_ptr, rstd_ptr, stat_ptr, M, N, NP
         cv = tl.load(coef_ptr + NP + n, mask=n_ok, other=0.0)
         s0 += tl.sum(dy * (y - cv[None, :]), axis=1)
         s1 += tl.sum(dy * wg[None, :], axis=1)
-    rs = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        if SCALE_DY:
+            tl.store(dys_ptr + rows[:, None] * N + n[None, :], (dy * rs[:, None]).to(dys_ptr.dtype.element_ty),
+                     mask=m)
     tl.store(stat_ptr + rows, -rs * s1 / K, mask=row_ok)
     tl.store(stat_ptr + M + rows, rs * rs * s0 / K, mask=row_ok)
 
@@ -602,8 +610,8 @@ def _backward_input_kernel(
     M, L, LH, LW, C, H, W, N, NP, QC, QR, NUM_P,
     sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    HAS_NORM: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr,
-    BN: tl.constexpr,
+    HAS_NORM: tl.constexpr, SCALED: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, BP: tl.constexpr,
+    BC: tl.constexpr, BN: tl.constexpr,
 ):
     """Program (pixel block + NUM_P * (image * stride residue), channel block): grad_x of the pixels
     (rh + SH*u, rw + SW*v) of one image, summed over the taps (i, j) = (ti + SH*a, tj + SW*e) that reach them.
@@ -611,8 +619,10 @@ def _backward_input_kernel(
     stat[0] = -rstd * sum_k gamma*g / K and stat[1] = rstd^2 * sum_k gamma*g*xhat / K (``_backward_stats_kernel``), so
     that a tap adds rstd * g + stat[0] - (x - mean) * stat[1]: rstd * g per tap, the rest per pixel once, from the
     taps' sums of stat[1] and of stat[0] + (mean - ref) * stat[1] (ref: the pixel's channel 0, near every mean
-    that covers it, so that the difference keeps its digits when the mean is large against the spread). The
-    geometry is constexpr: the divisions by the stride fold."""
+    that covers it, so that the difference keeps its digits when the mean is large against the spread). With
+    SCALED (or without the norm) every tap's dot accumulates into one tile: dy is rstd * dy there (the statistics
+    kernel writes it; not in fp16, where rstd * dy could pass 65504), else each tap's g is scaled by rstd after
+    its dots. The geometry is constexpr: the divisions by the stride fold."""
     pid_r = _udiv(tl.program_id(0), NUM_P)
     pid_p = tl.program_id(0) - pid_r * NUM_P
     pid_c = tl.program_id(1)
@@ -650,26 +660,24 @@ def _backward_input_kernel(
             tok_ok = p_ok & (oh >= 0) & (oh < LH) & (ow >= 0) & (ow < LW)
             row = b * L + oh * LW + ow
             r = (ti + SH * a) * KW + (tj + SW * e)
-            # with the norm, g = dy @ W of this tap, scaled by the tokens' rstd after the loop; without it the
-            # taps accumulate straight into acc (no second accumulator: half the registers)
-            g = tl.zeros((BP, BC), dtype=tl.float32) if HAS_NORM else acc
-            for n0 in range(0, N, BN):  # rows of tokens outside the image: dy 0, so g 0
+            g = acc if SCALED else tl.zeros((BP, BC), dtype=tl.float32)
+            for n0 in range(0, N, BN):  # rows of tokens outside the image: dy 0
                 n = n0 + tl.arange(0, BN)
                 dyt = tl.load(dy_ptr + row[:, None] * N + n[None, :], mask=tok_ok[:, None] & (n < N)[None, :],
                               other=0.0)
                 wt = tl.load(wt_ptr + (ch * QC + r * QR)[:, None] * NP + n[None, :],
                              mask=c_ok[:, None] & (n < N)[None, :], other=0.0)  # (BC, BN)
                 g = tl.dot(dyt.to(wt.dtype), tl.trans(wt), g, input_precision=PREC)
+            if SCALED:
+                acc = g
+            else:
+                acc += tl.load(rstd_ptr + row, mask=tok_ok, other=0.0)[:, None] * g
             if HAS_NORM:
                 mu = tl.load(mean_ptr + row, mask=tok_ok, other=0.0)
-                rs = tl.load(rstd_ptr + row, mask=tok_ok, other=0.0)
                 s0 = tl.load(stat_ptr + row, mask=tok_ok, other=0.0)
                 s1 = tl.load(stat_ptr + M + row, mask=tok_ok, other=0.0)
-                acc += rs[:, None] * g
                 bsum += s0 + (mu - ref) * s1
                 s1sum += s1
-            else:
-                acc = g
     if HAS_NORM:
         xv = tl.load(xpix[:, None] + ch[None, :] * sxc, mask=pix_ok, other=0.0).to(tl.float32)
         acc += bsum[:, None] - (xv - ref[:, None]) * s1sum[:, None]
@@ -1063,21 +1071,25 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         grad_norm_weight, grad_norm_bias = (t.sum(dim=0) if col_blocks > 1 else t[0] for t in shares)
         if not compute_grad_x:
             return empty((0,), x.dtype, x.device), grad_weight, grad_bias, grad_norm_weight, grad_norm_bias
-        stat = wt
+        stat, dyx = wt, dy  # grad_x's dy operand: rstd * dy with the norm (not in fp16: its range)
+        scaled = not need_stats or dy.dtype != torch.float16
         if need_stats:
             stat = torch.empty((2, M), dtype=torch.float32, device=x.device)
-            _backward_stats_kernel[grids["backward_stats"]](dy, y.contiguous(), coef, rstd, stat, M, N, geo.NP, K,
-                                                             BIG=geo.big, BM=_STATS_BLOCK[0], BN=_STATS_BLOCK[1],
-                                                             num_warps=4)
+            if scaled:
+                dyx = torch.empty_like(dy)
+            _backward_stats_kernel[grids["backward_stats"]](dy, y.contiguous(), coef, rstd, stat, dyx, M, N, geo.NP,
+                                                             K, SCALE_DY=scaled, BIG=geo.big, BM=_STATS_BLOCK[0],
+                                                             BN=_STATS_BLOCK[1], num_warps=4)
         grad_x = empty_like(x)  # x's strides: a token view's channels are contiguous (vector stores)
         sh, sw = geo.s
         bp, bc = geo.dx_block
         qc, qr = (1, geo.CP) if geo.tap_major else (geo.KHW, 1)
         _launch(
             _backward_input_kernel, grids["backward_input"], geo,
-            dy, wt, x, mean if has_norm else wt, rstd if has_norm else wt, stat, grad_x,
+            dyx, wt, x, mean if has_norm else wt, rstd if has_norm else wt, stat, grad_x,
             M, geo.L, geo.LH, geo.LW, C, geo.H, geo.W, N, geo.NP, qc, qr, geo.num_p, *x.stride(), *grad_x.stride(),
-            KH=geo.k[0], KW=geo.k[1], SH=sh, SW=sw, PH=geo.p[0], PW=geo.p[1], HAS_NORM=has_norm, BIG=geo.big,
+            KH=geo.k[0], KW=geo.k[1], SH=sh, SW=sw, PH=geo.p[0], PW=geo.p[1], HAS_NORM=has_norm, SCALED=scaled,
+            BIG=geo.big,
             PREC=geo.prec, BP=bp, BC=bc, BN=64, num_warps=8, num_stages=3,
         )
     return grad_x, grad_weight, grad_bias, grad_norm_weight, grad_norm_bias

@@ -112,6 +112,26 @@ def test_large_mean_keeps_variance_accurate(tokens, poisoned):
     _check_against_reference((3, 2, 1), leaves, torch.float32, tol=1e-3)
 
 
+def test_fp16_large_gradients_on_flat_patches_stay_finite(poisoned):
+    """A flat patch has rstd = 1/sqrt(eps) = 316: times a gradient of 240 that is 76000, past fp16's 65504, though
+    grad_x itself is not. In fp16 grad_x therefore scales each tap's dy @ W by rstd after the dots (bf16 and fp32
+    take rstd * dy as their dot operand)."""
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    tokens = torch.full((1, 49, 16), 0.75, device=DEV)
+    tokens[:, :7] += torch.rand(1, 7, 16, device=DEV, generator=gen)  # image row 0: patches below it are flat
+    x = tokens.half().transpose(1, 2).reshape(1, 16, 7, 7).requires_grad_()
+    w = (0.25 * torch.randn(8, 144, device=DEV, generator=gen) / 12).half().requires_grad_()
+    nw = (1 + 0.2 * torch.randn(144, device=DEV, generator=gen)).requires_grad_()
+    with t2t_fast.backend("triton"):
+        y = t2t_fast.soft_split(x, 3, 2, 1, w, None, nw)
+    dy = (240 + torch.rand(y.shape, device=DEV, generator=gen)).half()
+    y.backward(dy)
+    x64, w64, nw64 = (t.detach().double().requires_grad_() for t in (x, w, nw))
+    reference.soft_split(x64, 3, 2, 1, w64, None, nw64).backward(dy.double())
+    assert torch.isfinite(x.grad).all()
+    _close(x.grad, x64.grad.half(), TOL[torch.float16])
+
+
 def test_operators_without_norm_and_without_grad_x(poisoned):
     x, _, b, _, _ = _inputs(1, 3, 9, 10, 3, 12, False, False, False, True, torch.float32)
     x, b = x.detach(), b.detach()
