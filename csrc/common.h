@@ -70,7 +70,8 @@ PerformerShape check_performer_backward(const at::Tensor& grad_y, const at::Tens
 // soft_split_forward: y (B, L, out) in x's dtype; mean, rstd (B, L) float32, or (0,) without norm.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_split_forward_outputs(const SoftSplitGeometry& g,
                                                                            const at::Tensor& x);
-// soft_split_backward: grad_x (x's shape and strides, as empty_like; or (0,)), grad_weight, grad_bias (out,), norm grads (K,) float32 or (0,).
+// soft_split_backward: grad_x (x's shape and strides, as empty_like; or (0,)), grad_weight, grad_bias (out,),
+// norm grads (K,) float32 or (0,).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_split_backward_outputs(
     const SoftSplitGeometry& g, const at::Tensor& x, const at::Tensor& weight, bool compute_grad_x);
 // performer_forward: y (B, H, T, d) in q's dtype; kv (B, H, m, d), ksum (B, H, m), kmax (B, H), denom (B, H, T).

@@ -1019,8 +1019,9 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
     """grad_y (B, L, out); x, weight, bias, norm_weight, norm_bias as in ``forward``; y, mean, rstd what it
     returned (y is only read with the norm and compute_grad_x, and must be given then).
 
-    Returns grad_x (B, C, H, W) in x.dtype with x's strides (or (0,) when not compute_grad_x), grad_weight (out, K) and
-    grad_bias (out,) in weight.dtype, grad_norm_weight and grad_norm_bias (K,) fp32 ((0,) without norm_weight).
+    Returns grad_x (B, C, H, W) in x.dtype with x's strides (or (0,) when not compute_grad_x), grad_weight
+    (out, K) and grad_bias (out,) in weight.dtype, grad_norm_weight and grad_norm_bias (K,) fp32 ((0,) without
+    norm_weight).
     """
     _refuse(verify(x, kernel_size, stride, padding, weight, None, norm_weight, norm_bias, 0.0))
     geo = _plan(x, kernel_size, stride, padding, weight)
@@ -1089,8 +1090,7 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
             dyx, wt, x, mean if has_norm else wt, rstd if has_norm else wt, stat, grad_x,
             M, geo.L, geo.LH, geo.LW, C, geo.H, geo.W, N, geo.NP, qc, qr, geo.num_p, *x.stride(), *grad_x.stride(),
             KH=geo.k[0], KW=geo.k[1], SH=sh, SW=sw, PH=geo.p[0], PW=geo.p[1], HAS_NORM=has_norm, SCALED=scaled,
-            BIG=geo.big,
-            PREC=geo.prec, BP=bp, BC=bc, BN=64, num_warps=8, num_stages=3,
+            BIG=geo.big, PREC=geo.prec, BP=bp, BC=bc, BN=64, num_warps=8, num_stages=3,
         )
     return grad_x, grad_weight, grad_bias, grad_norm_weight, grad_norm_bias
 
