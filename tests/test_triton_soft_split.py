@@ -233,6 +233,23 @@ def test_verify_names_the_limits():
     assert kernel.verify(x, [3, 3], [2, 2], [1, 1], torch.randn(5, 27, device=DEV), None, None, None, 1e-5) is None
 
 
+@pytest.mark.parametrize("n, cap, expected", [
+    (192, 256, (128, 64, 1)),  # T2T-ViT's token layers: one program covers every column
+    (384, 256, (128, 64, 2)),  # the final soft split: two groups of 192, not one program of 384
+    (384, 192, (128, 64, 2)),  # fp32
+    (300, 192, (128, 32, 2)),
+    (100, 256, (64, 64, 1)),
+    (16, 256, (16, 0, 1)),
+    (4096, 256, (256, 0, 16)),
+])
+def test_column_groups(n, cap, expected):
+    """Output columns in the fewest groups of at most cap, each a program's two power-of-two blocks, and no fewer
+    padded columns than the groups need."""
+    bn0, bn1, groups = kernel._columns(n, cap)
+    assert (bn0, bn1, groups) == expected
+    assert n <= groups * (bn0 + bn1) and bn0 + bn1 <= max(cap, 16)
+
+
 @pytest.mark.parametrize("batch", [64, 256])
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_launch_grids_at_1024px(stage, batch):
