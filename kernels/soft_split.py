@@ -78,6 +78,7 @@ _BKB = 64  # q rows per backward chunk (the wgmma M of dW^T), and the table gran
 _PARTIAL_BYTES = 32 * 2**20  # cap on the weight-gradient partial buffer of the backward
 _CPU_SMS = 4  # the SM count the backward's grids assume off the GPU (the interpreter)
 _STATS_BLOCK = (64, 64)  # tokens x output columns per step of the LayerNorm-sums kernel
+_DX_BN = 64  # output columns per step of the grad_x kernel
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -610,8 +611,8 @@ def _backward_input_kernel(
     M, L, LH, LW, C, H, W, N, NP, QC, QR, NUM_P,
     sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    HAS_NORM: tl.constexpr, SCALED: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, BP: tl.constexpr,
-    BC: tl.constexpr, BN: tl.constexpr,
+    HAS_NORM: tl.constexpr, SCALED: tl.constexpr, EVEN: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr,
+    BP: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr,
 ):
     """Program (pixel block + NUM_P * (image * stride residue), channel block): grad_x of the pixels
     (rh + SH*u, rw + SW*v) of one image, summed over the taps (i, j) = (ti + SH*a, tj + SW*e) that reach them.
@@ -622,7 +623,8 @@ def _backward_input_kernel(
     that covers it, so that the difference keeps its digits when the mean is large against the spread). With
     SCALED (or without the norm) every tap's dot accumulates into one tile: dy is rstd * dy there (the statistics
     kernel writes it; not in fp16, where rstd * dy could pass 65504), else each tap's g is scaled by rstd after
-    its dots. The geometry is constexpr: the divisions by the stride fold."""
+    its dots. The geometry is constexpr: the divisions by the stride fold. EVEN: N a multiple of BN and C of BC
+    (T2T-ViT's shapes), so that dy's and wt's blocks need no column or channel masks."""
     pid_r = _udiv(tl.program_id(0), NUM_P)
     pid_p = tl.program_id(0) - pid_r * NUM_P
     pid_c = tl.program_id(1)
@@ -663,10 +665,14 @@ def _backward_input_kernel(
             g = acc if SCALED else tl.zeros((BP, BC), dtype=tl.float32)
             for n0 in range(0, N, BN):  # rows of tokens outside the image: dy 0
                 n = n0 + tl.arange(0, BN)
-                dyt = tl.load(dy_ptr + row[:, None] * N + n[None, :], mask=tok_ok[:, None] & (n < N)[None, :],
-                              other=0.0)
-                wt = tl.load(wt_ptr + (ch * QC + r * QR)[:, None] * NP + n[None, :],
-                             mask=c_ok[:, None] & (n < N)[None, :], other=0.0)  # (BC, BN)
+                if EVEN:  # every column and channel of the blocks exists: masks per token only
+                    dyt = tl.load(dy_ptr + row[:, None] * N + n[None, :], mask=tok_ok[:, None], other=0.0)
+                    wt = tl.load(wt_ptr + (ch * QC + r * QR)[:, None] * NP + n[None, :])  # (BC, BN)
+                else:
+                    dyt = tl.load(dy_ptr + row[:, None] * N + n[None, :],
+                                  mask=tok_ok[:, None] & (n < N)[None, :], other=0.0)
+                    wt = tl.load(wt_ptr + (ch * QC + r * QR)[:, None] * NP + n[None, :],
+                                 mask=c_ok[:, None] & (n < N)[None, :], other=0.0)  # (BC, BN)
                 g = tl.dot(dyt.to(wt.dtype), tl.trans(wt), g, input_precision=PREC)
             if SCALED:
                 acc = g
@@ -1090,7 +1096,8 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
             dyx, wt, x, mean if has_norm else wt, rstd if has_norm else wt, stat, grad_x,
             M, geo.L, geo.LH, geo.LW, C, geo.H, geo.W, N, geo.NP, qc, qr, geo.num_p, *x.stride(), *grad_x.stride(),
             KH=geo.k[0], KW=geo.k[1], SH=sh, SW=sw, PH=geo.p[0], PW=geo.p[1], HAS_NORM=has_norm, SCALED=scaled,
-            BIG=geo.big, PREC=geo.prec, BP=bp, BC=bc, BN=64, num_warps=8, num_stages=3,
+            EVEN=N % _DX_BN == 0 and C % bc == 0, BIG=geo.big, PREC=geo.prec, BP=bp, BC=bc, BN=_DX_BN, num_warps=8,
+            num_stages=3,
         )
     return grad_x, grad_weight, grad_bias, grad_norm_weight, grad_norm_bias
 

@@ -76,12 +76,15 @@ CASES = [
     (1, 4, 10, 9, 3, 2, 1, 20, True, True, True, True, torch.float16),
     (1, 3, 17, 15, 7, 4, 2, 24, False, True, True, True, torch.bfloat16),
     (2, 32, 8, 7, 3, 2, 1, 70, True, True, True, True, torch.bfloat16),
-    (1, 20, 5, 6, 3, 2, 1, 300, True, True, True, True, torch.float32),  # column groups (fp32: 128 wide)
-    (1, 3, 6, 5, 3, 2, 1, 520, False, False, False, True, torch.bfloat16),  # column groups (256 wide)
+    (1, 20, 5, 6, 3, 2, 1, 300, True, True, True, True, torch.float32),  # column groups (fp32: two of 128 + 32)
+    (1, 3, 6, 5, 3, 2, 1, 520, False, False, False, True, torch.bfloat16),  # column groups (three of 128 + 64)
     (1, 3, 6, 5, 3, 2, 1, 520, False, True, True, True, torch.float32),  # norm gradients in two column blocks
     (1, 4, 5, 70, 3, 1, 1, 8, True, True, True, True, torch.float32),  # grad_x: two pixel blocks across a row
     (2, 32, 6, 7, 3, 2, 1, 48, True, True, True, True, torch.bfloat16),  # 32 + 16 columns, all inside out
     (1, 64, 6, 5, 3, 2, 1, 24, True, True, True, True, torch.bfloat16),  # contiguous gathers, 2 chunks per tap
+    # grad_x's unmasked blocks (columns a multiple of 64, channels of the channel block), with and without the norm
+    (1, 16, 7, 6, 3, 2, 1, 64, True, True, True, True, torch.bfloat16),
+    (1, 16, 6, 6, 3, 2, 1, 128, True, False, False, True, torch.float32),
     # interior tiles with every column a real one: the weight gradient's unmasked dy, mean and rstd loads
     (2, 3, 20, 19, 2, 1, 0, 32, False, True, True, True, torch.float32),
     (2, 3, 20, 19, 2, 1, 0, 48, False, True, False, True, torch.bfloat16),
