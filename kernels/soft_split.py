@@ -336,11 +336,8 @@ def _forward_store(y_ptr, coef_ptr, cvec_ptr, acc, rstd, d, yrow, row_ok, cols, 
             out += tl.load(cvec_ptr + cols).to(tl.float32)[None, :]
         else:
             out += tl.load(cvec_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    if EVEN_N:
-        tl.store(y_ptr + yrow[:, None] * N + cols[None, :], out.to(y_ptr.dtype.element_ty), mask=row_ok[:, None])
-    else:
-        tl.store(y_ptr + yrow[:, None] * N + cols[None, :], out.to(y_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & (cols < N)[None, :])
+    mask = row_ok[:, None] if EVEN_N else row_ok[:, None] & (cols < N)[None, :]
+    tl.store(y_ptr + yrow[:, None] * N + cols[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -665,14 +662,12 @@ def _backward_input_kernel(
             g = acc if SCALED else tl.zeros((BP, BC), dtype=tl.float32)
             for n0 in range(0, N, BN):  # rows of tokens outside the image: dy 0
                 n = n0 + tl.arange(0, BN)
-                if EVEN:  # every column and channel of the blocks exists: masks per token only
-                    dyt = tl.load(dy_ptr + row[:, None] * N + n[None, :], mask=tok_ok[:, None], other=0.0)
-                    wt = tl.load(wt_ptr + (ch * QC + r * QR)[:, None] * NP + n[None, :])  # (BC, BN)
+                dyt = _dy_tile(dy_ptr + row[:, None] * N, n, tok_ok, N, True, EVEN)
+                wrow = wt_ptr + (ch * QC + r * QR)[:, None] * NP + n[None, :]  # (BC, BN)
+                if EVEN:  # every column and channel of the blocks exists
+                    wt = tl.load(wrow)
                 else:
-                    dyt = tl.load(dy_ptr + row[:, None] * N + n[None, :],
-                                  mask=tok_ok[:, None] & (n < N)[None, :], other=0.0)
-                    wt = tl.load(wt_ptr + (ch * QC + r * QR)[:, None] * NP + n[None, :],
-                                 mask=c_ok[:, None] & (n < N)[None, :], other=0.0)  # (BC, BN)
+                    wt = tl.load(wrow, mask=c_ok[:, None] & (n < N)[None, :], other=0.0)
                 g = tl.dot(dyt.to(wt.dtype), tl.trans(wt), g, input_precision=PREC)
             if SCALED:
                 acc = g

@@ -24,14 +24,16 @@ def triton_interpret() -> bool:
 def empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Allocate a kernel output. Under ``poisoned_outputs()`` it is NaN-filled, so an element a kernel
     forgets to write fails the tests' comparisons instead of passing by luck."""
-    t = torch.empty(shape, dtype=dtype, device=device)
-    return t.fill_(float("nan")) if _poison else t
+    return _poisoned(torch.empty(shape, dtype=dtype, device=device))
 
 
 def empty_like(t: torch.Tensor) -> torch.Tensor:
     """``empty`` with t's shape, dtype, device and (as ``torch.empty_like``) strides."""
-    out = torch.empty_like(t)
-    return out.fill_(float("nan")) if _poison else out
+    return _poisoned(torch.empty_like(t))
+
+
+def _poisoned(t: torch.Tensor) -> torch.Tensor:
+    return t.fill_(float("nan")) if _poison else t
 
 
 def _set_extension_poison(on: bool) -> None:
