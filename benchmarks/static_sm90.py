@@ -193,11 +193,16 @@ def _ss_interior(a: Launch) -> int:
 
 
 def _ss_forward(a: Launch) -> list[int]:
-    # program (token tile, column group): if interior: for kc in range(NUM_CHUNKS) (unmasked gathers), else the
-    # same loop with masks (the only one for LINEAR tiles)
+    # program (token tile, column group): for kc in range(NUM_CHUNKS), every gather masked
+    return [a.programs * a["NUM_CHUNKS"]]
+
+
+def _ss_stats(a: Launch) -> list[int]:
+    # program (token tile): if interior: for kc in range(NUM_CHUNKS) (unmasked gathers), else the same loop with
+    # masks (the only one for LINEAR tiles)
     if a["LINEAR"]:
         return [a.programs * a["NUM_CHUNKS"]]
-    inner = a.grid[0] // a["TPI"] * _ss_interior(a) * a.grid[1]
+    inner = a.grid[0] // a["TPI"] * _ss_interior(a)
     return [inner * a["NUM_CHUNKS"], (a.programs - inner) * a["NUM_CHUNKS"]]
 
 
@@ -253,7 +258,7 @@ def _pf_combine(a: Launch) -> list[int]:
 TRIPS: dict[str, Callable[[Launch], list[int]]] = {
     # soft split (kernels/soft_split.py)
     "_prepare_kernel": lambda a: [],
-    "_stats_kernel": _ss_forward,
+    "_stats_kernel": _ss_stats,
     "_forward_kernel": _ss_forward,
     "_backward_weight_kernel": _ss_backward_weight,
     "_backward_finish_kernel": _ss_backward_finish,

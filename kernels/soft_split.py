@@ -15,9 +15,10 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
 - tokens are taken in 2-D tiles (TH token rows x TW token columns of one image, TH*TW = BM). In channel-major
   order a tile whose patches all lie inside the image ("interior") gathers with plain loads and only border
   tiles take the masked path (a scalar branch per tile); the mask of an element is one AND and compare of the
-  token's in-image tap bits with the column's. Tap-major gathers always take the masked path (one tap per
-  chunk: the masks are per token), so there the forward and the statistics take linear tiles instead: BM
-  consecutive tokens of all B*L, across rows and images (no tile cut short at an image's last row).
+  token's in-image tap bits with the column's. The statistics and the weight gradient branch so; the forward
+  masks every tile (a second loop cost more than the masks it saves). Tap-major gathers always take the masked
+  path (one tap per chunk: the masks are per token), so there the forward and the statistics take linear tiles
+  instead: BM consecutive tokens of all B*L, across rows and images (no tile cut short at an image's last row).
 - LayerNorm statistics (with the norm, before the forward; few registers, many blocks per SM): per token the
   sums of ``x - s`` and ``(x - s)^2``, elementwise over the chunks in (q, tokens) tiles and reduced once along
   q. ``s`` is tap (0, 0) of channel 0, an element of the token's own patch (0 when that is padding), so the
@@ -308,14 +309,13 @@ def _stats_kernel(
 
 @triton.jit
 def _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP, NUM_CHUNKS, acc0, acc1,
-                  KW, CPB, sxh, sxw, HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, MASKED: tl.constexpr,
-                  CONTIG: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr,
-                  BK: tl.constexpr):
+                  KW, CPB, sxh, sxw, HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, CONTIG: tl.constexpr,
+                  BIG: tl.constexpr, PREC: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr, BK: tl.constexpr):
     for kc in range(0, NUM_CHUNKS):
         q = kc * BK + tl.arange(0, BK)
         offs, cb = _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG, BIG, BK)
         # with the norm x - s (s as in _stats_kernel): the rounding of the dot operand is relative to the spread
-        a = _gather(x_ptr, xrow, bits, offs, cb, shift, shift, 1 if HAS_NORM else 0, MASKED, False)
+        a = _gather(x_ptr, xrow, bits, offs, cb, shift, shift, 1 if HAS_NORM else 0, True, False)
         wrow = wt_ptr + q[:, None] * NP + col0
         w0t = tl.load(wrow + tl.arange(0, BN0)[None, :])
         acc0 = tl.dot(a.to(w0t.dtype), w0t, acc0, input_precision=PREC)
@@ -353,20 +353,18 @@ def _forward_kernel(
     coef = W @ gamma and rstd, d the tokens' statistics (``_stats_kernel``); cvec is added (W @ beta + b with
     the norm, else the bias); coef and cvec are NP long."""
     BM: tl.constexpr = TH * TW
-    row_ok, s_ok, xrow, yrow, bits, interior = _tile(tl.program_id(0), TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH,
-                                                 SW, PH, PW, sxb, sxh, sxw, BIG, LINEAR, TH, TW)
+    row_ok, s_ok, xrow, yrow, bits, _ = _tile(tl.program_id(0), TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH,
+                                              PW, sxb, sxh, sxw, BIG, LINEAR, TH, TW)
     col0 = tl.program_id(1) * (BN0 + BN1 * HAS_N1)
     acc0 = tl.zeros((BM, BN0), dtype=tl.float32)
     acc1 = tl.zeros((BM, BN1), dtype=tl.float32)
     shift = tl.zeros((BM,), dtype=tl.float32)
     if HAS_NORM:
         shift = tl.load(x_ptr + xrow, mask=s_ok, other=0.0).to(tl.float32)
-    if interior:  # never with LINEAR (tap-major order: a chunk is one tap, its masks per token): one path
-        acc0, acc1 = _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP, NUM_CHUNKS, acc0,
-                                   acc1, KW, CPB, sxh, sxw, HAS_NORM, HAS_N1, False, CONTIG, BIG, PREC, BN0, BN1, BK)
-    else:
-        acc0, acc1 = _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP, NUM_CHUNKS, acc0,
-                                   acc1, KW, CPB, sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, BIG, PREC, BN0, BN1, BK)
+    # every tile masked, interior ones too: a second, unmasked loop costs more than its masks save (its copy of the
+    # accumulators' zeroing and of the pipeline's prologue; static model, stage 1 on triton 3.6: 82 -> 69 us)
+    acc0, acc1 = _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP, NUM_CHUNKS, acc0, acc1,
+                               KW, CPB, sxh, sxw, HAS_NORM, HAS_N1, CONTIG, BIG, PREC, BN0, BN1, BK)
     rstd = shift
     d = shift
     if HAS_NORM:

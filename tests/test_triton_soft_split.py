@@ -274,14 +274,15 @@ def test_launch_grids_at_1024px(stage, batch):
 
 
 def test_interior_and_border_tiles_both_run(poisoned):
-    """Interior tiles (unmasked gathers) next to border ones; and the same image in tap-major order (there the
-    forward takes linear tiles, every gather masked, and the weight gradient 2-D tiles of both kinds), with the
-    table's gathers (fp32) and with contiguous ones (bf16)."""
+    """Interior tiles (the statistics' and the weight gradient's unmasked gathers) next to border ones; and the
+    same image in tap-major order (there the forward and the statistics take linear tiles, every gather masked,
+    and the weight gradient 2-D tiles of both kinds), with the table's gathers (fp32) and with contiguous ones
+    (bf16)."""
     for tokens, C, dtype, H, W in ((False, 3, torch.float32, 24, 26), (True, 16, torch.float32, 26, 24),
                                    (True, 16, torch.bfloat16, 24, 24)):
         leaves = _inputs(1, C, H, W, 3, 20, tokens, True, True, True, dtype)
         geo = kernel._plan(leaves[0], [3, 3], [1, 1], [1, 1], leaves[1])
-        tile = geo.bwd_tile if tokens else geo.fwd_tile
+        tile = geo.bwd_tile if tokens else geo.stats_tile
         assert geo.fwd_tile[0] == 1 if tokens else geo.fwd_tile[0] > 1
         inside = kernel._inside(tile[0], geo.LH, H, 3, 1, 1) * kernel._inside(tile[1], geo.LW, W, 3, 1, 1)
         assert 0 < inside < geo.num_tiles(tile)
