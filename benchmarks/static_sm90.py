@@ -89,7 +89,8 @@ Adding or changing a kernel
 3. New cases: ``SOFT_SPLIT_CASES`` / ``PERFORMER_CASES``.
 4. ``--sass DIR`` writes every launch's SASS, to see the loops the tool finds. A loop that ptxas unrolls by
    itself (a short body with a runtime trip count) shows up as two loops, the unrolled one and a remainder
-   (see ``_pf_combine``).
+   (see ``_pf_combine``). Where ptxas versions differ in that (triton 3.6 and 3.9 bundle different ones), the
+   entry returns one list per loop count, ``{loops: [trips, ...]}``, and the SASS picks.
 Kernels must launch through ``kernel[grid](...)`` (no autotuner: it would try to time them).
 """
 from __future__ import annotations
@@ -181,6 +182,10 @@ class Launch:
 # Trip counts: kernel name -> launch -> executions of each SASS loop (address order, outer before inner),
 # summed over all programs. Mirror each kernel's `for` loops at its launch arguments.
 # ----------------------------------------------------------------------------------------------------------
+Trips = "list[int] | dict[int, list[int]]"  # one count per loop; or, where ptxas versions unroll a loop differently,
+# one such list per number of loops the SASS can have
+
+
 def _ss_interior(a: Launch) -> int:
     """Token tiles of the launch whose patches all lie inside the image (the unmasked path), as ``_tile``."""
     th, tw, sh, sw, ph, pw = a["TH"], a["TW"], a["SH"], a["SW"], a["PH"], a["PW"]
@@ -247,15 +252,18 @@ def _pf_tiles(a: Launch) -> list[int]:
     return [a.programs // nc * per_bh]
 
 
-def _pf_combine(a: Launch) -> list[int]:
+def _pf_combine(a: Launch) -> Trips:
     # SHIFTED: for c in range(1, n_chunks) (max), then for c in range(n_chunks) (sum); else the sum loop only.
     # ptxas unrolls the sum loop 4x: a 4x loop, a 2x block (outside loops, counted once), a 1x remainder loop
-    # (counted n_chunks % 4 times, an upper bound).
+    # (counted n_chunks % 4 times, an upper bound). triton 3.6's ptxas unrolls the max loop the same way.
     nc, p = a["n_chunks"], a.programs
-    return ([p * (nc - 1)] if a["SHIFTED"] else []) + [p * (nc // 4), p * (nc % 4)]
+    total = [p * (nc // 4), p * (nc % 4)]
+    if not a["SHIFTED"]:
+        return total
+    return {3: [p * (nc - 1)] + total, 4: [p * ((nc - 1) // 4), p * ((nc - 1) % 4)] + total}
 
 
-TRIPS: dict[str, Callable[[Launch], list[int]]] = {
+TRIPS: dict[str, Callable[[Launch], Trips]] = {
     # soft split (kernels/soft_split.py)
     "_prepare_kernel": lambda a: [],
     "_stats_kernel": _ss_stats,
@@ -944,6 +952,8 @@ def launch_row(a: Launch) -> dict:
     regs, sass = _cubin_facts(a.cubin)
     outside, loops = analyze_sass(parse_sass(sass))
     trips = TRIPS[a.kernel](a)
+    if isinstance(trips, dict):
+        trips = trips.get(len(loops), [])
     if len(trips) != len(loops):
         spans = ", ".join(f"{lp.start:#x}-{lp.end:#x}" for lp in loops)
         raise ValueError(f"static_sm90: {a.kernel}: TRIPS gives {len(trips)} loop(s), its SASS has {len(loops)} "
