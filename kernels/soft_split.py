@@ -27,9 +27,10 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
 - forward: an implicit GEMM. A program owns one token tile and up to 256 output columns (192 in fp32) in two
   accumulators of BN0 + BN1 columns, so at T2T-ViT's 192 columns each patch is gathered once; wider outputs
   take equal column groups on grid axis 1 (384: two of 192, which hold two blocks per SM where one program of
-  384 held one). It accumulates ``(x - s) @ (gamma * W)^T``; epilogue
-  ``y = rstd * (acc - d * (W @ gamma)) + W @ beta + b``. With the statistics out of its loop it holds no
-  elementwise sums: 8 warps and two blocks per SM at stage 1 (was 4 warps, the sums in its loop).
+  384 held one). It accumulates ``x @ (gamma * W)^T`` (fp32: ``(x - s) @ ...``, see ``_forward_kernel``);
+  epilogue ``y = rstd * (acc - mean * (W @ gamma)) + W @ beta + b`` (fp32: d = mean - s for the mean). With
+  the statistics out of its loop it holds no elementwise sums: 8 warps and two blocks per SM at stage 1 (was
+  4 warps, the sums in its loop).
 - backward, weights (program = (token group, chunk of q rows, column group)): ``D = dy^T @ xhat`` (x itself
   without the norm) for its chunk and the group's output columns over its tiles; the interior tiles in one loop
   (unmasked) and the border ones in another, so no loop body holds both paths. Then, with D stored, each program
@@ -288,7 +289,7 @@ def _stats_kernel(
     """Program (token tile): the LayerNorm's mean and rstd of each token's patch, from the sums of x - s and
     (x - s)^2 (s: tap (0, 0) of channel 0, an element of the patch, so the variance keeps its precision when the
     mean is large against the spread), elementwise over the chunks and reduced once; also d = mean - s, for the
-    forward (mean - s from the rounded mean would lose the digits s saved)."""
+    fp32 forward (mean - s from the rounded mean would lose the digits s saved)."""
     row_ok, s_ok, xrow, yrow, bits, interior = _tile(tl.program_id(0), TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH,
                                                  SW, PH, PW, sxb, sxh, sxw, BIG, LINEAR, TH, TW)
     shift = tl.load(x_ptr + xrow, mask=s_ok, other=0.0).to(tl.float32)
@@ -309,13 +310,13 @@ def _stats_kernel(
 
 @triton.jit
 def _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP, NUM_CHUNKS, acc0, acc1,
-                  KW, CPB, sxh, sxw, HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, CONTIG: tl.constexpr,
+                  KW, CPB, sxh, sxw, SUB: tl.constexpr, HAS_N1: tl.constexpr, CONTIG: tl.constexpr,
                   BIG: tl.constexpr, PREC: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr, BK: tl.constexpr):
     for kc in range(0, NUM_CHUNKS):
         q = kc * BK + tl.arange(0, BK)
         offs, cb = _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG, BIG, BK)
-        # with the norm x - s (s as in _stats_kernel): the rounding of the dot operand is relative to the spread
-        a = _gather(x_ptr, xrow, bits, offs, cb, shift, shift, 1 if HAS_NORM else 0, True, False)
+        # SUB: x - s (s as in _stats_kernel), see _forward_kernel
+        a = _gather(x_ptr, xrow, bits, offs, cb, shift, shift, 1 if SUB else 0, True, False)
         wrow = wt_ptr + q[:, None] * NP + col0
         w0t = tl.load(wrow + tl.arange(0, BN0)[None, :])
         acc0 = tl.dot(a.to(w0t.dtype), w0t, acc0, input_precision=PREC)
@@ -345,13 +346,22 @@ def _forward_kernel(
     x_ptr, wt_ptr, coef_ptr, cvec_ptr, koff_ptr, bits_ptr, y_ptr, rstd_ptr, d_ptr,
     TPI, TILES_W, M, L, LH, LW, H, W, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, N, NP, NUM_CHUNKS, CPB: tl.constexpr, sxb, sxh, sxw,
-    HAS_NORM: tl.constexpr, HAS_CVEC: tl.constexpr, HAS_N1: tl.constexpr, LINEAR: tl.constexpr,
-    CONTIG: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, EVEN_N: tl.constexpr, TH: tl.constexpr,
-    TW: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr, BK: tl.constexpr,
+    HAS_NORM: tl.constexpr, SHIFTED: tl.constexpr, HAS_CVEC: tl.constexpr, HAS_N1: tl.constexpr,
+    LINEAR: tl.constexpr, CONTIG: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, EVEN_N: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr, BK: tl.constexpr,
 ):
     """Program (token tile, column group of BN0 + BN1): y of the tile. With HAS_NORM wt holds (gamma*W)^T,
-    coef = W @ gamma and rstd, d the tokens' statistics (``_stats_kernel``); cvec is added (W @ beta + b with
-    the norm, else the bias); coef and cvec are NP long."""
+    coef = W @ gamma and rstd the tokens' statistics (``_stats_kernel``), and the dots take x - s when SHIFTED
+    (d_ptr then holds d = mean - s), else x itself (d_ptr holds the mean); cvec is added (W @ beta + b with the
+    norm, else the bias); coef and cvec are NP long.
+
+    SHIFTED is for fp32 inputs, whose 3xTF32 products keep their accuracy only while acc - d * coef does not
+    cancel (test_large_mean_keeps_variance_accurate: mean 1e4 spreads). 16-bit operands take x itself: exact
+    where x - s rounds to the operand dtype, and no subtract between the operand's load and the MMA (stage 2's
+    loop: 215 -> 137 instructions per warp). Emulated at stage 1 (bf16, fp32 accumulation), the forward's error
+    against float64 goes from 5e-3 of the output's scale to 2e-7 at mean 0, and is 4e-5 at mean 300 spreads;
+    the fp32 cancellation in acc - mean * coef costs more only for patches whose values lie far from 0 against
+    their spread (1e-2 at mean 1000 with spread 1, below bf16's resolution there)."""
     BM: tl.constexpr = TH * TW
     row_ok, s_ok, xrow, yrow, bits, _ = _tile(tl.program_id(0), TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH,
                                               PW, sxb, sxh, sxw, BIG, LINEAR, TH, TW)
@@ -359,12 +369,12 @@ def _forward_kernel(
     acc0 = tl.zeros((BM, BN0), dtype=tl.float32)
     acc1 = tl.zeros((BM, BN1), dtype=tl.float32)
     shift = tl.zeros((BM,), dtype=tl.float32)
-    if HAS_NORM:
+    if HAS_NORM and SHIFTED:
         shift = tl.load(x_ptr + xrow, mask=s_ok, other=0.0).to(tl.float32)
     # every tile masked, interior ones too: a second, unmasked loop costs more than its masks save (its copy of the
     # accumulators' zeroing and of the pipeline's prologue; static model, stage 1 on triton 3.6: 82 -> 69 us)
     acc0, acc1 = _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP, NUM_CHUNKS, acc0, acc1,
-                               KW, CPB, sxh, sxw, HAS_NORM, HAS_N1, CONTIG, BIG, PREC, BN0, BN1, BK)
+                               KW, CPB, sxh, sxw, HAS_NORM and SHIFTED, HAS_N1, CONTIG, BIG, PREC, BN0, BN1, BK)
     rstd = shift
     d = shift
     if HAS_NORM:
@@ -801,6 +811,7 @@ class _Geometry:
         # tap-major order when channels are x's densest axis (token tensors viewed as images)
         self.tap_major = self.C >= 16 and strides[1] < min(strides[2], strides[3])
         self.half = dtype != torch.float32  # 16-bit inputs: the larger tiles (also under the interpreter)
+        self.shifted = not self.half  # the forward's dots take x - s (fp32), else x (see _forward_kernel)
         # fp32 takes half the q rows per backward chunk: its 3xTF32 operands would spill and overflow shared memory
         chunk = _BKB if self.half else _BKB // 2
         if self.tap_major:
@@ -1001,10 +1012,11 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
         th, tw = geo.fwd_tile
         _launch(
             _forward_kernel, geo.grids(1)["forward"], geo,
-            x, wt, coef if has_norm else wt, cvec if cvec is not None else wt, *table, y, rstd, d,
+            x, wt, coef if has_norm else wt, cvec if cvec is not None else wt, *table, y, rstd,
+            d if geo.shifted else mean,
             *geo.tile_args(geo.fwd_tile), geo.M, *geo.image_args(), geo.N, geo.NP, geo.fwd_chunks,
             max(1, geo.CP // geo.fwd_bk), x.stride(0), x.stride(2), x.stride(3),
-            HAS_NORM=has_norm, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, LINEAR=geo.tap_major,
+            HAS_NORM=has_norm, SHIFTED=geo.shifted, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, LINEAR=geo.tap_major,
             CONTIG=geo.contig, BIG=geo.big, PREC=geo.prec, EVEN_N=geo.NP == geo.N, TH=th, TW=tw, BN0=geo.BN0,
             BN1=max(geo.BN1, 16), BK=geo.fwd_bk, num_warps=geo.fwd_warps, num_stages=geo.fwd_stages,
         )

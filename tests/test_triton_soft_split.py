@@ -115,6 +115,14 @@ def test_large_mean_keeps_variance_accurate(tokens, poisoned):
     _check_against_reference((3, 2, 1), leaves, torch.float32, tol=1e-3)
 
 
+@pytest.mark.parametrize("tokens", [False, True])
+def test_16bit_forward_far_from_zero(tokens, poisoned):
+    """bf16 x = 100 + noise: the 16-bit forward's dots take x itself and subtract mean * (W @ gamma) after them."""
+    leaves = _inputs(2, 16, 9, 11, 3, 16, tokens, True, True, True, torch.bfloat16, mean=100.0, spread=1.0)
+    assert not kernel._plan(leaves[0], [3, 3], [2, 2], [1, 1], leaves[1]).shifted
+    _check_against_reference((3, 2, 1), leaves, torch.bfloat16)
+
+
 def test_fp16_large_gradients_on_flat_patches_stay_finite(poisoned):
     """A flat patch has rstd = 1/sqrt(eps) = 316: times a gradient of 240 that is 76000, past fp16's 65504, though
     grad_x itself is not. In fp16 grad_x therefore scales each tap's dy @ W by rstd after the dots (bf16 and fp32
