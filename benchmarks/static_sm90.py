@@ -439,7 +439,8 @@ def _access_bytes(op: str) -> int:
 def _mma_work(op: str) -> tuple[str, float]:
     """(type, FLOPs) of one executed MMA warp-instruction; a warpgroup MMA's work is split over its 4 warps."""
     parts = op.split(".")
-    kind = next((_MMA_TYPES[p] for p in parts[1:] if p in _MMA_TYPES), None)
+    # fp16 operands carry no type suffix (HGMMA.64x64x16.F32, HMMA.16816.F32: the accumulator's type only)
+    kind = next((_MMA_TYPES[p] for p in parts[2:] if p in _MMA_TYPES), None) if len(parts) > 3 else "f16"
     if parts[0] == "HMMA" and parts[1] in _HMMA_SHAPES and kind:
         m, n, k = _HMMA_SHAPES[parts[1]]
         return kind, 2.0 * m * n * k

@@ -850,6 +850,12 @@ class _Geometry:
             self.fwd_bk = self.bk
         # software-pipelining depth of the forward loop (2 in the backward); wide outputs take 2 (shared memory)
         self.fwd_stages = 3 if narrow else 2
+        # 16-bit channel-major (stage 1), at most 192 columns: 16-row chunks two deep under an 80-register cap, three
+        # blocks of 8 warps per SM with no spills (uncapped: 106-116 registers, two blocks; capped with 32-row chunks
+        # or three stages: spills); the tap-major forwards' shared memory holds two blocks anyway
+        self.fwd_maxnreg = None
+        if self.half and not self.tap_major and self.BN0 + self.BN1 <= 192:
+            self.fwd_bk, self.fwd_stages, self.fwd_maxnreg = 16, 2, 80
         self.bwd_tile = self.tiles(64)
         # the weight kernel's tile arguments: TILES_H, TILES_W, the interior tiles' rows R0..R1-1 and columns
         # C0..C1-1 of an image, and the interior and border tiles of all images
@@ -1019,6 +1025,7 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
             HAS_NORM=has_norm, SHIFTED=geo.shifted, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, LINEAR=geo.tap_major,
             CONTIG=geo.contig, BIG=geo.big, PREC=geo.prec, EVEN_N=geo.NP == geo.N, TH=th, TW=tw, BN0=geo.BN0,
             BN1=max(geo.BN1, 16), BK=geo.fwd_bk, num_warps=geo.fwd_warps, num_stages=geo.fwd_stages,
+            maxnreg=geo.fwd_maxnreg,
         )
     return y, mean, rstd
 

@@ -240,6 +240,8 @@ def test_analyze_sass_takes_one_side_of_each_branch():
 
 def test_mma_and_access_widths():
     assert sm._mma_work("HGMMA.64x32x16.F32.BF16") == ("bf16", 2 * 64 * 32 * 16 / 4)
+    assert sm._mma_work("HGMMA.64x64x16.F32") == ("f16", 2 * 64 * 64 * 16 / 4)  # fp16: no type suffix
+    assert sm._mma_work("HMMA.16816.F32") == ("f16", 2 * 16 * 8 * 16)
     assert sm._mma_work("HMMA.1688.F32.TF32") == ("tf32", 2 * 16 * 8 * 8)
     with pytest.raises(ValueError, match="not modelled"):
         sm._mma_work("HMMA.NEW.F32")
