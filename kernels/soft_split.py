@@ -850,12 +850,15 @@ class _Geometry:
             self.fwd_bk = self.bk
         # software-pipelining depth of the forward loop (2 in the backward); wide outputs take 2 (shared memory)
         self.fwd_stages = 3 if narrow else 2
-        # 16-bit channel-major (stage 1), at most 192 columns: 16-row chunks two deep under an 80-register cap, three
-        # blocks of 8 warps per SM with no spills (uncapped: 106-116 registers, two blocks; capped with 32-row chunks
-        # or three stages: spills); the tap-major forwards' shared memory holds two blocks anyway
+        # 16-bit inputs, at most 192 columns (48 accumulator registers a thread): two stages deep under an
+        # 80-register cap, three blocks of 8 warps per SM (uncapped: 103-116 registers, two blocks; tap-major three
+        # stages deep: 96 KB of shared memory, two blocks). Channel-major chunks take 16 rows (32 spill at 80).
+        # Spills: none with triton 3.6; 3.9 keeps one register pair in local memory around the tap-major epilogue.
         self.fwd_maxnreg = None
-        if self.half and not self.tap_major and self.BN0 + self.BN1 <= 192:
-            self.fwd_bk, self.fwd_stages, self.fwd_maxnreg = 16, 2, 80
+        if self.half and self.BN0 + self.BN1 <= 192:
+            self.fwd_stages, self.fwd_maxnreg = 2, 80
+            if not self.tap_major:
+                self.fwd_bk = 16
         self.bwd_tile = self.tiles(64)
         # the weight kernel's tile arguments: TILES_H, TILES_W, the interior tiles' rows R0..R1-1 and columns
         # C0..C1-1 of an image, and the interior and border tiles of all images
