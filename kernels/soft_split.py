@@ -29,8 +29,8 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
   take equal column groups on grid axis 1 (384: two of 192, which hold two blocks per SM where one program of
   384 held one). It accumulates ``x @ (gamma * W)^T`` (fp32: ``(x - s) @ ...``, see ``_forward_kernel``);
   epilogue ``y = rstd * (acc - mean * (W @ gamma)) + W @ beta + b`` (fp32: d = mean - s for the mean). With
-  the statistics out of its loop it holds no elementwise sums: 8 warps and two blocks per SM at stage 1 (was
-  4 warps, the sums in its loop).
+  the statistics out of its loop it holds no elementwise sums: 8 warps, and in 16-bit at most 192 columns
+  under an 80-register cap, three blocks per SM (``_Geometry``).
 - backward, weights (program = (token group, chunk of q rows, column group)): ``D = dy^T @ xhat`` (x itself
   without the norm) for its chunk and the group's output columns over its tiles; the interior tiles in one loop
   (unmasked) and the border ones in another, so no loop body holds both paths. Then, with D stored, each program
