@@ -182,8 +182,9 @@ class Launch:
 # Trip counts: kernel name -> launch -> executions of each SASS loop (address order, outer before inner),
 # summed over all programs. Mirror each kernel's `for` loops at its launch arguments.
 # ----------------------------------------------------------------------------------------------------------
-Trips = "list[int] | dict[int, list[int]]"  # one count per loop; or, where ptxas versions unroll a loop differently,
-# one such list per number of loops the SASS can have
+# one count per loop; or, where ptxas versions unroll a loop differently, one such list per number of loops the SASS
+# can have
+Trips = list[int] | dict[int, list[int]]
 
 
 def _ss_interior(a: Launch) -> int:
