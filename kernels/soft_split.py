@@ -834,31 +834,28 @@ class _Geometry:
         self.prec = "tf32x3" if self.dot_dtype == torch.float32 and not interpret else "tf32"
         big = max(_extent(shape, strides), self.M * max(self.NP, self.KP), self.B * self.C * self.H * self.W)
         self.big = big > _INT32 // 2  # int64 offsets (with margin for padding and partial-buffer rows)
-        # forward, 8 warps: 64 tokens per program, two programs per SM at stages 1 and 2 (128 tokens held 203
-        # registers at stage 2: one)
-        narrow = self.BN0 + self.BN1 <= 256 and self.half
+        # forward, 8 warps: 64 tokens per program (128 tokens held 203 registers at stage 2: one block per SM)
         self.fwd_bm = 64
         self.fwd_warps = 8
         # tap-major (every gather masked: no interior tiles to find) takes fwd_bm consecutive tokens of all B*L
         # (linear tiles): no program cut short at an image's last row (at stage 2, 784 programs, not 896)
         self.fwd_tile = self.token_tile(self.fwd_bm)
         self.stats_tile = self.token_tile(64)  # the LayerNorm statistics' tiles
-        # q rows per forward chunk: 16-bit tap-major inputs gather a whole tap (up to 64 channels) per chunk, others
-        # 32 (16 in fp32: the 3xTF32 operands' registers)
-        self.fwd_bk = min(self.bk, 32 if self.half else 16)
-        if self.tap_major and self.half:
-            self.fwd_bk = self.bk
-        # software-pipelining depth of the forward loop (2 in the backward); wide outputs take 2 (shared memory)
-        self.fwd_stages = 3 if narrow else 2
         # 16-bit inputs, at most 192 columns (48 accumulator registers a thread): two stages deep under an
         # 80-register cap, three blocks of 8 warps per SM (uncapped: 103-116 registers, two blocks; tap-major three
-        # stages deep: 96 KB of shared memory, two blocks). Channel-major chunks take 16 rows (32 spill at 80).
-        # Spills: none with triton 3.6; 3.9 keeps one register pair in local memory around the tap-major epilogue.
-        self.fwd_maxnreg = None
-        if self.half and self.BN0 + self.BN1 <= 192:
-            self.fwd_stages, self.fwd_maxnreg = 2, 80
-            if not self.tap_major:
-                self.fwd_bk = 16
+        # stages deep: 96 KB of shared memory, two blocks). Spills: none with triton 3.6; 3.9 keeps one register
+        # pair in local memory around the tap-major epilogue.
+        capped = self.half and self.BN0 + self.BN1 <= 192
+        self.fwd_maxnreg = 80 if capped else None
+        # q rows per forward chunk: 16-bit tap-major inputs gather a whole tap (up to 64 channels); others 16 when
+        # capped (32 spill at 80) or in fp32 (the 3xTF32 operands' registers), else 32
+        if self.tap_major and self.half:
+            self.fwd_bk = self.bk
+        else:
+            self.fwd_bk = min(self.bk, 16 if capped or not self.half else 32)
+        # software-pipelining depth of the forward loop (2 in the backward): 3 only for uncapped 16-bit outputs up
+        # to 256 columns; wider ones take 2 (shared memory)
+        self.fwd_stages = 3 if self.half and not capped and self.BN0 + self.BN1 <= 256 else 2
         self.bwd_tile = self.tiles(64)
         # the weight kernel's tile arguments: TILES_H, TILES_W, the interior tiles' rows R0..R1-1 and columns
         # C0..C1-1 of an image, and the interior and border tiles of all images
