@@ -23,7 +23,8 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
   sums of ``x - s`` and ``(x - s)^2``, elementwise over the chunks in (q, tokens) tiles and reduced once along
   q. ``s`` is tap (0, 0) of channel 0, an element of the token's own patch (0 when that is padding), so the
   variance keeps its precision when the mean is large against the spread, and q-padding (whose table offset is
-  0) gathers exactly ``s``. Writes mean, rstd and ``d = mean - s``.
+  0) gathers exactly ``s``. Writes mean, rstd and ``d = mean - s``. Channel-major images with even offsets along
+  W (stage 1) take (tokens, taps) tiles of one tap row instead, two taps per load, without the table.
 - forward: an implicit GEMM. A program owns one token tile and up to 256 output columns (192 in fp32) in two
   accumulators of BN0 + BN1 columns, so at T2T-ViT's 192 columns each patch is gathered once; wider outputs
   take equal column groups on grid axis 1 (384: two of 192, which hold two blocks per SM where one program of
@@ -279,30 +280,69 @@ def _stats_loop(x_ptr, koff_ptr, bits_ptr, xrow, bits, shift, NUM_CHUNKS, s1, s2
 
 
 @triton.jit
+def _stats_rows(x_ptr, xrow, bits, shift, C, s1, s2, sxc, sxh, KH: tl.constexpr, KW: tl.constexpr,
+                MASKED: tl.constexpr, NJ: tl.constexpr):
+    # (tokens, NJ) tiles, one tap row (channel c, tap row i) each: a token's KW taps are contiguous in x and read two
+    # at a time (x's offsets are even, see _Geometry.stats_rows); the masks are per pair, from its first tap's bit.
+    # Columns KW..NJ-1 gather whatever lies there (in bounds) and are dropped after the loop.
+    j = tl.arange(0, NJ)
+    cb = 1 << (16 + (j // 2) * 2)
+    ptrs = x_ptr + tl.multiple_of(xrow, 2)[:, None] + j[None, :]
+    for c in range(C):
+        for i in tl.static_range(KH):
+            p = ptrs + (c * sxc + i * sxh)
+            if MASKED:
+                a = tl.load(p, mask=(bits[:, None] & (cb | (1 << i))[None, :]) == (cb | (1 << i))[None, :],
+                            other=0.0)
+            elif NJ > KW + KW % 2:  # whole pairs past the patch's last tap could pass the end of x
+                a = tl.load(p, mask=(j < KW + KW % 2)[None, :], other=0.0)
+            else:
+                a = tl.load(p)
+            a = a.to(tl.float32) - shift[:, None]
+            s1 += a
+            s2 += a * a
+    return s1, s2
+
+
+@triton.jit
 def _stats_kernel(
     x_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, d_ptr,
     TPI, TILES_W, M, L, LH, LW, H, W, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PH: tl.constexpr, PW: tl.constexpr, K, NUM_CHUNKS, CPB: tl.constexpr, sxb, sxh, sxw, eps,
-    CONTIG: tl.constexpr, BIG: tl.constexpr, LINEAR: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-    BK: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, K, NUM_CHUNKS, CPB: tl.constexpr, sxb, sxc, sxh, sxw, eps,
+    CONTIG: tl.constexpr, BIG: tl.constexpr, LINEAR: tl.constexpr, ROWS: tl.constexpr, NJ: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BK: tl.constexpr,
 ):
     """Program (token tile): the LayerNorm's mean and rstd of each token's patch, from the sums of x - s and
     (x - s)^2 (s: tap (0, 0) of channel 0, an element of the patch, so the variance keeps its precision when the
     mean is large against the spread), elementwise over the chunks and reduced once; also d = mean - s, for the
-    fp32 forward (mean - s from the rounded mean would lose the digits s saved)."""
+    fp32 forward (mean - s from the rounded mean would lose the digits s saved). Chunks: NUM_CHUNKS of BK table
+    rows, or with ROWS the taps of NUM_CHUNKS = C channels, one tap row (KW taps padded to NJ) after another."""
     row_ok, s_ok, xrow, yrow, bits, interior = _tile(tl.program_id(0), TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH,
                                                  SW, PH, PW, sxb, sxh, sxw, BIG, LINEAR, TH, TW)
     shift = tl.load(x_ptr + xrow, mask=s_ok, other=0.0).to(tl.float32)
-    s1 = tl.zeros((BK, TH * TW), dtype=tl.float32)
-    s2 = tl.zeros((BK, TH * TW), dtype=tl.float32)
-    if interior:
-        s1, s2 = _stats_loop(x_ptr, koff_ptr, bits_ptr, xrow, bits, shift, NUM_CHUNKS, s1, s2, KW, CPB, sxh, sxw,
-                             False, CONTIG, BIG, BK)
+    if ROWS:
+        s1 = tl.zeros((TH * TW, NJ), dtype=tl.float32)
+        s2 = tl.zeros((TH * TW, NJ), dtype=tl.float32)
+        if interior:
+            s1, s2 = _stats_rows(x_ptr, xrow, bits, shift, NUM_CHUNKS, s1, s2, sxc, sxh, KH, KW, False, NJ)
+        else:
+            s1, s2 = _stats_rows(x_ptr, xrow, bits, shift, NUM_CHUNKS, s1, s2, sxc, sxh, KH, KW, True, NJ)
+        tap = (tl.arange(0, NJ) < KW)[None, :]
+        t1 = tl.sum(tl.where(tap, s1, 0.0), axis=1)
+        t2 = tl.sum(tl.where(tap, s2, 0.0), axis=1)
     else:
-        s1, s2 = _stats_loop(x_ptr, koff_ptr, bits_ptr, xrow, bits, shift, NUM_CHUNKS, s1, s2, KW, CPB, sxh, sxw,
-                             True, CONTIG, BIG, BK)
-    d = tl.sum(s1, axis=0) / K
-    rstd = tl.rsqrt(tl.maximum(tl.sum(s2, axis=0) / K - d * d, 0.0) + eps)
+        s1 = tl.zeros((BK, TH * TW), dtype=tl.float32)
+        s2 = tl.zeros((BK, TH * TW), dtype=tl.float32)
+        if interior:
+            s1, s2 = _stats_loop(x_ptr, koff_ptr, bits_ptr, xrow, bits, shift, NUM_CHUNKS, s1, s2, KW, CPB, sxh,
+                                 sxw, False, CONTIG, BIG, BK)
+        else:
+            s1, s2 = _stats_loop(x_ptr, koff_ptr, bits_ptr, xrow, bits, shift, NUM_CHUNKS, s1, s2, KW, CPB, sxh,
+                                 sxw, True, CONTIG, BIG, BK)
+        t1 = tl.sum(s1, axis=0)
+        t2 = tl.sum(s2, axis=0)
+    d = t1 / K
+    rstd = tl.rsqrt(tl.maximum(t2 / K - d * d, 0.0) + eps)
     tl.store(mean_ptr + yrow, shift + d, mask=row_ok)
     tl.store(rstd_ptr + yrow, rstd, mask=row_ok)
     tl.store(d_ptr + yrow, d, mask=row_ok)
@@ -872,7 +912,15 @@ class _Geometry:
         # the statistics kernel's chunks: at most 32 channels of a tap in tap-major order, else 16 rows (few
         # registers: many blocks per SM, with triton 3.6 as with 3.9)
         self.stats_bk = min(self.fwd_bk, 32) if self.tap_major else 16
-        self.stats_chunks = self.KP // self.stats_bk if self.tap_major else cdiv(self.K, 16)
+        # channel-major images whose taps along W are x's unit-stride axis and whose offsets are all even (as a
+        # contiguous 224 or 384 px image at T2T-ViT's stage 1): the statistics read each token's tap rows two
+        # taps at a time, addressed from the strides (no table); a pair never straddles the image's edge
+        self.stats_rows = not self.tap_major and strides[3] == 1 and all(
+            v % 2 == 0 for v in (self.W, self.s[1], self.p[1], strides[0], strides[1], strides[2]))
+        if self.stats_rows:
+            self.stats_chunks = self.C
+        else:
+            self.stats_chunks = self.KP // self.stats_bk if self.tap_major else cdiv(self.K, 16)
         # preparation programs of 16 q rows x 64 (or 16) columns: small tiles, many programs (it is latency-bound);
         # under the interpreter, whose cost is per program, a chunk of rows each
         self.prepare_block = (self.bk if interpret else 16, 64 if self.NP % 64 == 0 else 16)
@@ -1011,8 +1059,9 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
             th, tw = geo.stats_tile
             _stats_kernel[geo.grids(1)["stats"]](
                 x, *table, mean, rstd, d, *geo.tile_args(geo.stats_tile), geo.M, *geo.image_args(), geo.K,
-                geo.stats_chunks, max(1, geo.CP // geo.stats_bk), x.stride(0), x.stride(2), x.stride(3),
-                float(eps), CONTIG=geo.contig, BIG=geo.big, LINEAR=geo.tap_major, TH=th, TW=tw, BK=geo.stats_bk,
+                geo.stats_chunks, max(1, geo.CP // geo.stats_bk), x.stride(0), x.stride(1), x.stride(2),
+                x.stride(3), float(eps), CONTIG=geo.contig, BIG=geo.big, LINEAR=geo.tap_major,
+                ROWS=geo.stats_rows, NJ=max(2, next_power_of_2(geo.k[1])), TH=th, TW=tw, BK=geo.stats_bk,
                 num_warps=4,
             )
         th, tw = geo.fwd_tile

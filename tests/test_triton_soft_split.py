@@ -99,20 +99,22 @@ def test_matches_reference(case, poisoned):
     _check_against_reference((k, s, p), leaves, dtype)
 
 
-@pytest.mark.parametrize("tokens", [False, True])
-def test_large_mean_keeps_variance_accurate(tokens, poisoned):
+@pytest.mark.parametrize("tokens, padding, W", [(False, 1, 11), (True, 1, 11), (False, 2, 12)],
+                         ids=["nchw", "tokens", "nchw-paired-taps"])
+def test_large_mean_keeps_variance_accurate(tokens, padding, W, poisoned):
     """x = 100 + 0.01*noise: a one-pass E[x^2] - E[x]^2 in fp32 would lose about 4 digits."""
-    leaves = _inputs(2, 4, 9, 11, 3, 16, tokens, True, True, True, torch.float32, mean=100.0, spread=0.01)
+    leaves = _inputs(2, 4, 9, W, 3, 16, tokens, True, True, True, torch.float32, mean=100.0, spread=0.01)
+    assert kernel._plan(leaves[0], [3, 3], [2, 2], [padding] * 2, leaves[1]).stats_rows == (padding == 2)
     x64 = leaves[0].detach().double()
     ref64 = [t.detach().double() for t in leaves[1:]]
-    y, mean, rstd = torch.ops.t2t_fast_triton.soft_split_forward(leaves[0].detach(), [3, 3], [2, 2], [1, 1],
+    y, mean, rstd = torch.ops.t2t_fast_triton.soft_split_forward(leaves[0].detach(), [3, 3], [2, 2], [padding] * 2,
                                                                  *[t.detach() for t in leaves[1:]], 1e-5)
-    _close(y, reference.soft_split(x64, 3, 2, 1, *ref64).float(), 1e-5)
-    cols = torch.nn.functional.unfold(x64, 3, padding=1, stride=2).transpose(1, 2)
+    _close(y, reference.soft_split(x64, 3, 2, padding, *ref64).float(), 1e-5)
+    cols = torch.nn.functional.unfold(x64, 3, padding=padding, stride=2).transpose(1, 2)
     _close(mean, cols.mean(-1).float(), 1e-6)
     _close(rstd, (cols.var(-1, unbiased=False) + 1e-5).rsqrt().float(), 1e-4)
     # the backward works from the saved fp32 mean, whose rounding (1e-5 of the spread here) bounds its accuracy
-    _check_against_reference((3, 2, 1), leaves, torch.float32, tol=1e-3)
+    _check_against_reference((3, 2, padding), leaves, torch.float32, tol=1e-3)
 
 
 @pytest.mark.parametrize("tokens", [False, True])
@@ -298,6 +300,27 @@ def test_interior_and_border_tiles_both_run(poisoned):
         _check_against_reference((3, 1, 1), leaves, dtype)
 
 
+@pytest.mark.parametrize("k, s, p, H, W, dtype", [
+    (7, 4, 2, 70, 72, torch.bfloat16),  # stage 1's geometry: 7 taps and a dropped eighth column per tap row
+    (5, 2, 0, 38, 40, torch.float32),  # 5 taps: the interior tiles' loads mask the pair past the sixth column
+    ((3, 4), (1, 2), (1, 2), 24, 40, torch.float16),  # 4 taps: no dropped column
+], ids=["k7s4p2-bf16", "k5s2p0-fp32", "k3x4s1x2p1x2-fp16"])
+def test_statistics_read_tap_rows_in_pairs(k, s, p, H, W, dtype, poisoned):
+    """Channel-major images with even offsets along W: the statistics' tap-row path (``_Geometry.stats_rows``), its
+    interior and border tiles both; an odd width or padding takes the table's gathers."""
+    leaves = _inputs(1, 3, H, W, k, 24, False, True, True, True, dtype)
+    pair = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
+    geo = kernel._plan(leaves[0], pair(k), pair(s), pair(p), leaves[1])
+    assert geo.stats_rows and geo.stats_chunks == 3
+    tile = geo.stats_tile
+    inside = (kernel._inside(tile[0], geo.LH, H, geo.k[0], geo.s[0], geo.p[0])
+              * kernel._inside(tile[1], geo.LW, W, geo.k[1], geo.s[1], geo.p[1]))
+    assert 0 < inside < geo.num_tiles(tile)
+    _check_against_reference((k, s, p), leaves, dtype)
+    odd = kernel._plan(leaves[0][..., :-1], pair(k), pair(s), pair(p), leaves[1])
+    assert not odd.stats_rows and not kernel._plan(leaves[0], pair(k), pair(s), (1, 1), leaves[1]).stats_rows
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Full T2T-ViT geometries on a GPU (B=8, 224 px)
 # ---------------------------------------------------------------------------------------------------------
@@ -376,11 +399,13 @@ def test_weight_gradient_sums_many_groups(poisoned, monkeypatch):
     _check_against_reference((2, 1, 0), leaves, torch.float32)
 
 
-@pytest.mark.parametrize("tokens", [False, True])
-def test_int64_offsets(tokens, poisoned, monkeypatch):
+@pytest.mark.parametrize("tokens, padding, W", [(False, 1, 11), (True, 1, 11), (False, 2, 12)],
+                         ids=["nchw", "tokens", "nchw-paired-taps"])
+def test_int64_offsets(tokens, padding, W, poisoned, monkeypatch):
     """The int64-offset variant (``BIG``: chosen when an element index can pass 2^31) on a small case, by
     lowering the threshold."""
     monkeypatch.setattr(kernel, "_INT32", 1000)
-    leaves = _inputs(2, 16 if tokens else 3, 9, 11, 3, 20, tokens, True, True, True, torch.float32)
-    assert kernel._plan(leaves[0], [3, 3], [2, 2], [1, 1], leaves[1]).big
-    _check_against_reference((3, 2, 1), leaves, torch.float32)
+    leaves = _inputs(2, 16 if tokens else 3, 9, W, 3, 20, tokens, True, True, True, torch.float32)
+    geo = kernel._plan(leaves[0], [3, 3], [2, 2], [padding] * 2, leaves[1])
+    assert geo.big and geo.stats_rows == (padding == 2)
+    _check_against_reference((3, 2, padding), leaves, torch.float32)
