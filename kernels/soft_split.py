@@ -31,7 +31,11 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
   384 held one). It accumulates ``x @ (gamma * W)^T`` (fp32: ``(x - s) @ ...``, see ``_forward_kernel``);
   epilogue ``y = rstd * (acc - mean * (W @ gamma)) + W @ beta + b`` (fp32: d = mean - s for the mean). With
   the statistics out of its loop it holds no elementwise sums: 8 warps, and in 16-bit at most 192 columns
-  under an 80-register cap, three blocks per SM (``_Geometry``).
+  under an 80-register cap, three blocks per SM (``_Geometry``). 16-bit channel-major images with even offsets
+  along W (stage 1) take the q order of the statistics' tap rows, one channel's (padded) taps per chunk, each
+  tap pair one 4-byte asynchronous copy straight into shared memory: no table, no index arithmetic per element.
+  A tap row padded to an even width reads one pixel past it (zero weights): a non-finite pixel there, which
+  the patch to the right holds, makes this token's output non-finite too.
 - backward, weights (program = (token group, chunk of q rows, column group)): ``D = dy^T @ xhat`` (x itself
   without the norm) for its chunk and the group's output columns over its tiles; the interior tiles in one loop
   (unmasked) and the border ones in another, so no loop body holds both paths. Then, with D stored, each program
@@ -92,7 +96,7 @@ def _prepare_kernel(
     w_ptr, nw_ptr, nb_ptr, b_ptr, wt_ptr, coef_ptr, koff_ptr, bits_ptr,
     N, NP, C, CP, K, KH, KW, KHW, swn, swk, sxc, sxh, sxw,
     SCALE: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, TAP_MAJOR: tl.constexpr,
-    BIG: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+    ROWS: tl.constexpr, NI: tl.constexpr, NJ: tl.constexpr, BIG: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
 ):
     """Program (chunk kc of BK q rows, column block): wt[q, n] = W[n, k(q)] (times gamma[k] with SCALE), 0 on
     padding; with SCALE coef[kc, 0, n] = sum_q wt[q, n] (the rounded products the forward's dot uses) and
@@ -105,6 +109,13 @@ def _prepare_kernel(
         r = q // CP
         c = q % CP
         q_ok = c < C
+        k = c * KHW + r
+    elif ROWS:  # q = (c * NI + i) * NJ + j, taps i < KH, j < KW (the forward's tap-row chunks)
+        c = q // (NI * NJ)
+        ti = (q // NJ) % NI
+        tj = q % NJ
+        q_ok = (c < C) & (ti < KH) & (tj < KW)
+        r = ti * KW + tj
         k = c * KHW + r
     else:
         q_ok = q < K
@@ -130,10 +141,10 @@ def _prepare_kernel(
         wg = w.to(wt_ptr.dtype.element_ty)
     tl.store(wt_ptr + q[:, None] * NP + cols[None, :], wg)
     if tl.program_id(1) == 0:
-        if BIG:
-            c = c.to(tl.int64)
+        # (a new name: a variable defined before a runtime `if` keeps its type inside it)
+        c64 = c.to(tl.int64) if BIG else c
         # padding gathers tap (0, 0) of channel 0 (offset 0, bits of i = j = 0): a copy of the shift
-        tl.store(koff_ptr + q, tl.where(q_ok, c * sxc + i * sxh + j * sxw, 0))
+        tl.store(koff_ptr + q, tl.where(q_ok, c64 * sxc + i * sxh + j * sxw, 0))
         tl.store(bits_ptr + q, tl.where(q_ok, (1 << i) | (1 << (16 + j)), 0x10001))
 
 
@@ -238,6 +249,20 @@ def _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG: tl.constexpr, BIG:
         offs = tl.load(koff_ptr + q)
         cb = tl.load(bits_ptr + q)[None, :]
     return offs, cb
+
+
+@triton.jit
+def _row_chunk(kc, sxc, sxh, BIG: tl.constexpr, NI: tl.constexpr, NJ: tl.constexpr):
+    """Offsets in x and tap bits (as ``_chunk``) of the forward's chunk kc in tap-row order (``_Geometry.fwd_rows``):
+    channel kc's NI x NJ taps (i, j), rows i >= KH and columns j >= KW padding. A column's mask is its tap pair's
+    (2 * (j // 2)): pairs never straddle the image's edge, so each pair is one 4-byte load (cp.async); the
+    divisions are of the column index itself, which lets the compiler see that constancy."""
+    col = tl.arange(0, NI * NJ)
+    i = col // NJ
+    cb = (1 << i) | (1 << (16 + ((col // 2) % (NJ // 2)) * 2))
+    if BIG:
+        kc = tl.cast(kc, tl.int64)  # (the interpreter passes a Python int)
+    return kc * sxc + i * sxh + col % NJ, cb[None, :]
 
 
 @triton.jit
@@ -350,13 +375,20 @@ def _stats_kernel(
 
 @triton.jit
 def _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP, NUM_CHUNKS, acc0, acc1,
-                  KW, CPB, sxh, sxw, SUB: tl.constexpr, HAS_N1: tl.constexpr, CONTIG: tl.constexpr,
-                  BIG: tl.constexpr, PREC: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr, BK: tl.constexpr):
+                  KW, CPB, sxc, sxh, sxw, SUB: tl.constexpr, HAS_N1: tl.constexpr, CONTIG: tl.constexpr,
+                  ROWS: tl.constexpr, NI: tl.constexpr, NJ: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr,
+                  BN0: tl.constexpr, BN1: tl.constexpr, BK: tl.constexpr):
+    if ROWS:
+        xrow = tl.multiple_of(xrow, 2)
     for kc in range(0, NUM_CHUNKS):
         q = kc * BK + tl.arange(0, BK)
-        offs, cb = _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG, BIG, BK)
-        # SUB: x - s (s as in _stats_kernel), see _forward_kernel
-        a = _gather(x_ptr, xrow, bits, offs, cb, shift, shift, 1 if SUB else 0, True, False)
+        if ROWS:  # x's own dtype straight into the dot (no SUB): the loads become asynchronous copies
+            offs, cb = _row_chunk(kc, sxc, sxh, BIG, NI, NJ)
+            a = tl.load(x_ptr + (xrow[:, None] + offs[None, :]), mask=(bits[:, None] & cb) == cb, other=0.0)
+        else:
+            offs, cb = _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG, BIG, BK)
+            # SUB: x - s (s as in _stats_kernel), see _forward_kernel
+            a = _gather(x_ptr, xrow, bits, offs, cb, shift, shift, 1 if SUB else 0, True, False)
         wrow = wt_ptr + q[:, None] * NP + col0
         w0t = tl.load(wrow + tl.arange(0, BN0)[None, :])
         acc0 = tl.dot(a.to(w0t.dtype), w0t, acc0, input_precision=PREC)
@@ -385,9 +417,10 @@ def _forward_store(y_ptr, coef_ptr, cvec_ptr, acc, rstd, d, yrow, row_ok, cols, 
 def _forward_kernel(
     x_ptr, wt_ptr, coef_ptr, cvec_ptr, koff_ptr, bits_ptr, y_ptr, rstd_ptr, d_ptr,
     TPI, TILES_W, M, L, LH, LW, H, W, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PH: tl.constexpr, PW: tl.constexpr, N, NP, NUM_CHUNKS, CPB: tl.constexpr, sxb, sxh, sxw,
+    PH: tl.constexpr, PW: tl.constexpr, N, NP, NUM_CHUNKS, CPB: tl.constexpr, sxb, sxc, sxh, sxw,
     HAS_NORM: tl.constexpr, SHIFTED: tl.constexpr, HAS_CVEC: tl.constexpr, HAS_N1: tl.constexpr,
-    LINEAR: tl.constexpr, CONTIG: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr, EVEN_N: tl.constexpr,
+    LINEAR: tl.constexpr, CONTIG: tl.constexpr, ROWS: tl.constexpr, NI: tl.constexpr, NJ: tl.constexpr,
+    BIG: tl.constexpr, PREC: tl.constexpr, EVEN_N: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr, BK: tl.constexpr,
 ):
     """Program (token tile, column group of BN0 + BN1): y of the tile. With HAS_NORM wt holds (gamma*W)^T,
@@ -414,17 +447,20 @@ def _forward_kernel(
     # every tile masked, interior ones too: a second, unmasked loop costs more than its masks save (its copy of the
     # accumulators' zeroing and of the pipeline's prologue; static model, stage 1 on triton 3.6: 82 -> 69 us)
     acc0, acc1 = _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP, NUM_CHUNKS, acc0, acc1,
-                               KW, CPB, sxh, sxw, HAS_NORM and SHIFTED, HAS_N1, CONTIG, BIG, PREC, BN0, BN1, BK)
+                               KW, CPB, sxc, sxh, sxw, HAS_NORM and SHIFTED, HAS_N1, CONTIG, ROWS, NI, NJ, BIG, PREC,
+                               BN0, BN1, BK)
     rstd = shift
     d = shift
     if HAS_NORM:
         rstd = tl.load(rstd_ptr + yrow, mask=row_ok, other=0.0)
         d = tl.load(d_ptr + yrow, mask=row_ok, other=0.0)
-    _forward_store(y_ptr, coef_ptr, cvec_ptr, acc0, rstd, d, yrow, row_ok, col0 + tl.arange(0, BN0), N, HAS_NORM,
-                   HAS_CVEC, EVEN_N)
+    # the second (narrower) accumulator first: under the 80-register cap the other order spills (triton 3.9 at
+    # stages 1 and 2, 3.6 at stage 1)
     if HAS_N1:
         _forward_store(y_ptr, coef_ptr, cvec_ptr, acc1, rstd, d, yrow, row_ok, col0 + BN0 + tl.arange(0, BN1), N,
                        HAS_NORM, HAS_CVEC, EVEN_N)
+    _forward_store(y_ptr, coef_ptr, cvec_ptr, acc0, rstd, d, yrow, row_ok, col0 + tl.arange(0, BN0), N, HAS_NORM,
+                   HAS_CVEC, EVEN_N)
 
 
 @triton.jit
@@ -883,13 +919,24 @@ class _Geometry:
         self.stats_tile = self.token_tile(64)  # the LayerNorm statistics' tiles
         # 16-bit inputs, at most 192 columns (48 accumulator registers a thread): two stages deep under an
         # 80-register cap, three blocks of 8 warps per SM (uncapped: 103-116 registers, two blocks; tap-major three
-        # stages deep: 96 KB of shared memory, two blocks). Spills: none with triton 3.6; 3.9 keeps one register
-        # pair in local memory around the tap-major epilogue.
+        # stages deep: 96 KB of shared memory, two blocks). No spills with triton 3.6 or 3.9.
         capped = self.half and self.BN0 + self.BN1 <= 192
         self.fwd_maxnreg = 80 if capped else None
+        # channel-major images whose taps along W are x's unit-stride axis and whose offsets are all even (as a
+        # contiguous 224 or 384 px image at T2T-ViT's stage 1): each token's tap rows are read two taps at a time
+        # (a pair never straddles the image's edge), addressed from the strides, in (NI, NJ) tiles of taps (powers of
+        # two: rows >= kh and columns >= kw padding). The statistics always take them; the 16-bit forward (whose
+        # loads then go straight into the dot as asynchronous copies) with one channel's NI * NJ taps per chunk,
+        # 16 to 64 (stage 1: 8 x 8, 3 chunks where the table's order took 10 of 16 rows: 48 -> 36 us predicted)
+        self.stats_rows = not self.tap_major and strides[3] == 1 and all(
+            v % 2 == 0 for v in (self.W, self.s[1], self.p[1], strides[0], strides[1], strides[2]))
+        self.row_tile = (next_power_of_2(self.k[0]), max(2, next_power_of_2(self.k[1])))
+        self.fwd_rows = self.stats_rows and self.half and 16 <= self.row_tile[0] * self.row_tile[1] <= 64
         # q rows per forward chunk: 16-bit tap-major inputs gather a whole tap (up to 64 channels); others 16 when
         # capped (32 spill at 80) or in fp32 (the 3xTF32 operands' registers), else 32
-        if self.tap_major and self.half:
+        if self.fwd_rows:
+            self.fwd_bk = self.row_tile[0] * self.row_tile[1]
+        elif self.tap_major and self.half:
             self.fwd_bk = self.bk
         else:
             self.fwd_bk = min(self.bk, 16 if capped or not self.half else 32)
@@ -908,15 +955,13 @@ class _Geometry:
         # grad_x: pixels x channels per program
         self.dx_block = (64, _pow2(self.C, 16, 64 if self.half else 32))  # 64 pixels: two programs per SM
         self.nkb = self.KP // self.bk
-        self.fwd_chunks = self.KP // self.fwd_bk if self.tap_major else cdiv(self.K, self.fwd_bk)
+        if self.fwd_rows:
+            self.fwd_chunks = self.C
+        else:
+            self.fwd_chunks = self.KP // self.fwd_bk if self.tap_major else cdiv(self.K, self.fwd_bk)
         # the statistics kernel's chunks: at most 32 channels of a tap in tap-major order, else 16 rows (few
         # registers: many blocks per SM, with triton 3.6 as with 3.9)
         self.stats_bk = min(self.fwd_bk, 32) if self.tap_major else 16
-        # channel-major images whose taps along W are x's unit-stride axis and whose offsets are all even (as a
-        # contiguous 224 or 384 px image at T2T-ViT's stage 1): the statistics read each token's tap rows two
-        # taps at a time, addressed from the strides (no table); a pair never straddles the image's edge
-        self.stats_rows = not self.tap_major and strides[3] == 1 and all(
-            v % 2 == 0 for v in (self.W, self.s[1], self.p[1], strides[0], strides[1], strides[2]))
         if self.stats_rows:
             self.stats_chunks = self.C
         else:
@@ -991,22 +1036,28 @@ class _Geometry:
         return self._grids[sms]
 
     def prepare(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_weight: Optional[Tensor],
-                norm_bias: Optional[Tensor], scale: bool) -> tuple[Tensor, Optional[Tensor], tuple[Tensor, ...]]:
+                norm_bias: Optional[Tensor], scale: bool, rows: bool = False
+                ) -> tuple[Tensor, Optional[Tensor], tuple[Tensor, ...]]:
         """(KP, NP) W^T in q order and the dot dtype (times gamma with ``scale``), with ``scale`` the (2, NP)
-        fp32 coefficients [W @ gamma, W @ beta + b], and the gather table (koff, bits)."""
+        fp32 coefficients [W @ gamma, W @ beta + b], and the gather table (koff, bits). ``rows``: the forward's
+        tap-row order instead ((C * NI * NJ, NP), see ``fwd_rows``; its table is unused)."""
         dev = weight.device
-        wt = torch.empty((self.KP, self.NP), dtype=self.dot_dtype, device=dev)
+        kp = self.C * self.row_tile[0] * self.row_tile[1] if rows else self.KP
         grid = self.grids(1)["prepare"]
+        if rows:  # the channel-major grid's row blocks, or 16 rows (NI * NJ is a multiple of 16)
+            grid = (kp // (self.prepare_block[0] if kp % self.prepare_block[0] == 0 else 16), grid[1])
+        wt = torch.empty((kp, self.NP), dtype=self.dot_dtype, device=dev)
         coef = torch.empty((grid[0], 2, self.NP), dtype=torch.float32, device=dev) if scale else wt
-        table = (torch.empty(self.KP, dtype=torch.int64 if self.big else torch.int32, device=dev),
-                 torch.empty(self.KP, dtype=torch.int32, device=dev))
+        table = (torch.empty(kp, dtype=torch.int64 if self.big else torch.int32, device=dev),
+                 torch.empty(kp, dtype=torch.int32, device=dev))
         _prepare_kernel[grid](
             weight, norm_weight if scale else weight, norm_bias if norm_bias is not None else weight,
             bias if bias is not None else weight, wt, coef, *table,
             self.N, self.NP, self.C, self.CP, self.K, self.k[0], self.k[1], self.KHW, weight.stride(0),
             weight.stride(1), x.stride(1), x.stride(2), x.stride(3),
             SCALE=scale, HAS_NORM_BIAS=norm_bias is not None, HAS_BIAS=bias is not None, TAP_MAJOR=self.tap_major,
-            BIG=self.big, BK=self.KP // grid[0], BN=self.NP // grid[1], num_warps=4,
+            ROWS=rows, NI=self.row_tile[0], NJ=self.row_tile[1], BIG=self.big, BK=kp // grid[0],
+            BN=self.NP // grid[1], num_warps=4,
         )
         return wt, coef.sum(dim=0) if scale else None, table
 
@@ -1048,7 +1099,7 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
     geo = _plan(x, kernel_size, stride, padding, weight)
     has_norm = norm_weight is not None
     with _device_guard(x):
-        wt, coef, table = geo.prepare(x, weight, bias, norm_weight, norm_bias, scale=has_norm)
+        wt, coef, table = geo.prepare(x, weight, bias, norm_weight, norm_bias, scale=has_norm, rows=geo.fwd_rows)
         y = empty((geo.B, geo.L, geo.N), x.dtype, x.device)
         stats = (geo.B, geo.L) if has_norm else (0,)
         mean = empty(stats, torch.float32, x.device)
@@ -1061,7 +1112,7 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
                 x, *table, mean, rstd, d, *geo.tile_args(geo.stats_tile), geo.M, *geo.image_args(), geo.K,
                 geo.stats_chunks, max(1, geo.CP // geo.stats_bk), x.stride(0), x.stride(1), x.stride(2),
                 x.stride(3), float(eps), CONTIG=geo.contig, BIG=geo.big, LINEAR=geo.tap_major,
-                ROWS=geo.stats_rows, NJ=max(2, next_power_of_2(geo.k[1])), TH=th, TW=tw, BK=geo.stats_bk,
+                ROWS=geo.stats_rows, NJ=geo.row_tile[1], TH=th, TW=tw, BK=geo.stats_bk,
                 num_warps=4,
             )
         th, tw = geo.fwd_tile
@@ -1070,10 +1121,10 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
             x, wt, coef if has_norm else wt, cvec if cvec is not None else wt, *table, y, rstd,
             d if geo.shifted else mean,
             *geo.tile_args(geo.fwd_tile), geo.M, *geo.image_args(), geo.N, geo.NP, geo.fwd_chunks,
-            max(1, geo.CP // geo.fwd_bk), x.stride(0), x.stride(2), x.stride(3),
+            max(1, geo.CP // geo.fwd_bk), x.stride(0), x.stride(1), x.stride(2), x.stride(3),
             HAS_NORM=has_norm, SHIFTED=geo.shifted, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, LINEAR=geo.tap_major,
-            CONTIG=geo.contig, BIG=geo.big, PREC=geo.prec, EVEN_N=geo.NP == geo.N, TH=th, TW=tw, BN0=geo.BN0,
-            BN1=max(geo.BN1, 16), BK=geo.fwd_bk, num_warps=geo.fwd_warps, num_stages=geo.fwd_stages,
+            CONTIG=geo.contig, ROWS=geo.fwd_rows, NI=geo.row_tile[0], NJ=geo.row_tile[1], BIG=geo.big, PREC=geo.prec,
+            EVEN_N=geo.NP == geo.N, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.fwd_bk, num_warps=geo.fwd_warps, num_stages=geo.fwd_stages,
             maxnreg=geo.fwd_maxnreg,
         )
     return y, mean, rstd

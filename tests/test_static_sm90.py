@@ -78,8 +78,20 @@ def _child(out_dir: str) -> None:
         mismatch = ""
     except ValueError as e:
         mismatch = str(e)
+    # the int64-offset variants (BIG), which only tensors past 2^31 elements (1024 px at large batches) take
+    from t2t_fast.kernels import soft_split
+
+    int32, soft_split._INT32 = soft_split._INT32, 1000
+    soft_split._geometry.cache_clear()
+    big = {}
+    for case in ("stage1_224", "stage2_224", "final_224"):
+        launches = [la for d in sm.run_fused("soft_split", case, ("fwd", "bwd")).values() for la in d
+                    if isinstance(la, sm.Launch)]
+        big[case] = [(la.kernel, la.args.get("BIG"), sm.launch_row(la)["spills"]) for la in launches]
+    soft_split._INT32 = int32
+    soft_split._geometry.cache_clear()
     with open(os.path.join(out_dir, "tiny.json"), "w") as f:
-        json.dump(dict(rows=rows, mismatch=mismatch, by_loops=by_loops), f)
+        json.dump(dict(rows=rows, mismatch=mismatch, by_loops=by_loops, big=big), f)
     with open(os.path.join(out_dir, "quick.md"), "w") as f, contextlib.redirect_stdout(f):
         sm.main(["--quick", "--op", "soft_split", "--json", os.path.join(out_dir, "quick.json")])
 
@@ -95,7 +107,7 @@ def child(tmp_path_factory):
     tiny = json.loads((out / "tiny.json").read_text())
     return dict(rows={r["kernel"]: r for r in tiny["rows"]},
                 dots=[r for r in tiny["rows"] if r["kernel"] == "_dot_kernel"], mismatch=tiny["mismatch"],
-                by_loops=tiny["by_loops"],
+                by_loops=tiny["by_loops"], big=tiny["big"],
                 quick=json.loads((out / "quick.json").read_text()), page=(out / "quick.md").read_text())
 
 
@@ -175,6 +187,15 @@ def test_quick_run_rows_and_page(child):
     assert summary[0]["speedup"] == pytest.approx(summary[0]["reference_us"] / summary[0]["fused_us"], rel=1e-3)
     assert "prediction from compiled code, not a measurement" in child["page"]
     assert "| soft_split | stage1_224 | fwd |" in child["page"]
+
+
+def test_soft_split_int64_variants_compile(child):
+    """Every soft-split kernel compiles for sm_90 in its int64-offset variant too (a runtime `if` that retyped a
+    variable kept it from compiling; the interpreter runs it either way)."""
+    for case, launches in child["big"].items():
+        kernels = {k for k, big, _ in launches if big}
+        assert {"_prepare_kernel", "_forward_kernel", "_backward_weight_kernel"} <= kernels, case
+        assert ("_stats_kernel" in kernels) == (case != "final_224")
 
 
 def test_sm90_host_patch_points_exist():
