@@ -43,7 +43,9 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
   cost the second block per SM (4 warps at 230 registers, or 8 at 148); after them, 8 warps at 127 and two blocks.
   A finishing kernel (a grid of about two programs per SM over blocks of weight columns, each summing the
   groups' partials GB at a time, in a fixed order: deterministic, no atomics) applies
-  ``dW = gamma * D + db beta^T``, ``dgamma = sum_n W * D``, ``dbeta = W^T db``.
+  ``dW = gamma * D + db beta^T``, ``dgamma = sum_n W * D``, ``dbeta = W^T db``. Where a channel's taps padded to
+  powers of two fill one 64-row chunk (stage 1: 8 x 8), D's rows take the forward's tap-row order (pair loads,
+  no table) and the finishing kernel maps them back to k.
 - backward, LayerNorm sums (with the norm, only when x needs a gradient): per token ``sum_k gamma g xhat`` and
   ``sum_k gamma g`` (``g = dy @ W``), taken from the forward's output as ``dy . (y - W beta - b)`` and
   ``dy . (W gamma)``: two row dots of (tokens, out) tiles instead of a second GEMM over every patch. The same
@@ -66,6 +68,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import warnings
 from typing import Optional, Sequence
 
@@ -464,12 +467,18 @@ def _forward_kernel(
 
 
 @triton.jit
-def _operand(x_ptr, xrow, bits, row_ok, kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, mean_ptr, rstd_ptr, yrow,
-             HAS_NORM: tl.constexpr, MASKED: tl.constexpr, CONTIG: tl.constexpr, BIG: tl.constexpr,
-             BK: tl.constexpr):
+def _operand(x_ptr, xrow, bits, row_ok, kc, koff_ptr, bits_ptr, KW, CPB, sxc, sxh, sxw, mean_ptr, rstd_ptr, yrow,
+             HAS_NORM: tl.constexpr, MASKED: tl.constexpr, CONTIG: tl.constexpr, ROWS: tl.constexpr,
+             NI: tl.constexpr, NJ: tl.constexpr, BIG: tl.constexpr, BK: tl.constexpr):
     """The tile's xhat (x without the norm) for q chunk kc in fp32: 0 in rows beyond the tokens, garbage in
     q-padding (it only meets zero weights or discarded rows). The chunk's columns come from ``_chunk`` here, per
-    tile: the table's (L1 hits) hold no registers across the weight kernel's loop."""
+    tile: the table's (L1 hits) hold no registers across the weight kernel's loop; or with ROWS from
+    ``_row_chunk`` (tap pairs, 4-byte loads)."""
+    if ROWS:
+        offs, cb = _row_chunk(kc, sxc, sxh, BIG, NI, NJ)
+        xrow = tl.multiple_of(xrow, 2)
+    else:
+        offs, cb = _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG, BIG, BK)
     if HAS_NORM:
         if MASKED:
             mu = tl.load(mean_ptr + yrow, mask=row_ok, other=0.0)
@@ -477,10 +486,8 @@ def _operand(x_ptr, xrow, bits, row_ok, kc, koff_ptr, bits_ptr, KW, CPB, sxh, sx
         else:  # interior tiles: every row a token
             mu = tl.load(mean_ptr + yrow)
             rs = tl.load(rstd_ptr + yrow)
-        offs, cb = _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG, BIG, BK)
         a = _gather(x_ptr, xrow, bits, offs, cb, mu, rs, 2, MASKED, False)
     else:
-        offs, cb = _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG, BIG, BK)
         a = _gather(x_ptr, xrow, bits, offs, cb, xrow, xrow, 0, MASKED, False)
     return a
 
@@ -501,16 +508,17 @@ def _dy_tile(dyrow, cols, row_ok, N, MASKED: tl.constexpr, EVEN_N: tl.constexpr)
 
 @triton.jit
 def _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, tr, tc, kc, cols0, cols1,
-                 dw0, dw1, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb, sxh, sxw,
+                 dw0, dw1, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb, sxc, sxh, sxw,
                  HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, MASKED: tl.constexpr, CONTIG: tl.constexpr,
+                 ROWS: tl.constexpr, NI: tl.constexpr, NJ: tl.constexpr,
                  BIG: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
                  BK: tl.constexpr):
     """One tile (tr, tc) of image b into the weight kernel's accumulators (only wt's dtype is used: the dots'
     operand dtype)."""
     b, th, tw, row_ok, yrow, _ = _tile_rows(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG, TH, TW)
     _, xrow, bits = _patches(b, th, tw, row_ok, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw, BIG)
-    a = _operand(x_ptr, xrow, bits, row_ok, kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, mean_ptr, rstd_ptr, yrow,
-                 HAS_NORM, MASKED, CONTIG, BIG, BK)
+    a = _operand(x_ptr, xrow, bits, row_ok, kc, koff_ptr, bits_ptr, KW, CPB, sxc, sxh, sxw, mean_ptr, rstd_ptr, yrow,
+                 HAS_NORM, MASKED, CONTIG, ROWS, NI, NJ, BIG, BK)
     dt = wt_ptr.dtype.element_ty
     dyrow = dy_ptr + yrow[:, None] * N
     ad = a.to(dt)
@@ -526,8 +534,9 @@ def _backward_weight_kernel(
     x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, part_ptr, dbp_ptr,
     TILES_H, TILES_W, R0, R1, C0, C1, NUM_INNER, NUM_BORDER, M, L, LH, LW, H, W,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    N, NP, KP, NKB, G, CPB: tl.constexpr, sxb, sxh, sxw,
-    HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, CONTIG: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr,
+    N, NP, KP, NKB, G, CPB: tl.constexpr, sxb, sxc, sxh, sxw,
+    HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, CONTIG: tl.constexpr, ROWS: tl.constexpr, NI: tl.constexpr,
+    NJ: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr,
     INNER: tl.constexpr, EVEN_N: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr,
     BN1: tl.constexpr, BK: tl.constexpr,
 ):
@@ -556,7 +565,8 @@ def _backward_weight_kernel(
             r = _udiv(j, inner_w)
             dw0, dw1 = _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, R0 + r,
                                     C0 + j - r * inner_w, kc, cols0, cols1, dw0, dw1, L, LH, LW, H, W, KH, KW, SH,
-                                    SW, PH, PW, N, CPB, sxb, sxh, sxw, HAS_NORM, HAS_N1, False, CONTIG, BIG, EVEN_N,
+                                    SW, PH, PW, N, CPB, sxb, sxc, sxh, sxw, HAS_NORM, HAS_N1, False, CONTIG, ROWS, NI, NJ, BIG,
+                                    EVEN_N,
                                     PREC, TH, TW, BK)
         # border tiles of an image, numbered: the rows above R0, the rows from R1, then the sides of rows R0..R1-1
         border = TILES_H * TILES_W - inner
@@ -576,13 +586,15 @@ def _backward_weight_kernel(
             tc = tl.where(full_row | (tc < C0), tc, tc + inner_w)
             dw0, dw1 = _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, tr, tc, kc,
                                     cols0, cols1, dw0, dw1, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb,
-                                    sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, BIG, EVEN_N, PREC, TH, TW, BK)
+                                    sxc, sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, ROWS, NI, NJ, BIG, EVEN_N, PREC, TH, TW,
+                                    BK)
     else:  # no interior tiles (stage 2 and on): every tile in order, masked
         for i in range(g, NUM_BORDER, G):
             b, tr, tc = _tile_index(i, TILES_H * TILES_W, TILES_W)
             dw0, dw1 = _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, tr, tc, kc,
                                     cols0, cols1, dw0, dw1, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb,
-                                    sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, BIG, EVEN_N, PREC, TH, TW, BK)
+                                    sxc, sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, ROWS, NI, NJ, BIG, EVEN_N, PREC, TH, TW,
+                                    BK)
     part = part_ptr + (g * KP + q)[None, :] * NP
     tl.store(part + cols0[:, None], dw0)
     if HAS_N1:
@@ -646,9 +658,9 @@ def _backward_stats_kernel(dy_ptr, y_ptr, coef_ptr, rstd_ptr, stat_ptr, dys_ptr,
 @triton.jit
 def _backward_finish_kernel(
     part_ptr, db_ptr, w_ptr, nw_ptr, nb_ptr, gw_ptr, gb_ptr, gnw_ptr, gnb_ptr,
-    N, NP, K, KP, CP, KHW, G, swn, swk,
-    HAS_NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, TAP_MAJOR: tl.constexpr,
-    BK: tl.constexpr, BN: tl.constexpr, GB: tl.constexpr,
+    N, NP, K, KP, CP, KHW, KW, G, swn, swk,
+    HAS_NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, TAP_MAJOR: tl.constexpr, ROWS: tl.constexpr,
+    NI: tl.constexpr, NJ: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, GB: tl.constexpr,
 ):
     """Program (block of BK weight columns k, block of BN output rows n): sums the groups' partials in a fixed
     order, GB groups per step (loads in flight together), and writes grad_weight[n, k] (and grad_bias[n] = db[n],
@@ -660,6 +672,9 @@ def _backward_finish_kernel(
     n_ok = n < N
     if TAP_MAJOR:
         q = (k % KHW) * CP + k // KHW
+    elif ROWS:  # the tap-row order of _row_chunk
+        r = k % KHW
+        q = (k // KHW) * (NI * NJ) + (r // KW) * NJ + r % KW
     else:
         q = k
     m = k_ok[:, None] & n_ok[None, :]
@@ -908,7 +923,10 @@ class _Geometry:
         self.dot_dtype = torch.float32 if interpret else dtype
         # 3xTF32 keeps fp32 accuracy on the tensor cores; only fp32 operands on a GPU look at it
         self.prec = "tf32x3" if self.dot_dtype == torch.float32 and not interpret else "tf32"
-        big = max(_extent(shape, strides), self.M * max(self.NP, self.KP), self.B * self.C * self.H * self.W)
+        # (NI, NJ): a patch's taps padded to powers of two (>= 2 wide), the tap-row order's tiles (see stats_rows)
+        self.row_tile = (next_power_of_2(self.k[0]), max(2, next_power_of_2(self.k[1])))
+        big = max(_extent(shape, strides), self.M * max(self.NP, self.KP, self.C * math.prod(self.row_tile)),
+                  self.B * self.C * self.H * self.W)
         self.big = big > _INT32 // 2  # int64 offsets (with margin for padding and partial-buffer rows)
         # forward, 8 warps: 64 tokens per program (128 tokens held 203 registers at stage 2: one block per SM)
         self.fwd_bm = 64
@@ -930,12 +948,11 @@ class _Geometry:
         # 16 to 64 (stage 1: 8 x 8, 3 chunks where the table's order took 10 of 16 rows: 48 -> 36 us predicted)
         self.stats_rows = not self.tap_major and strides[3] == 1 and all(
             v % 2 == 0 for v in (self.W, self.s[1], self.p[1], strides[0], strides[1], strides[2]))
-        self.row_tile = (next_power_of_2(self.k[0]), max(2, next_power_of_2(self.k[1])))
-        self.fwd_rows = self.stats_rows and self.half and 16 <= self.row_tile[0] * self.row_tile[1] <= 64
+        self.fwd_rows = self.stats_rows and self.half and 16 <= math.prod(self.row_tile) <= 64
         # q rows per forward chunk: 16-bit tap-major inputs gather a whole tap (up to 64 channels); others 16 when
         # capped (32 spill at 80) or in fp32 (the 3xTF32 operands' registers), else 32
         if self.fwd_rows:
-            self.fwd_bk = self.row_tile[0] * self.row_tile[1]
+            self.fwd_bk = math.prod(self.row_tile)
         elif self.tap_major and self.half:
             self.fwd_bk = self.bk
         else:
@@ -954,7 +971,11 @@ class _Geometry:
         self.bwd_tile_args = (tiles_h, tiles_w, r0, r1, c0, c1, inner, self.B * tpi - inner)
         # grad_x: pixels x channels per program
         self.dx_block = (64, _pow2(self.C, 16, 64 if self.half else 32))  # 64 pixels: two programs per SM
-        self.nkb = self.KP // self.bk
+        # the weight gradient's q rows: the forward's tap-row order too when a channel's taps fill one chunk (stage
+        # 1: 8 x 8), the finishing kernel mapping them back to k
+        self.bwd_rows = self.fwd_rows and math.prod(self.row_tile) == self.bk
+        self.wkp = self.C * self.bk if self.bwd_rows else self.KP
+        self.nkb = self.wkp // self.bk
         if self.fwd_rows:
             self.fwd_chunks = self.C
         else:
@@ -1003,7 +1024,7 @@ class _Geometry:
         few programs more would run as a second wave of the same length), partials bounded."""
         tiles = self.num_tiles(self.bwd_tile)
         return max(1, min(tiles, (2 * sms) // (self.nkb * self.col_groups),
-                          _PARTIAL_BYTES // (4 * self.KP * self.NP)))
+                          _PARTIAL_BYTES // (4 * self.wkp * self.NP)))
 
     def finish_block(self, sms: int) -> tuple[int, int, int]:
         """(BK, BN, GB) of the finishing kernel: one block of columns up to 512 (the norm gradients then come out
@@ -1042,7 +1063,7 @@ class _Geometry:
         fp32 coefficients [W @ gamma, W @ beta + b], and the gather table (koff, bits). ``rows``: the forward's
         tap-row order instead ((C * NI * NJ, NP), see ``fwd_rows``; its table is unused)."""
         dev = weight.device
-        kp = self.C * self.row_tile[0] * self.row_tile[1] if rows else self.KP
+        kp = self.C * math.prod(self.row_tile) if rows else self.KP
         grid = self.grids(1)["prepare"]
         if rows:  # the channel-major grid's row blocks, or 16 rows (NI * NJ is a multiple of 16)
             grid = (kp // (self.prepare_block[0] if kp % self.prepare_block[0] == 0 else 16), grid[1])
@@ -1159,15 +1180,16 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         sms = _num_sms(x.device.index or 0) if x.is_cuda else _CPU_SMS
         grids = geo.grids(sms)
         groups = grids["backward_weight"][0] // geo.nkb
-        part = torch.empty((groups, geo.KP, geo.NP), dtype=torch.float32, device=x.device)
+        part = torch.empty((groups, geo.wkp, geo.NP), dtype=torch.float32, device=x.device)
         dbp = torch.empty((groups * geo.nkb, geo.NP), dtype=torch.float32, device=x.device)
         th, tw = geo.bwd_tile
         _launch(
             _backward_weight_kernel, grids["backward_weight"], geo,
             x, dy, wt, *table, mean if has_norm else wt, rstd if has_norm else wt, part, dbp,
-            *geo.bwd_tile_args, M, *geo.image_args(), N, geo.NP, geo.KP, geo.nkb, groups, max(1, geo.CP // geo.bk),
-            x.stride(0), x.stride(2), x.stride(3),
-            HAS_NORM=has_norm, HAS_N1=geo.BN1 > 0, CONTIG=geo.contig, BIG=geo.big, PREC=geo.prec,
+            *geo.bwd_tile_args, M, *geo.image_args(), N, geo.NP, geo.wkp, geo.nkb, groups, max(1, geo.CP // geo.bk),
+            x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+            HAS_NORM=has_norm, HAS_N1=geo.BN1 > 0, CONTIG=geo.contig, ROWS=geo.bwd_rows, NI=geo.row_tile[0],
+            NJ=geo.row_tile[1], BIG=geo.big, PREC=geo.prec,
             INNER=geo.bwd_tile_args[6] > 0, EVEN_N=geo.NP == N, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16),
             BK=geo.bk,
             num_warps=8, num_stages=2,
@@ -1183,9 +1205,10 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
         _backward_finish_kernel[grids["backward_finish"]](
             part, dbp.sum(dim=0), weight, norm_weight if has_norm else wt,
             norm_bias if norm_bias is not None else wt,
-            grad_weight, grad_bias, *shares, N, geo.NP, K, geo.KP, geo.CP, geo.KHW, groups, weight.stride(0),
-            weight.stride(1), HAS_NORM=has_norm, HAS_NORM_BIAS=norm_bias is not None, TAP_MAJOR=geo.tap_major,
-            BK=bk, BN=bn, GB=gb, num_warps=8,
+            grad_weight, grad_bias, *shares, N, geo.NP, K, geo.wkp, geo.CP, geo.KHW, geo.k[1], groups,
+            weight.stride(0), weight.stride(1), HAS_NORM=has_norm, HAS_NORM_BIAS=norm_bias is not None,
+            TAP_MAJOR=geo.tap_major, ROWS=geo.bwd_rows, NI=geo.row_tile[0], NJ=geo.row_tile[1], BK=bk, BN=bn, GB=gb,
+            num_warps=8,
         )
         grad_norm_weight, grad_norm_bias = (t.sum(dim=0) if col_blocks > 1 else t[0] for t in shares)
         if not compute_grad_x:

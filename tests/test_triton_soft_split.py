@@ -307,13 +307,14 @@ def test_interior_and_border_tiles_both_run(poisoned):
 ], ids=["k7s4p2-bf16", "k5s2p0-fp32", "k3x4s1x2p1x2-fp16"])
 def test_tap_rows_read_in_pairs(k, s, p, H, W, dtype, poisoned):
     """Channel-major images with even offsets along W: the statistics' tap-row path (``_Geometry.stats_rows``), its
-    interior and border tiles both, and in 16-bit the forward's (``fwd_rows``); an odd width or padding takes the
-    table's gathers."""
+    interior and border tiles both, and in 16-bit the forward's (``fwd_rows``) and, with 8 x 8 taps, the weight
+    gradient's (``bwd_rows``); an odd width or padding takes the table's gathers."""
     leaves = _inputs(1, 3, H, W, k, 24, False, True, True, True, dtype)
     pair = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
     geo = kernel._plan(leaves[0], pair(k), pair(s), pair(p), leaves[1])
     assert geo.stats_rows and geo.stats_chunks == 3
     assert geo.fwd_rows == (dtype != torch.float32) and (geo.fwd_chunks == 3 or not geo.fwd_rows)
+    assert geo.bwd_rows == (k == 7) and geo.nkb == (3 if k == 7 else geo.KP // geo.bk)
     tile = geo.stats_tile
     inside = (kernel._inside(tile[0], geo.LH, H, geo.k[0], geo.s[0], geo.p[0])
               * kernel._inside(tile[1], geo.LW, W, geo.k[1], geo.s[1], geo.p[1]))
@@ -401,14 +402,15 @@ def test_weight_gradient_sums_many_groups(poisoned, monkeypatch):
     _check_against_reference((2, 1, 0), leaves, torch.float32)
 
 
-@pytest.mark.parametrize("tokens, padding, W, dtype", [(False, 1, 11, torch.float32), (True, 1, 11, torch.float32),
-                                                       (False, 2, 12, torch.bfloat16)],
-                         ids=["nchw", "tokens", "nchw-paired-taps"])
-def test_int64_offsets(tokens, padding, W, dtype, poisoned, monkeypatch):
+@pytest.mark.parametrize("tokens, k, s, p, W, dtype", [(False, 3, 2, 1, 11, torch.float32),
+                                                       (True, 3, 2, 1, 11, torch.float32),
+                                                       (False, 7, 4, 2, 12, torch.bfloat16)],
+                         ids=["nchw", "tokens", "nchw-tap-rows"])
+def test_int64_offsets(tokens, k, s, p, W, dtype, poisoned, monkeypatch):
     """The int64-offset variant (``BIG``: chosen when an element index can pass 2^31) on a small case, by
     lowering the threshold."""
     monkeypatch.setattr(kernel, "_INT32", 1000)
-    leaves = _inputs(2, 16 if tokens else 3, 9, W, 3, 20, tokens, True, True, True, dtype)
-    geo = kernel._plan(leaves[0], [3, 3], [2, 2], [padding] * 2, leaves[1])
-    assert geo.big and geo.stats_rows == geo.fwd_rows == (padding == 2)
-    _check_against_reference((3, 2, padding), leaves, dtype)
+    leaves = _inputs(2, 16 if tokens else 3, 9, W, k, 20, tokens, True, True, True, dtype)
+    geo = kernel._plan(leaves[0], [k, k], [s, s], [p, p], leaves[1])
+    assert geo.big and geo.stats_rows == geo.fwd_rows == geo.bwd_rows == (p == 2)
+    _check_against_reference((k, s, p), leaves, dtype)
