@@ -925,8 +925,7 @@ class _Geometry:
         self.prec = "tf32x3" if self.dot_dtype == torch.float32 and not interpret else "tf32"
         # (NI, NJ): a patch's taps padded to powers of two (>= 2 wide), the tap-row order's tiles (see stats_rows)
         self.row_tile = (next_power_of_2(self.k[0]), max(2, next_power_of_2(self.k[1])))
-        big = max(_extent(shape, strides), self.M * max(self.NP, self.KP, self.C * math.prod(self.row_tile)),
-                  self.B * self.C * self.H * self.W)
+        big = max(_extent(shape, strides), self.M * max(self.NP, self.KP), self.B * self.C * self.H * self.W)
         self.big = big > _INT32 // 2  # int64 offsets (with margin for padding and partial-buffer rows)
         # forward, 8 warps: 64 tokens per program (128 tokens held 203 registers at stage 2: one block per SM)
         self.fwd_bm = 64
