@@ -34,8 +34,8 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
   under an 80-register cap, three blocks per SM (``_Geometry``). 16-bit channel-major images with even offsets
   along W (stage 1) take the q order of the statistics' tap rows, one channel's (padded) taps per chunk, each
   tap pair one 4-byte asynchronous copy straight into shared memory: no table, no index arithmetic per element.
-  A tap row padded to an even width reads one pixel past it (zero weights): a non-finite pixel there, which
-  the patch to the right holds, makes this token's output non-finite too.
+  A tap row padded to an even width reads one pixel past it (zero weights): a non-finite pixel there (in
+  general part of the patch to the right) makes this token's output non-finite too.
 - backward, weights (program = (token group, chunk of q rows, column group)): ``D = dy^T @ xhat`` (x itself
   without the norm) for its chunk and the group's output columns over its tiles; the interior tiles in one loop
   (unmasked) and the border ones in another, so no loop body holds both paths. Then, with D stored, each program

@@ -324,6 +324,23 @@ def test_tap_rows_read_in_pairs(k, s, p, H, W, dtype, poisoned):
     assert not odd.stats_rows and not kernel._plan(leaves[0], pair(k), pair(s), (1, 1), leaves[1]).stats_rows
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy meets the inf
+def test_non_finite_pixel_reaches_the_patches_that_read_it():
+    """An inf pixel makes every token whose patch holds it non-finite and no token beyond those that read it: on
+    the 16-bit tap-row path, also the token whose padded eighth column reaches it (docs/ops.md)."""
+    x, w, b, nw, nb = (t.detach() if t is not None else None
+                       for t in _inputs(1, 3, 18, 22, 7, 16, False, True, True, True, torch.bfloat16))
+    assert kernel._plan(x, [7, 7], [4, 4], [2, 2], w).fwd_rows
+    x[0, 1, 9, 13] = float("inf")
+    with t2t_fast.backend("triton"):
+        bad = ~torch.isfinite(t2t_fast.soft_split(x, 7, 4, 2, w, b, nw, nb)).all(-1)[0]
+    hit = torch.zeros(1, 1, 18, 22)
+    hit[0, 0, 9, 13] = 1
+    holds = torch.nn.functional.unfold(torch.nn.functional.pad(hit, (2, 2, 2, 2)), 7, stride=4).sum(1)[0] > 0
+    reads = torch.nn.functional.unfold(torch.nn.functional.pad(hit, (2, 3, 2, 2)), (7, 8), stride=4).sum(1)[0] > 0
+    assert holds.any() and bool((bad >= holds).all()) and bool((bad <= reads).all())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Full T2T-ViT geometries on a GPU (B=8, 224 px)
 # ---------------------------------------------------------------------------------------------------------
