@@ -168,6 +168,17 @@ def _tile_index(tile, TPI, TILES_W):
 
 
 @triton.jit
+def _tile_step(b, tr, tc, gb, gr, gc, TILES_H, TILES_W):
+    """(b, tr, tc) of tile number n -> that of n + G, with (gb, gr, gc) = ``_tile_index(G)``: the digits added
+    with carries (tc, gc < TILES_W and tr, gr < TILES_H), no division per step."""
+    tc += gc
+    tr += gr + (tc >= TILES_W)
+    tc = tl.where(tc >= TILES_W, tc - TILES_W, tc)
+    b += gb + (tr >= TILES_H)
+    return b, tl.where(tr >= TILES_H, tr - TILES_H, tr), tc
+
+
+@triton.jit
 def _tile_rows(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG: tl.constexpr, TH: tl.constexpr,
                TW: tl.constexpr):
     """2-D tile (tr, tc) of image b -> (b, token row and column of each row, rows in range, token index (b*L + t),
@@ -557,17 +568,17 @@ def _backward_weight_kernel(
     dw0 = tl.zeros((BN0, BK), dtype=tl.float32)
     dw1 = tl.zeros((BN1, BK), dtype=tl.float32)
     if INNER:
+        inner_h = R1 - R0
         inner_w = C1 - C0
-        inner = (R1 - R0) * inner_w  # interior tiles per image
+        inner = inner_h * inner_w  # interior tiles per image
+        b, r, c = _tile_index(g, inner, inner_w)
+        gb, gr, gc = _tile_index(G, inner, inner_w)
         for i in range(g, NUM_INNER, G):
-            b = _udiv(i, inner)
-            j = i - b * inner
-            r = _udiv(j, inner_w)
             dw0, dw1 = _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, R0 + r,
-                                    C0 + j - r * inner_w, kc, cols0, cols1, dw0, dw1, L, LH, LW, H, W, KH, KW, SH,
-                                    SW, PH, PW, N, CPB, sxb, sxc, sxh, sxw, HAS_NORM, HAS_N1, False, CONTIG, ROWS, NI, NJ, BIG,
-                                    EVEN_N,
+                                    C0 + c, kc, cols0, cols1, dw0, dw1, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N,
+                                    CPB, sxb, sxc, sxh, sxw, HAS_NORM, HAS_N1, False, CONTIG, ROWS, NI, NJ, BIG, EVEN_N,
                                     PREC, TH, TW, BK)
+            b, r, c = _tile_step(b, r, c, gb, gr, gc, inner_h, inner_w)
         # border tiles of an image, numbered: the rows above R0, the rows from R1, then the sides of rows R0..R1-1
         border = TILES_H * TILES_W - inner
         top = R0 * TILES_W
@@ -586,15 +597,17 @@ def _backward_weight_kernel(
             tc = tl.where(full_row | (tc < C0), tc, tc + inner_w)
             dw0, dw1 = _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, tr, tc, kc,
                                     cols0, cols1, dw0, dw1, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb,
-                                    sxc, sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, ROWS, NI, NJ, BIG, EVEN_N, PREC, TH, TW,
-                                    BK)
+                                    sxc, sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, ROWS, NI, NJ, BIG, EVEN_N, PREC,
+                                    TH, TW, BK)
     else:  # no interior tiles (stage 2 and on): every tile in order, masked
+        b, tr, tc = _tile_index(g, TILES_H * TILES_W, TILES_W)
+        gb, gr, gc = _tile_index(G, TILES_H * TILES_W, TILES_W)
         for i in range(g, NUM_BORDER, G):
-            b, tr, tc = _tile_index(i, TILES_H * TILES_W, TILES_W)
             dw0, dw1 = _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, tr, tc, kc,
                                     cols0, cols1, dw0, dw1, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb,
-                                    sxc, sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, ROWS, NI, NJ, BIG, EVEN_N, PREC, TH, TW,
-                                    BK)
+                                    sxc, sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, ROWS, NI, NJ, BIG, EVEN_N, PREC,
+                                    TH, TW, BK)
+            b, tr, tc = _tile_step(b, tr, tc, gb, gr, gc, TILES_H, TILES_W)
     part = part_ptr + (g * KP + q)[None, :] * NP
     tl.store(part + cols0[:, None], dw0)
     if HAS_N1:
@@ -1144,8 +1157,8 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
             max(1, geo.CP // geo.fwd_bk), x.stride(0), x.stride(1), x.stride(2), x.stride(3),
             HAS_NORM=has_norm, SHIFTED=geo.shifted, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, LINEAR=geo.tap_major,
             CONTIG=geo.contig, ROWS=geo.fwd_rows, NI=geo.row_tile[0], NJ=geo.row_tile[1], BIG=geo.big, PREC=geo.prec,
-            EVEN_N=geo.NP == geo.N, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.fwd_bk, num_warps=geo.fwd_warps, num_stages=geo.fwd_stages,
-            maxnreg=geo.fwd_maxnreg,
+            EVEN_N=geo.NP == geo.N, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.fwd_bk,
+            num_warps=geo.fwd_warps, num_stages=geo.fwd_stages, maxnreg=geo.fwd_maxnreg,
         )
     return y, mean, rstd
 
