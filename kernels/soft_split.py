@@ -982,7 +982,9 @@ class _Geometry:
         inner = self.B * (r1 - r0) * (c1 - c0)
         self.bwd_tile_args = (tiles_h, tiles_w, r0, r1, c0, c1, inner, self.B * tpi - inner)
         # grad_x: pixels x channels per program
-        self.dx_block = (64, _pow2(self.C, 16, 64 if self.half else 32))  # 64 pixels: two programs per SM
+        # 16-bit: 128 pixels (two blocks per SM; 64 held three, at 30% more instructions: an issue floor over the
+        # roofline, the same predicted time); fp32 (3xTF32 operands) 64 pixels and 32 channels
+        self.dx_block = (128, _pow2(self.C, 16, 64)) if self.half else (64, _pow2(self.C, 16, 32))
         # the weight gradient's q rows: the forward's tap-row order too when a channel's taps fill one chunk (stage
         # 1: 8 x 8), the finishing kernel mapping them back to k
         self.bwd_rows = self.fwd_rows and math.prod(self.row_tile) == self.bk

@@ -80,6 +80,7 @@ CASES = [
     (1, 3, 6, 5, 3, 2, 1, 520, False, False, False, True, torch.bfloat16),  # column groups (three of 128 + 64)
     (1, 3, 6, 5, 3, 2, 1, 520, False, True, True, True, torch.float32),  # norm gradients in two column blocks
     (1, 4, 5, 70, 3, 1, 1, 8, True, True, True, True, torch.float32),  # grad_x: two pixel blocks across a row
+    (1, 16, 12, 23, 3, 1, 1, 24, True, True, True, True, torch.bfloat16),  # 16-bit grad_x: three of 128 pixels
     (2, 32, 6, 7, 3, 2, 1, 48, True, True, True, True, torch.bfloat16),  # 32 + 16 columns, all inside out
     (1, 64, 6, 5, 3, 2, 1, 24, True, True, True, True, torch.bfloat16),  # contiguous gathers, 2 chunks per tap
     # grad_x's unmasked blocks (columns a multiple of 64, channels of the channel block), with and without the norm
