@@ -40,7 +40,8 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
   without the norm) for its chunk and the group's output columns over its tiles; the interior tiles in one loop
   (unmasked) and the border ones in another, so no loop body holds both paths. Then, with D stored, each program
   sums dy over its share of row blocks (``db = sum dy`` as dy^T @ ones): accumulators held inside the tile loops
-  cost the second block per SM (4 warps at 230 registers, or 8 at 148); after them, 8 warps at 127 and two blocks.
+  cost the second block per SM (4 warps at 230 registers, or 8 at 148); after them, 8 warps at 115-127 and two
+  blocks. A program steps through its tiles (every G-th) with a mixed-radix counter, not a division per tile.
   A finishing kernel (a grid of about two programs per SM over blocks of weight columns, each summing the
   groups' partials GB at a time, in a fixed order: deterministic, no atomics) applies
   ``dW = gamma * D + db beta^T``, ``dgamma = sum_n W * D``, ``dbeta = W^T db``. Where a channel's taps padded to
@@ -267,7 +268,7 @@ def _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG: tl.constexpr, BIG:
 
 @triton.jit
 def _row_chunk(kc, sxc, sxh, BIG: tl.constexpr, NI: tl.constexpr, NJ: tl.constexpr):
-    """Offsets in x and tap bits (as ``_chunk``) of the forward's chunk kc in tap-row order (``_Geometry.fwd_rows``):
+    """Offsets in x and tap bits (as ``_chunk``) of chunk kc in tap-row order (``_Geometry.fwd_rows``, ``bwd_rows``):
     channel kc's NI x NJ taps (i, j), rows i >= KH and columns j >= KW padding. A column's mask is its tap pair's
     (2 * (j // 2)): pairs never straddle the image's edge, so each pair is one 4-byte load (cp.async); the
     divisions are of the column index itself, which lets the compiler see that constancy."""
