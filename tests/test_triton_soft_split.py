@@ -75,6 +75,7 @@ CASES = [
     (2, 3, 11, 13, 3, 2, 1, 20, False, False, False, False, torch.bfloat16),
     (1, 4, 10, 9, 3, 2, 1, 20, True, True, True, True, torch.float16),
     (1, 3, 17, 15, 7, 4, 2, 24, False, True, True, True, torch.bfloat16),
+    (1, 3, 17, 16, 7, 4, 2, 24, False, True, True, True, torch.float16),  # even W: every tap-row path in fp16
     (2, 32, 8, 7, 3, 2, 1, 70, True, True, True, True, torch.bfloat16),
     (1, 20, 5, 6, 3, 2, 1, 300, True, True, True, True, torch.float32),  # column groups (fp32: two of 128 + 32)
     (1, 3, 6, 5, 3, 2, 1, 520, False, False, False, True, torch.bfloat16),  # column groups (three of 128 + 64)
