@@ -224,17 +224,16 @@ def _tile(tile, TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, s
     of each row inside the image, whether every patch of the tile lies inside the image and every row is a
     token). A tile is TH x TW tokens of one image (tile = b*TPI + tr*TILES_W + tc), or with LINEAR (TH = 1) TW
     consecutive tokens of all M = B*L, across rows and images (never interior)."""
-    if LINEAR:  # per row: unsigned divisions by runtime values
+    if LINEAR:  # per row: divisions by the constexpr L and LW (multiplications)
         m = tl.arange(0, TW)
         if BIG:
-            t = tile.to(tl.int64) * TW + m
-            b = t // L
+            t = tl.cast(tile, tl.int64) * TW + m  # (tl.cast: the interpreter passes a loop index as a Python int)
         else:
             t = tile * TW + m
-            b = _udiv(t, L)
+        b = t // L
         row_ok = t < M
         r = (t - b * L).to(tl.int32)
-        th = _udiv(r, LW)
+        th = r // LW
         tw = r - th * LW
         token = t
         interior = False
@@ -347,7 +346,8 @@ def _stats_rows(x_ptr, xrow, bits, shift, C, s1, s2, sxc, sxh, KH: tl.constexpr,
 @triton.jit
 def _stats_kernel(
     x_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, d_ptr,
-    TPI, TILES_W, M, L, LH, LW, H, W, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    TPI, TILES_W, M, L: tl.constexpr, LH, LW: tl.constexpr, H, W, KH: tl.constexpr, KW: tl.constexpr,
+    SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, K, NUM_CHUNKS, CPB: tl.constexpr, sxb, sxc, sxh, sxw, eps,
     CONTIG: tl.constexpr, BIG: tl.constexpr, LINEAR: tl.constexpr, ROWS: tl.constexpr, NJ: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, BK: tl.constexpr,
@@ -431,7 +431,8 @@ def _forward_store(y_ptr, coef_ptr, cvec_ptr, acc, rstd, d, yrow, row_ok, cols, 
 @triton.jit
 def _forward_kernel(
     x_ptr, wt_ptr, coef_ptr, cvec_ptr, koff_ptr, bits_ptr, y_ptr, rstd_ptr, d_ptr,
-    TPI, TILES_W, M, L, LH, LW, H, W, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    TPI, TILES_W, M, L: tl.constexpr, LH, LW: tl.constexpr, H, W, KH: tl.constexpr, KW: tl.constexpr,
+    SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, N, NP, NUM_CHUNKS, CPB: tl.constexpr, sxb, sxc, sxh, sxw,
     HAS_NORM: tl.constexpr, SHIFTED: tl.constexpr, HAS_CVEC: tl.constexpr, HAS_N1: tl.constexpr,
     LINEAR: tl.constexpr, CONTIG: tl.constexpr, ROWS: tl.constexpr, NI: tl.constexpr, NJ: tl.constexpr,
@@ -520,15 +521,19 @@ def _dy_tile(dyrow, cols, row_ok, N, MASKED: tl.constexpr, EVEN_N: tl.constexpr)
 
 @triton.jit
 def _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, tr, tc, kc, cols0, cols1,
-                 dw0, dw1, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb, sxc, sxh, sxw,
+                 dw0, dw1, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb, sxc, sxh, sxw,
                  HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, MASKED: tl.constexpr, CONTIG: tl.constexpr,
-                 ROWS: tl.constexpr, NI: tl.constexpr, NJ: tl.constexpr,
+                 LINEAR: tl.constexpr, ROWS: tl.constexpr, NI: tl.constexpr, NJ: tl.constexpr,
                  BIG: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
                  BK: tl.constexpr):
-    """One tile (tr, tc) of image b into the weight kernel's accumulators (only wt's dtype is used: the dots'
-    operand dtype)."""
-    b, th, tw, row_ok, yrow, _ = _tile_rows(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG, TH, TW)
-    _, xrow, bits = _patches(b, th, tw, row_ok, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw, BIG)
+    """One tile (tr, tc) of image b into the weight kernel's accumulators, or with LINEAR the linear tile b (TH = 1:
+    TW consecutive tokens of all M; only wt's dtype is used: the dots' operand dtype)."""
+    if LINEAR:
+        row_ok, _, xrow, yrow, bits, _ = _tile(b, 1, 1, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw,
+                                               BIG, True, 1, TW)
+    else:
+        b, th, tw, row_ok, yrow, _ = _tile_rows(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG, TH, TW)
+        _, xrow, bits = _patches(b, th, tw, row_ok, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw, BIG)
     a = _operand(x_ptr, xrow, bits, row_ok, kc, koff_ptr, bits_ptr, KW, CPB, sxc, sxh, sxw, mean_ptr, rstd_ptr, yrow,
                  HAS_NORM, MASKED, CONTIG, ROWS, NI, NJ, BIG, BK)
     dt = wt_ptr.dtype.element_ty
@@ -544,12 +549,13 @@ def _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, 
 @triton.jit
 def _backward_weight_kernel(
     x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, part_ptr, dbp_ptr,
-    TILES_H, TILES_W, R0, R1, C0, C1, NUM_INNER, NUM_BORDER, M, L, LH, LW, H, W,
+    TILES_H, TILES_W, R0, R1, C0, C1, NUM_INNER, NUM_BORDER, M, L: tl.constexpr, LH, LW: tl.constexpr, H, W,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     N, NP, KP, NKB, G, CPB: tl.constexpr, sxb, sxc, sxh, sxw,
     HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, CONTIG: tl.constexpr, ROWS: tl.constexpr, NI: tl.constexpr,
     NJ: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr,
-    INNER: tl.constexpr, EVEN_N: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr,
+    INNER: tl.constexpr, LINEAR: tl.constexpr, EVEN_N: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+    BN0: tl.constexpr,
     BN1: tl.constexpr, BK: tl.constexpr,
 ):
     """Program (group g, chunk kc of BK q rows; column group on axis 1) over its share of the tiles (every G-th):
@@ -576,9 +582,9 @@ def _backward_weight_kernel(
         gb, gr, gc = _tile_index(G, inner, inner_w)
         for i in range(g, NUM_INNER, G):
             dw0, dw1 = _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, R0 + r,
-                                    C0 + c, kc, cols0, cols1, dw0, dw1, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N,
-                                    CPB, sxb, sxc, sxh, sxw, HAS_NORM, HAS_N1, False, CONTIG, ROWS, NI, NJ, BIG, EVEN_N,
-                                    PREC, TH, TW, BK)
+                                    C0 + c, kc, cols0, cols1, dw0, dw1, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW,
+                                    N, CPB, sxb, sxc, sxh, sxw, HAS_NORM, HAS_N1, False, CONTIG, False, ROWS, NI, NJ,
+                                    BIG, EVEN_N, PREC, TH, TW, BK)
             b, r, c = _tile_step(b, r, c, gb, gr, gc, inner_h, inner_w)
         # border tiles of an image, numbered: the rows above R0, the rows from R1, then the sides of rows R0..R1-1
         border = TILES_H * TILES_W - inner
@@ -597,17 +603,23 @@ def _backward_weight_kernel(
             tc = k - r * width
             tc = tl.where(full_row | (tc < C0), tc, tc + inner_w)
             dw0, dw1 = _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, tr, tc, kc,
-                                    cols0, cols1, dw0, dw1, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb,
-                                    sxc, sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, ROWS, NI, NJ, BIG, EVEN_N, PREC,
+                                    cols0, cols1, dw0, dw1, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb,
+                                    sxc, sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, False, ROWS, NI, NJ, BIG, EVEN_N,
+                                    PREC, TH, TW, BK)
+    elif LINEAR:  # no interior tiles, tap-major: TW consecutive tokens of all M per tile, masked
+        for i in range(g, NUM_BORDER, G):
+            dw0, dw1 = _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, i, 0, 0, kc, cols0,
+                                    cols1, dw0, dw1, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb, sxc,
+                                    sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, True, ROWS, NI, NJ, BIG, EVEN_N, PREC,
                                     TH, TW, BK)
-    else:  # no interior tiles (stage 2 and on): every tile in order, masked
+    else:  # no interior tiles, channel-major: every tile in order, masked
         b, tr, tc = _tile_index(g, TILES_H * TILES_W, TILES_W)
         gb, gr, gc = _tile_index(G, TILES_H * TILES_W, TILES_W)
         for i in range(g, NUM_BORDER, G):
             dw0, dw1 = _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, tr, tc, kc,
-                                    cols0, cols1, dw0, dw1, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb,
-                                    sxc, sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, ROWS, NI, NJ, BIG, EVEN_N, PREC,
-                                    TH, TW, BK)
+                                    cols0, cols1, dw0, dw1, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb,
+                                    sxc, sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, False, ROWS, NI, NJ, BIG, EVEN_N,
+                                    PREC, TH, TW, BK)
             b, tr, tc = _tile_step(b, tr, tc, gb, gr, gc, TILES_H, TILES_W)
     part = part_ptr + (g * KP + q)[None, :] * NP
     tl.store(part + cols0[:, None], dw0)
@@ -982,6 +994,12 @@ class _Geometry:
         c0, c1 = _inside_range(self.bwd_tile[1], self.LW, self.W, self.k[1], self.s[1], self.p[1])
         inner = self.B * (r1 - r0) * (c1 - c0)
         self.bwd_tile_args = (tiles_h, tiles_w, r0, r1, c0, c1, inner, self.B * tpi - inner)
+        # tap-major without interior tiles (every tile masked anyway): linear tiles, none cut short at a row's end
+        # (B=64: 784 tiles at stage 2 where 2-D ones took 896; 196 at the final stage, not 256)
+        self.bwd_linear = self.tap_major and inner == 0
+        if self.bwd_linear:
+            self.bwd_tile = (1, 64)
+            self.bwd_tile_args = (1, 1, 0, 0, 0, 0, 0, cdiv(self.M, 64))
         # grad_x: pixels x channels per program
         # 16-bit: 128 pixels (two blocks per SM; 64 held three, at 30% more instructions: an issue floor over the
         # roofline, the same predicted time); fp32 (3xTF32 operands) 64 pixels and 32 channels
@@ -1037,7 +1055,7 @@ class _Geometry:
     def groups(self, sms: int) -> int:
         """Token groups of the weight-gradient kernel: at most two programs per SM (the blocks an SM holds: a
         few programs more would run as a second wave of the same length), partials bounded."""
-        tiles = self.num_tiles(self.bwd_tile)
+        tiles = self.bwd_tile_args[6] + self.bwd_tile_args[7]
         return max(1, min(tiles, (2 * sms) // (self.nkb * self.col_groups),
                           _PARTIAL_BYTES // (4 * self.wkp * self.NP)))
 
@@ -1205,7 +1223,8 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
             x.stride(0), x.stride(1), x.stride(2), x.stride(3),
             HAS_NORM=has_norm, HAS_N1=geo.BN1 > 0, CONTIG=geo.contig, ROWS=geo.bwd_rows, NI=geo.row_tile[0],
             NJ=geo.row_tile[1], BIG=geo.big, PREC=geo.prec,
-            INNER=geo.bwd_tile_args[6] > 0, EVEN_N=geo.NP == N, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16),
+            INNER=geo.bwd_tile_args[6] > 0, LINEAR=geo.bwd_linear, EVEN_N=geo.NP == N, TH=th, TW=tw, BN0=geo.BN0,
+            BN1=max(geo.BN1, 16),
             BK=geo.bk,
             num_warps=8, num_stages=2,
         )

@@ -424,14 +424,15 @@ def test_weight_gradient_sums_many_groups(poisoned, monkeypatch):
 @pytest.mark.parametrize("sms", [5, 20])
 def test_weight_gradient_walks_every_tile_once(sms, poisoned, monkeypatch):
     """The weight kernel's programs step through their tiles (every G-th) with a mixed-radix counter, no
-    division per step: several images, rows and G's that wrap across both; interior tiles with border ones
-    (channel-major), and the single loop of a token view."""
+    division per step: several images, rows and G's that wrap across both; interior tiles with border ones, and
+    the single loop of an image without interior tiles (channel-major), or its linear tiles (a token view)."""
     monkeypatch.setattr(kernel, "_CPU_SMS", sms)
-    for tokens, C, H, W in ((False, 3, 24, 18), (True, 16, 10, 12)):
+    for tokens, C, H, W, inner in ((False, 3, 24, 18, True), (False, 3, 9, 60, False), (True, 16, 10, 12, False)):
         leaves = _inputs(3, C, H, W, 3, 20, tokens, True, True, True, torch.float32)
         geo = kernel._plan(leaves[0], [3, 3], [1, 1], [1, 1], leaves[1])
-        assert geo.groups(sms) < geo.num_tiles(geo.bwd_tile)  # G = 1 (tokens, 5 SMs) steps one tile at a time
-        assert (geo.bwd_tile_args[6] > 0) != tokens  # interior tiles only in the channel-major image
+        tiles = geo.bwd_tile_args[6] + geo.bwd_tile_args[7]
+        assert geo.groups(sms) < tiles  # G = 1 (5 SMs, a token view) steps one tile at a time
+        assert (geo.bwd_tile_args[6] > 0) == inner and geo.bwd_linear == tokens
         _check_against_reference((3, 1, 1), leaves, torch.float32)
 
 
