@@ -60,8 +60,9 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
 fp32 inputs use 3xTF32 dots on the GPU (fp32-level accuracy); fp16/bf16 use the tensor cores with fp32
 accumulation. Under the Triton interpreter every operand is upcast to fp32 (it mishandles bf16 arithmetic).
 Offsets are int32 unless some element index can pass 2^31 (then int64, constexpr ``BIG``). The kernel geometry
-(kernel size, stride, padding, chunks per tap) is constexpr in the token kernels: the divisions by it fold (one
-compile per soft-split geometry; T2T-ViT has three). Tile sizes, warps and pipelining depths are chosen with
+(kernel size, stride, padding, chunks per tap) and the token grid's size and width (L, LW) are constexpr in the
+token kernels: the divisions by them fold (one compile per soft split and image size; T2T-ViT has three soft
+splits per resolution). Tile sizes, warps and pipelining depths are chosen with
 ``benchmarks/static_sm90.py`` (occupancy: resident warps per SM); a launch whose shared memory a GPU cannot hold
 runs again less deep (``_launch``).
 """
