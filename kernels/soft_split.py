@@ -351,12 +351,12 @@ def _stats_kernel(
     SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, K, NUM_CHUNKS, CPB: tl.constexpr, sxb, sxc, sxh, sxw, eps,
     CONTIG: tl.constexpr, BIG: tl.constexpr, LINEAR: tl.constexpr, ROWS: tl.constexpr, NJ: tl.constexpr,
-    TH: tl.constexpr, TW: tl.constexpr, BK: tl.constexpr,
+    STORE_D: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BK: tl.constexpr,
 ):
     """Program (token tile): the LayerNorm's mean and rstd of each token's patch, from the sums of x - s and
     (x - s)^2 (s: tap (0, 0) of channel 0, an element of the patch, so the variance keeps its precision when the
-    mean is large against the spread), elementwise over the chunks and reduced once; also d = mean - s, for the
-    fp32 forward (mean - s from the rounded mean would lose the digits s saved). Chunks: NUM_CHUNKS of BK table
+    mean is large against the spread), elementwise over the chunks and reduced once; with STORE_D also
+    d = mean - s, for the fp32 forward (mean - s from the rounded mean would lose the digits s saved). Chunks: NUM_CHUNKS of BK table
     rows, or with ROWS the taps of NUM_CHUNKS = C channels, one tap row (KW taps padded to NJ) after another."""
     row_ok, s_ok, xrow, yrow, bits, interior = _tile(tl.program_id(0), TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH,
                                                  SW, PH, PW, sxb, sxh, sxw, BIG, LINEAR, TH, TW)
@@ -386,7 +386,8 @@ def _stats_kernel(
     rstd = tl.rsqrt(tl.maximum(t2 / K - d * d, 0.0) + eps)
     tl.store(mean_ptr + yrow, shift + d, mask=row_ok)
     tl.store(rstd_ptr + yrow, rstd, mask=row_ok)
-    tl.store(d_ptr + yrow, d, mask=row_ok)
+    if STORE_D:
+        tl.store(d_ptr + yrow, d, mask=row_ok)
 
 
 @triton.jit
@@ -1160,21 +1161,21 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
         mean = empty(stats, torch.float32, x.device)
         rstd = empty(stats, torch.float32, x.device)
         cvec = coef[1] if has_norm else bias
-        d = torch.empty(stats, dtype=torch.float32, device=x.device)
+        d = empty(stats, torch.float32, x.device) if geo.shifted else mean  # the fp32 forward's mean - s
         if has_norm:
             th, tw = geo.stats_tile
             _stats_kernel[geo.grids(1)["stats"]](
                 x, *table, mean, rstd, d, *geo.tile_args(geo.stats_tile), geo.M, *geo.image_args(), geo.K,
                 geo.stats_chunks, max(1, geo.CP // geo.stats_bk), x.stride(0), x.stride(1), x.stride(2),
                 x.stride(3), float(eps), CONTIG=geo.contig, BIG=geo.big, LINEAR=geo.tap_major,
-                ROWS=geo.stats_rows, NJ=geo.row_tile[1], TH=th, TW=tw, BK=geo.stats_bk,
+                ROWS=geo.stats_rows, NJ=geo.row_tile[1], STORE_D=geo.shifted, TH=th, TW=tw, BK=geo.stats_bk,
                 num_warps=4,
             )
         th, tw = geo.fwd_tile
         _launch(
             _forward_kernel, geo.grids(1)["forward"], geo,
             x, wt, coef if has_norm else wt, cvec if cvec is not None else wt, *table, y, rstd,
-            d if geo.shifted else mean,
+            d,
             *geo.tile_args(geo.fwd_tile), geo.M, *geo.image_args(), geo.N, geo.NP, geo.fwd_chunks,
             max(1, geo.CP // geo.fwd_bk), x.stride(0), x.stride(1), x.stride(2), x.stride(3),
             HAS_NORM=has_norm, SHIFTED=geo.shifted, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, LINEAR=geo.tap_major,
