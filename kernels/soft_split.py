@@ -267,14 +267,22 @@ def _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG: tl.constexpr, BIG:
 
 
 @triton.jit
+def _pair_bit(col, NJ: tl.constexpr):
+    """The tap bit that masks column col of a tap row padded to NJ (col % NJ = j): its pair's first tap,
+    2 * (j // 2), whose bit the pair shares (pairs never straddle the image's edge, ``_Geometry.stats_rows``), so
+    that each pair is one 4-byte load. The divisions are of col itself, which lets the compiler see that constancy
+    (from col % NJ it cannot, and issues 2-byte loads)."""
+    return 1 << (16 + ((col // 2) % (NJ // 2)) * 2)
+
+
+@triton.jit
 def _row_chunk(kc, sxc, sxh, BIG: tl.constexpr, NI: tl.constexpr, NJ: tl.constexpr):
     """Offsets in x and tap bits (as ``_chunk``) of chunk kc in tap-row order (``_Geometry.fwd_rows``, ``bwd_rows``):
-    channel kc's NI x NJ taps (i, j), rows i >= KH and columns j >= KW padding. A column's mask is its tap pair's
-    (2 * (j // 2)): pairs never straddle the image's edge, so each pair is one 4-byte load (cp.async); the
-    divisions are of the column index itself, which lets the compiler see that constancy."""
+    channel kc's NI x NJ taps (i, j), rows i >= KH and columns j >= KW padding, masked per tap pair
+    (``_pair_bit``): each pair one 4-byte load (cp.async)."""
     col = tl.arange(0, NI * NJ)
     i = col // NJ
-    cb = (1 << i) | (1 << (16 + ((col // 2) % (NJ // 2)) * 2))
+    cb = (1 << i) | _pair_bit(col, NJ)
     if BIG:
         kc = tl.cast(kc, tl.int64)  # (the interpreter passes a Python int)
     return kc * sxc + i * sxh + col % NJ, cb[None, :]
@@ -326,7 +334,7 @@ def _stats_rows(x_ptr, xrow, bits, shift, C, s1, s2, sxc, sxh, KH: tl.constexpr,
     # at a time (x's offsets are even, see _Geometry.stats_rows); the masks are per pair, from its first tap's bit.
     # Columns KW..NJ-1 gather whatever lies there (in bounds) and are dropped after the loop.
     j = tl.arange(0, NJ)
-    cb = 1 << (16 + (j // 2) * 2)
+    cb = _pair_bit(j, NJ)
     ptrs = x_ptr + tl.multiple_of(xrow, 2)[:, None] + j[None, :]
     for c in range(C):
         for i in tl.static_range(KH):
@@ -356,8 +364,9 @@ def _stats_kernel(
     """Program (token tile): the LayerNorm's mean and rstd of each token's patch, from the sums of x - s and
     (x - s)^2 (s: tap (0, 0) of channel 0, an element of the patch, so the variance keeps its precision when the
     mean is large against the spread), elementwise over the chunks and reduced once; with STORE_D also
-    d = mean - s, for the fp32 forward (mean - s from the rounded mean would lose the digits s saved). Chunks: NUM_CHUNKS of BK table
-    rows, or with ROWS the taps of NUM_CHUNKS = C channels, one tap row (KW taps padded to NJ) after another."""
+    d = mean - s, for the fp32 forward (mean - s from the rounded mean would lose the digits s saved). Chunks:
+    NUM_CHUNKS of BK table rows, or with ROWS the taps of NUM_CHUNKS = C channels, one tap row (KW taps padded to
+    NJ) after another."""
     row_ok, s_ok, xrow, yrow, bits, interior = _tile(tl.program_id(0), TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH,
                                                  SW, PH, PW, sxb, sxh, sxw, BIG, LINEAR, TH, TW)
     shift = tl.load(x_ptr + xrow, mask=s_ok, other=0.0).to(tl.float32)
@@ -1174,8 +1183,7 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
         th, tw = geo.fwd_tile
         _launch(
             _forward_kernel, geo.grids(1)["forward"], geo,
-            x, wt, coef if has_norm else wt, cvec if cvec is not None else wt, *table, y, rstd,
-            d,
+            x, wt, coef if has_norm else wt, cvec if cvec is not None else wt, *table, y, rstd, d,
             *geo.tile_args(geo.fwd_tile), geo.M, *geo.image_args(), geo.N, geo.NP, geo.fwd_chunks,
             max(1, geo.CP // geo.fwd_bk), x.stride(0), x.stride(1), x.stride(2), x.stride(3),
             HAS_NORM=has_norm, SHIFTED=geo.shifted, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, LINEAR=geo.tap_major,
