@@ -46,7 +46,10 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
   groups' partials GB at a time, in a fixed order: deterministic, no atomics) applies
   ``dW = gamma * D + db beta^T``, ``dgamma = sum_n W * D``, ``dbeta = W^T db``. Where a channel's taps padded to
   powers of two fill one 64-row chunk (stage 1: 8 x 8), D's rows take the forward's tap-row order (pair loads,
-  no table) and the finishing kernel maps them back to k.
+  no table) and the finishing kernel maps them back to k. With ``CONTIG`` a program's chunk is one tap, so a
+  row's mask is two range checks of that tap (no tap bits); linear tiles that are all full (B*L a multiple of
+  the tile, T2T-ViT's later stages at B=64) load dy unmasked. In 16-bit the operand is ``x * rstd - mean *
+  rstd``, one FMA per element.
 - backward, LayerNorm sums (with the norm, only when x needs a gradient): per token ``sum_k gamma g xhat`` and
   ``sum_k gamma g`` (``g = dy @ W``), taken from the forward's output as ``dy . (y - W beta - b)`` and
   ``dy . (W gamma)``: two row dots of (tokens, out) tiles instead of a second GEMM over every patch. The same
@@ -219,12 +222,12 @@ def _patches(b, th, tw, row_ok, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw, BIG
 
 
 @triton.jit
-def _tile(tile, TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw,
-          BIG: tl.constexpr, LINEAR: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
-    """Token tile -> (rows in range, tap (0, 0) inside the image, its offset in x, token index (b*L + t), the taps
-    of each row inside the image, whether every patch of the tile lies inside the image and every row is a
-    token). A tile is TH x TW tokens of one image (tile = b*TPI + tr*TILES_W + tc), or with LINEAR (TH = 1) TW
-    consecutive tokens of all M = B*L, across rows and images (never interior)."""
+def _tokens(tile, TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG: tl.constexpr, LINEAR: tl.constexpr,
+            EVEN_M: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+    """Token tile -> (b, token row and column of each row, rows in range, token index (b*L + t), whether every patch
+    of the tile lies inside the image and every row is a token). A tile is TH x TW tokens of one image
+    (tile = b*TPI + tr*TILES_W + tc), or with LINEAR (TH = 1) TW consecutive tokens of all M = B*L, across rows and
+    images (never interior; EVEN_M: M a multiple of TW, every row a token)."""
     if LINEAR:  # per row: divisions by the constexpr L and LW (multiplications)
         m = tl.arange(0, TW)
         if BIG:
@@ -232,7 +235,7 @@ def _tile(tile, TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, s
         else:
             t = tile * TW + m
         b = t // L
-        row_ok = t < M
+        row_ok = tl.full((TW,), 1, tl.int1) if EVEN_M else t < M
         r = (t - b * L).to(tl.int32)
         th = r // LW
         tw = r - th * LW
@@ -242,6 +245,17 @@ def _tile(tile, TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, s
         b, tr, tc = _tile_index(tile, TPI, TILES_W)
         b, th, tw, row_ok, token, interior = _tile_rows(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG, TH,
                                                         TW)
+    return b, th, tw, row_ok, token, interior
+
+
+@triton.jit
+def _tile(tile, TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw,
+          BIG: tl.constexpr, LINEAR: tl.constexpr, EVEN_M: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+    """Token tile (``_tokens``) -> (rows in range, tap (0, 0) inside the image, its offset in x, token index
+    (b*L + t), the taps of each row inside the image, whether every patch of the tile lies inside the image and
+    every row is a token)."""
+    b, th, tw, row_ok, token, interior = _tokens(tile, TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW,
+                                                 BIG, LINEAR, EVEN_M, TH, TW)
     s_ok, xrow, bits = _patches(b, th, tw, row_ok, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw, BIG)
     return row_ok, s_ok, xrow, token, bits, interior
 
@@ -264,6 +278,23 @@ def _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG: tl.constexpr, BIG:
         offs = tl.load(koff_ptr + q)
         cb = tl.load(bits_ptr + q)[None, :]
     return offs, cb
+
+
+@triton.jit
+def _tap_rows(b, th, tw, row_ok, kc, H, W, KW, SH, SW, PH, PW, CPB, sxb, sxh, sxw, BIG: tl.constexpr,
+              BK: tl.constexpr):
+    """Rows (b, th, tw) -> the offset in x of CONTIG chunk kc's first column (tap (i, j), channels
+    (kc % CPB) * BK on) and, as 0/1, whether that tap lies inside the image and the row is a token: the weight
+    gradient's programs keep one chunk, so a row's mask is two range checks, not the tap bits of every tap."""
+    r = kc // CPB
+    h = th * SH - PH + r // KW
+    w = tw * SW - PW + r % KW
+    ok = row_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    if BIG:
+        xrow = b * sxb + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
+    else:
+        xrow = b * sxb + h * sxh + w * sxw
+    return xrow + (kc % CPB) * BK, ok.to(tl.int32)
 
 
 @triton.jit
@@ -293,8 +324,8 @@ def _gather(x_ptr, xrow, bits, offs, cb, sub, mul, MODE: tl.constexpr, MASKED: t
             TRANSPOSED: tl.constexpr):
     """The (tokens, q) tile of the unfolded tensor in fp32 (columns ``offs``, ``cb`` from ``_chunk``), or with
     TRANSPOSED its (q, tokens) transpose, as is (MODE 0), minus ``sub`` per token (1) or times ``mul`` after that
-    (2). Padding pixels read as 0 (MASKED; interior tiles have none), rows beyond the tokens as 0 - sub; q-padding
-    gathers tap (0, 0) of channel 0, the shift of the forward."""
+    (2), or times ``mul`` plus ``sub`` (3). Padding pixels read as 0 (MASKED; interior tiles have none), rows beyond
+    the tokens as 0 - sub (3: sub); q-padding gathers tap (0, 0) of channel 0, the shift of the forward."""
     if TRANSPOSED:
         ptrs = x_ptr + (offs[:, None] + xrow[None, :])
         tok = bits[None, :]
@@ -306,10 +337,12 @@ def _gather(x_ptr, xrow, bits, offs, cb, sub, mul, MODE: tl.constexpr, MASKED: t
         a = tl.load(ptrs, mask=(tok & cb) == cb, other=0.0).to(tl.float32)
     else:
         a = tl.load(ptrs).to(tl.float32)
-    if MODE >= 1:
+    if MODE == 1 or MODE == 2:
         a = a - (sub[None, :] if TRANSPOSED else sub[:, None])
     if MODE == 2:
         a = a * (mul[None, :] if TRANSPOSED else mul[:, None])
+    if MODE == 3:  # a * mul + sub: one FMA per element
+        a = a * (mul[None, :] if TRANSPOSED else mul[:, None]) + (sub[None, :] if TRANSPOSED else sub[:, None])
     return a
 
 
@@ -358,7 +391,8 @@ def _stats_kernel(
     TPI, TILES_W, M, L: tl.constexpr, LH, LW: tl.constexpr, H, W, KH: tl.constexpr, KW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, K, NUM_CHUNKS, CPB: tl.constexpr, sxb, sxc, sxh, sxw, eps,
-    CONTIG: tl.constexpr, BIG: tl.constexpr, LINEAR: tl.constexpr, ROWS: tl.constexpr, NJ: tl.constexpr,
+    CONTIG: tl.constexpr, BIG: tl.constexpr, LINEAR: tl.constexpr, EVEN_M: tl.constexpr, ROWS: tl.constexpr,
+    NJ: tl.constexpr,
     STORE_D: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BK: tl.constexpr,
 ):
     """Program (token tile): the LayerNorm's mean and rstd of each token's patch, from the sums of x - s and
@@ -368,7 +402,7 @@ def _stats_kernel(
     NUM_CHUNKS of BK table rows, or with ROWS the taps of NUM_CHUNKS = C channels, one tap row (KW taps padded to
     NJ) after another."""
     row_ok, s_ok, xrow, yrow, bits, interior = _tile(tl.program_id(0), TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH,
-                                                 SW, PH, PW, sxb, sxh, sxw, BIG, LINEAR, TH, TW)
+                                                 SW, PH, PW, sxb, sxh, sxw, BIG, LINEAR, EVEN_M, TH, TW)
     shift = tl.load(x_ptr + xrow, mask=s_ok, other=0.0).to(tl.float32)
     if ROWS:
         s1 = tl.zeros((TH * TW, NJ), dtype=tl.float32)
@@ -446,7 +480,8 @@ def _forward_kernel(
     SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, N, NP, NUM_CHUNKS, CPB: tl.constexpr, sxb, sxc, sxh, sxw,
     HAS_NORM: tl.constexpr, SHIFTED: tl.constexpr, HAS_CVEC: tl.constexpr, HAS_N1: tl.constexpr,
-    LINEAR: tl.constexpr, CONTIG: tl.constexpr, ROWS: tl.constexpr, NI: tl.constexpr, NJ: tl.constexpr,
+    LINEAR: tl.constexpr, EVEN_M: tl.constexpr, CONTIG: tl.constexpr, ROWS: tl.constexpr, NI: tl.constexpr,
+    NJ: tl.constexpr,
     BIG: tl.constexpr, PREC: tl.constexpr, EVEN_N: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr, BK: tl.constexpr,
 ):
@@ -464,7 +499,7 @@ def _forward_kernel(
     their spread (1e-2 at mean 1000 with spread 1, below bf16's resolution there)."""
     BM: tl.constexpr = TH * TW
     row_ok, s_ok, xrow, yrow, bits, _ = _tile(tl.program_id(0), TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH,
-                                              PW, sxb, sxh, sxw, BIG, LINEAR, TH, TW)
+                                              PW, sxb, sxh, sxw, BIG, LINEAR, EVEN_M, TH, TW)
     col0 = tl.program_id(1) * (BN0 + BN1 * HAS_N1)
     acc0 = tl.zeros((BM, BN0), dtype=tl.float32)
     acc1 = tl.zeros((BM, BN1), dtype=tl.float32)
@@ -497,10 +532,14 @@ def _operand(x_ptr, xrow, bits, row_ok, kc, koff_ptr, bits_ptr, KW, CPB, sxc, sx
     """The tile's xhat (x without the norm) for q chunk kc in fp32: 0 in rows beyond the tokens, garbage in
     q-padding (it only meets zero weights or discarded rows). The chunk's columns come from ``_chunk`` here, per
     tile: the table's (L1 hits) hold no registers across the weight kernel's loop; or with ROWS from
-    ``_row_chunk`` (tap pairs, 4-byte loads)."""
+    ``_row_chunk`` (tap pairs, 4-byte loads); with CONTIG xrow and bits are ``_tap_rows``' (the chunk's tap folded
+    into xrow, bits a 0/1 row mask)."""
     if ROWS:
         offs, cb = _row_chunk(kc, sxc, sxh, BIG, NI, NJ)
         xrow = tl.multiple_of(xrow, 2)
+    elif CONTIG:  # xrow and bits from _tap_rows
+        offs = tl.arange(0, BK)
+        cb = tl.full((1, BK), 1, tl.int32)
     else:
         offs, cb = _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG, BIG, BK)
     if HAS_NORM:
@@ -510,7 +549,10 @@ def _operand(x_ptr, xrow, bits, row_ok, kc, koff_ptr, bits_ptr, KW, CPB, sxc, sx
         else:  # interior tiles: every row a token
             mu = tl.load(mean_ptr + yrow)
             rs = tl.load(rstd_ptr + yrow)
-        a = _gather(x_ptr, xrow, bits, offs, cb, mu, rs, 2, MASKED, False)
+        if x_ptr.dtype.element_ty == tl.float32:
+            a = _gather(x_ptr, xrow, bits, offs, cb, mu, rs, 2, MASKED, False)
+        else:  # x * rstd - mean * rstd: its rounding error stays below the 16-bit operand's
+            a = _gather(x_ptr, xrow, bits, offs, cb, -mu * rs, rs, 3, MASKED, False)
     else:
         a = _gather(x_ptr, xrow, bits, offs, cb, xrow, xrow, 0, MASKED, False)
     return a
@@ -534,25 +576,30 @@ def _dy_tile(dyrow, cols, row_ok, N, MASKED: tl.constexpr, EVEN_N: tl.constexpr)
 def _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, tr, tc, kc, cols0, cols1,
                  dw0, dw1, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb, sxc, sxh, sxw,
                  HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, MASKED: tl.constexpr, CONTIG: tl.constexpr,
-                 LINEAR: tl.constexpr, ROWS: tl.constexpr, NI: tl.constexpr, NJ: tl.constexpr,
-                 BIG: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-                 BK: tl.constexpr):
+                 LINEAR: tl.constexpr, EVEN_M: tl.constexpr, ROWS: tl.constexpr, NI: tl.constexpr,
+                 NJ: tl.constexpr, BIG: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr,
+                 TW: tl.constexpr, BK: tl.constexpr):
     """One tile (tr, tc) of image b into the weight kernel's accumulators, or with LINEAR the linear tile b (TH = 1:
-    TW consecutive tokens of all M; only wt's dtype is used: the dots' operand dtype)."""
+    TW consecutive tokens of all M, dy unmasked with EVEN_M; only wt's dtype is used: the dots' operand dtype)."""
     if LINEAR:
-        row_ok, _, xrow, yrow, bits, _ = _tile(b, 1, 1, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw,
-                                               BIG, True, 1, TW)
+        b, th, tw, row_ok, yrow, _ = _tokens(b, 1, 1, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG, True, EVEN_M,
+                                             1, TW)
     else:
         b, th, tw, row_ok, yrow, _ = _tile_rows(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG, TH, TW)
+    if CONTIG:
+        xrow, bits = _tap_rows(b, th, tw, row_ok, kc, H, W, KW, SH, SW, PH, PW, CPB, sxb, sxh, sxw, BIG, BK)
+    else:
         _, xrow, bits = _patches(b, th, tw, row_ok, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw, BIG)
     a = _operand(x_ptr, xrow, bits, row_ok, kc, koff_ptr, bits_ptr, KW, CPB, sxc, sxh, sxw, mean_ptr, rstd_ptr, yrow,
                  HAS_NORM, MASKED, CONTIG, ROWS, NI, NJ, BIG, BK)
     dt = wt_ptr.dtype.element_ty
     dyrow = dy_ptr + yrow[:, None] * N
     ad = a.to(dt)
-    dw0 = tl.dot(tl.trans(_dy_tile(dyrow, cols0, row_ok, N, MASKED, EVEN_N).to(dt)), ad, dw0, input_precision=PREC)
+    DY_MASKED: tl.constexpr = MASKED and not (LINEAR and EVEN_M)
+    dw0 = tl.dot(tl.trans(_dy_tile(dyrow, cols0, row_ok, N, DY_MASKED, EVEN_N).to(dt)), ad, dw0,
+                 input_precision=PREC)
     if HAS_N1:
-        dw1 = tl.dot(tl.trans(_dy_tile(dyrow, cols1, row_ok, N, MASKED, EVEN_N).to(dt)), ad, dw1,
+        dw1 = tl.dot(tl.trans(_dy_tile(dyrow, cols1, row_ok, N, DY_MASKED, EVEN_N).to(dt)), ad, dw1,
                      input_precision=PREC)
     return dw0, dw1
 
@@ -565,9 +612,8 @@ def _backward_weight_kernel(
     N, NP, KP, NKB, G, CPB: tl.constexpr, sxb, sxc, sxh, sxw,
     HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, CONTIG: tl.constexpr, ROWS: tl.constexpr, NI: tl.constexpr,
     NJ: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr,
-    INNER: tl.constexpr, LINEAR: tl.constexpr, EVEN_N: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-    BN0: tl.constexpr,
-    BN1: tl.constexpr, BK: tl.constexpr,
+    INNER: tl.constexpr, LINEAR: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, TH: tl.constexpr,
+    TW: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr, BK: tl.constexpr,
 ):
     """Program (group g, chunk kc of BK q rows; column group on axis 1) over its share of the tiles (every G-th):
     part[g, q, n] = sum dy[t, n] xhat[t, q] (x without the norm) for the group's columns n. With INNER
@@ -594,8 +640,8 @@ def _backward_weight_kernel(
         for i in range(g, NUM_INNER, G):
             dw0, dw1 = _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, R0 + r,
                                     C0 + c, kc, cols0, cols1, dw0, dw1, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW,
-                                    N, CPB, sxb, sxc, sxh, sxw, HAS_NORM, HAS_N1, False, CONTIG, False, ROWS, NI, NJ,
-                                    BIG, EVEN_N, PREC, TH, TW, BK)
+                                    N, CPB, sxb, sxc, sxh, sxw, HAS_NORM, HAS_N1, False, CONTIG, False, EVEN_M, ROWS,
+                                    NI, NJ, BIG, EVEN_N, PREC, TH, TW, BK)
             b, r, c = _tile_step(b, r, c, gb, gr, gc, inner_h, inner_w)
         # border tiles of an image, numbered: the rows above R0, the rows from R1, then the sides of rows R0..R1-1
         border = TILES_H * TILES_W - inner
@@ -615,22 +661,22 @@ def _backward_weight_kernel(
             tc = tl.where(full_row | (tc < C0), tc, tc + inner_w)
             dw0, dw1 = _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, tr, tc, kc,
                                     cols0, cols1, dw0, dw1, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb,
-                                    sxc, sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, False, ROWS, NI, NJ, BIG, EVEN_N,
-                                    PREC, TH, TW, BK)
+                                    sxc, sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, False, EVEN_M, ROWS, NI, NJ, BIG,
+                                    EVEN_N, PREC, TH, TW, BK)
     elif LINEAR:  # no interior tiles, tap-major: TW consecutive tokens of all M per tile, masked
         for i in range(g, NUM_BORDER, G):
             dw0, dw1 = _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, i, 0, 0, kc, cols0,
                                     cols1, dw0, dw1, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb, sxc,
-                                    sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, True, ROWS, NI, NJ, BIG, EVEN_N, PREC,
-                                    TH, TW, BK)
+                                    sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, True, EVEN_M, ROWS, NI, NJ, BIG, EVEN_N,
+                                    PREC, TH, TW, BK)
     else:  # no interior tiles, channel-major: every tile in order, masked
         b, tr, tc = _tile_index(g, TILES_H * TILES_W, TILES_W)
         gb, gr, gc = _tile_index(G, TILES_H * TILES_W, TILES_W)
         for i in range(g, NUM_BORDER, G):
             dw0, dw1 = _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, tr, tc, kc,
                                     cols0, cols1, dw0, dw1, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb,
-                                    sxc, sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, False, ROWS, NI, NJ, BIG, EVEN_N,
-                                    PREC, TH, TW, BK)
+                                    sxc, sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, False, EVEN_M, ROWS, NI, NJ, BIG,
+                                    EVEN_N, PREC, TH, TW, BK)
             b, tr, tc = _tile_step(b, tr, tc, gb, gr, gc, TILES_H, TILES_W)
     part = part_ptr + (g * KP + q)[None, :] * NP
     tl.store(part + cols0[:, None], dw0)
@@ -1177,8 +1223,8 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
                 x, *table, mean, rstd, d, *geo.tile_args(geo.stats_tile), geo.M, *geo.image_args(), geo.K,
                 geo.stats_chunks, max(1, geo.CP // geo.stats_bk), x.stride(0), x.stride(1), x.stride(2),
                 x.stride(3), float(eps), CONTIG=geo.contig, BIG=geo.big, LINEAR=geo.tap_major,
-                ROWS=geo.stats_rows, NJ=geo.row_tile[1], STORE_D=geo.shifted, TH=th, TW=tw, BK=geo.stats_bk,
-                num_warps=4,
+                EVEN_M=geo.M % tw == 0, ROWS=geo.stats_rows, NJ=geo.row_tile[1], STORE_D=geo.shifted, TH=th, TW=tw,
+                BK=geo.stats_bk, num_warps=4,
             )
         th, tw = geo.fwd_tile
         _launch(
@@ -1187,7 +1233,8 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
             *geo.tile_args(geo.fwd_tile), geo.M, *geo.image_args(), geo.N, geo.NP, geo.fwd_chunks,
             max(1, geo.CP // geo.fwd_bk), x.stride(0), x.stride(1), x.stride(2), x.stride(3),
             HAS_NORM=has_norm, SHIFTED=geo.shifted, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, LINEAR=geo.tap_major,
-            CONTIG=geo.contig, ROWS=geo.fwd_rows, NI=geo.row_tile[0], NJ=geo.row_tile[1], BIG=geo.big, PREC=geo.prec,
+            EVEN_M=geo.M % tw == 0, CONTIG=geo.contig, ROWS=geo.fwd_rows, NI=geo.row_tile[0], NJ=geo.row_tile[1],
+            BIG=geo.big, PREC=geo.prec,
             EVEN_N=geo.NP == geo.N, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.fwd_bk,
             num_warps=geo.fwd_warps, num_stages=geo.fwd_stages, maxnreg=geo.fwd_maxnreg,
         )
@@ -1233,9 +1280,8 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
             x.stride(0), x.stride(1), x.stride(2), x.stride(3),
             HAS_NORM=has_norm, HAS_N1=geo.BN1 > 0, CONTIG=geo.contig, ROWS=geo.bwd_rows, NI=geo.row_tile[0],
             NJ=geo.row_tile[1], BIG=geo.big, PREC=geo.prec,
-            INNER=geo.bwd_tile_args[6] > 0, LINEAR=geo.bwd_linear, EVEN_N=geo.NP == N, TH=th, TW=tw, BN0=geo.BN0,
-            BN1=max(geo.BN1, 16),
-            BK=geo.bk,
+            INNER=geo.bwd_tile_args[6] > 0, LINEAR=geo.bwd_linear, EVEN_M=M % tw == 0, EVEN_N=geo.NP == N, TH=th,
+            TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk,
             num_warps=8, num_stages=2,
         )
         grad_weight = empty((N, K), weight.dtype, x.device)

@@ -421,6 +421,17 @@ def test_weight_gradient_sums_many_groups(poisoned, monkeypatch):
     _check_against_reference((2, 1, 0), leaves, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_tiles_all_full(dtype, poisoned):
+    """A token view whose B*L tokens fill every linear tile (as at T2T-ViT's later stages for B=64): the tiles'
+    rows and dy take no token mask, the padding taps keep theirs (in 16-bit, one range check per row)."""
+    leaves = _inputs(2, 32, 16, 16, 3, 40, True, True, True, True, dtype)
+    geo = kernel._plan(leaves[0], [3, 3], [2, 2], [1, 1], leaves[1])
+    assert geo.bwd_linear and geo.contig == (dtype != torch.float32)
+    assert all(geo.M % tile[1] == 0 for tile in (geo.stats_tile, geo.fwd_tile, geo.bwd_tile))
+    _check_against_reference((3, 2, 1), leaves, dtype)
+
+
 @pytest.mark.parametrize("sms", [5, 20])
 def test_weight_gradient_walks_every_tile_once(sms, poisoned, monkeypatch):
     """The weight kernel's programs step through their tiles (every G-th) with a mixed-radix counter, no
@@ -438,8 +449,9 @@ def test_weight_gradient_walks_every_tile_once(sms, poisoned, monkeypatch):
 
 @pytest.mark.parametrize("tokens, k, s, p, W, dtype", [(False, 3, 2, 1, 11, torch.float32),
                                                        (True, 3, 2, 1, 11, torch.float32),
+                                                       (True, 3, 2, 1, 11, torch.bfloat16),
                                                        (False, 7, 4, 2, 12, torch.bfloat16)],
-                         ids=["nchw", "tokens", "nchw-tap-rows"])
+                         ids=["nchw", "tokens", "tokens-contiguous-taps", "nchw-tap-rows"])
 def test_int64_offsets(tokens, k, s, p, W, dtype, poisoned, monkeypatch):
     """The int64-offset variant (``BIG``: chosen when an element index can pass 2^31) on a small case, by
     lowering the threshold."""
