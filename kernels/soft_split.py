@@ -326,12 +326,14 @@ def _gather(x_ptr, xrow, bits, offs, cb, sub, mul, MODE: tl.constexpr, MASKED: t
     TRANSPOSED its (q, tokens) transpose, as is (MODE 0), minus ``sub`` per token (1) or times ``mul`` after that
     (2), or times ``mul`` plus ``sub`` (3). Padding pixels read as 0 (MASKED; interior tiles have none), rows beyond
     the tokens as 0 - sub (3: sub); q-padding gathers tap (0, 0) of channel 0, the shift of the forward."""
+    # each row's pointer first, then the columns' offsets: a thread's neighbouring columns become immediate offsets
+    # of one address (from the int32 sum xrow + offs every element needs its own 64-bit address)
     if TRANSPOSED:
-        ptrs = x_ptr + (offs[:, None] + xrow[None, :])
+        ptrs = (x_ptr + xrow)[None, :] + offs[:, None]
         tok = bits[None, :]
         cb = tl.trans(cb)
     else:
-        ptrs = x_ptr + (xrow[:, None] + offs[None, :])
+        ptrs = (x_ptr + xrow)[:, None] + offs[None, :]
         tok = bits[:, None]
     if MASKED:
         a = tl.load(ptrs, mask=(tok & cb) == cb, other=0.0).to(tl.float32)
@@ -442,9 +444,10 @@ def _forward_loop(x_ptr, wt_ptr, koff_ptr, bits_ptr, xrow, bits, shift, col0, NP
         xrow = tl.multiple_of(xrow, 2)
     for kc in range(0, NUM_CHUNKS):
         q = kc * BK + tl.arange(0, BK)
-        if ROWS:  # x's own dtype straight into the dot (no SUB): the loads become asynchronous copies
+        if ROWS:  # x's own dtype straight into the dot (no SUB): the loads become asynchronous copies; the row's
+            # pointer first, as in _gather
             offs, cb = _row_chunk(kc, sxc, sxh, BIG, NI, NJ)
-            a = tl.load(x_ptr + (xrow[:, None] + offs[None, :]), mask=(bits[:, None] & cb) == cb, other=0.0)
+            a = tl.load((x_ptr + xrow)[:, None] + offs[None, :], mask=(bits[:, None] & cb) == cb, other=0.0)
         else:
             offs, cb = _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG, BIG, BK)
             # SUB: x - s (s as in _stats_kernel), see _forward_kernel
