@@ -390,7 +390,8 @@ def _stats_rows(x_ptr, xrow, bits, shift, C, s1, s2, sxc, sxh, KH: tl.constexpr,
 @triton.jit
 def _stats_kernel(
     x_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, d_ptr,
-    TPI, TILES_W, M, L: tl.constexpr, LH, LW: tl.constexpr, H, W, KH: tl.constexpr, KW: tl.constexpr,
+    TPI: tl.constexpr, TILES_W: tl.constexpr, M, L: tl.constexpr, LH, LW: tl.constexpr, H, W, KH: tl.constexpr,
+    KW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, K, NUM_CHUNKS, CPB: tl.constexpr, sxb, sxc, sxh, sxw, eps,
     CONTIG: tl.constexpr, BIG: tl.constexpr, LINEAR: tl.constexpr, EVEN_M: tl.constexpr, ROWS: tl.constexpr,
@@ -479,7 +480,9 @@ def _forward_store(y_ptr, coef_ptr, cvec_ptr, acc, rstd, d, yrow, row_ok, cols, 
 @triton.jit
 def _forward_kernel(
     x_ptr, wt_ptr, coef_ptr, cvec_ptr, koff_ptr, bits_ptr, y_ptr, rstd_ptr, d_ptr,
-    TPI, TILES_W, M, L: tl.constexpr, LH, LW: tl.constexpr, H, W, KH: tl.constexpr, KW: tl.constexpr,
+    # the tile grid's TPI a constexpr like L (no division of the program id by it); TILES_W too spills at 384 px
+    # (triton 3.9, two instructions)
+    TPI: tl.constexpr, TILES_W, M, L: tl.constexpr, LH, LW: tl.constexpr, H, W, KH: tl.constexpr, KW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, N, NP, NUM_CHUNKS, CPB: tl.constexpr, sxb, sxc, sxh, sxw,
     HAS_NORM: tl.constexpr, SHIFTED: tl.constexpr, HAS_CVEC: tl.constexpr, HAS_N1: tl.constexpr,
