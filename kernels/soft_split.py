@@ -613,7 +613,8 @@ def _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, 
 @triton.jit
 def _backward_weight_kernel(
     x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, part_ptr, dbp_ptr,
-    TILES_H, TILES_W, R0, R1, C0, C1, NUM_INNER, NUM_BORDER, M, L: tl.constexpr, LH, LW: tl.constexpr, H, W,
+    TILES_H: tl.constexpr, TILES_W: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, C0: tl.constexpr,
+    C1: tl.constexpr, NUM_INNER, NUM_BORDER, M, L: tl.constexpr, LH, LW: tl.constexpr, H, W,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     N, NP, KP, NKB, G, CPB: tl.constexpr, sxb, sxc, sxh, sxw,
     HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, CONTIG: tl.constexpr, ROWS: tl.constexpr, NI: tl.constexpr,
@@ -660,8 +661,8 @@ def _backward_weight_kernel(
             in_top = j < top
             full_row = j < top + bottom
             k = tl.where(in_top, j, tl.where(full_row, j - top, j - top - bottom))
-            width = tl.where(full_row, TILES_W, tl.maximum(side_w, 1))
-            r = _udiv(k, width)
+            width = tl.where(full_row, TILES_W, max(side_w, 1))
+            r = tl.where(full_row, k // TILES_W, k // max(side_w, 1))
             tr = tl.where(in_top, 0, tl.where(full_row, R1, R0)) + r
             tc = k - r * width
             tc = tl.where(full_row | (tc < C0), tc, tc + inner_w)
