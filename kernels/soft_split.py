@@ -63,8 +63,9 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
 fp32 inputs use 3xTF32 dots on the GPU (fp32-level accuracy); fp16/bf16 use the tensor cores with fp32
 accumulation. Under the Triton interpreter every operand is upcast to fp32 (it mishandles bf16 arithmetic).
 Offsets are int32 unless some element index can pass 2^31 (then int64, constexpr ``BIG``). The kernel geometry
-(kernel size, stride, padding, chunks per tap) and the token grid's size and width (L, LW) are constexpr in the
-token kernels: the divisions by them fold (one compile per soft split and image size; T2T-ViT has three soft
+(kernel size, stride, padding, chunks per tap), the token grid's size and width (L, LW), its tiling and x's
+channel and row strides are constexpr in the token kernels: the divisions by them fold and a tap row's offsets
+are immediates of one address (one compile per soft split, image size and x layout; T2T-ViT has three soft
 splits per resolution). Tile sizes, warps and pipelining depths are chosen with
 ``benchmarks/static_sm90.py`` (occupancy: resident warps per SM); a launch whose shared memory a GPU cannot hold
 runs again less deep (``_launch``).
@@ -393,7 +394,8 @@ def _stats_kernel(
     TPI: tl.constexpr, TILES_W: tl.constexpr, M, L: tl.constexpr, LH, LW: tl.constexpr, H, W, KH: tl.constexpr,
     KW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr,
-    PH: tl.constexpr, PW: tl.constexpr, K, NUM_CHUNKS, CPB: tl.constexpr, sxb, sxc, sxh, sxw, eps,
+    PH: tl.constexpr, PW: tl.constexpr, K, NUM_CHUNKS, CPB: tl.constexpr, sxb, sxc: tl.constexpr,
+    sxh: tl.constexpr, sxw, eps,
     CONTIG: tl.constexpr, BIG: tl.constexpr, LINEAR: tl.constexpr, EVEN_M: tl.constexpr, ROWS: tl.constexpr,
     NJ: tl.constexpr,
     STORE_D: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BK: tl.constexpr,
@@ -484,7 +486,8 @@ def _forward_kernel(
     # (triton 3.9, two instructions)
     TPI: tl.constexpr, TILES_W, M, L: tl.constexpr, LH, LW: tl.constexpr, H, W, KH: tl.constexpr, KW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr,
-    PH: tl.constexpr, PW: tl.constexpr, N, NP, NUM_CHUNKS, CPB: tl.constexpr, sxb, sxc, sxh, sxw,
+    PH: tl.constexpr, PW: tl.constexpr, N, NP, NUM_CHUNKS, CPB: tl.constexpr, sxb, sxc: tl.constexpr,
+    sxh: tl.constexpr, sxw,
     HAS_NORM: tl.constexpr, SHIFTED: tl.constexpr, HAS_CVEC: tl.constexpr, HAS_N1: tl.constexpr,
     LINEAR: tl.constexpr, EVEN_M: tl.constexpr, CONTIG: tl.constexpr, ROWS: tl.constexpr, NI: tl.constexpr,
     NJ: tl.constexpr,
@@ -617,7 +620,7 @@ def _backward_weight_kernel(
     TILES_H: tl.constexpr, TILES_W: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, C0: tl.constexpr,
     C1: tl.constexpr, NUM_INNER, NUM_BORDER, M, L: tl.constexpr, LH, LW: tl.constexpr, H, W,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    N, NP, KP, NKB, G, CPB: tl.constexpr, sxb, sxc, sxh, sxw,
+    N, NP, KP, NKB, G, CPB: tl.constexpr, sxb, sxc: tl.constexpr, sxh: tl.constexpr, sxw,
     HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, CONTIG: tl.constexpr, ROWS: tl.constexpr, NI: tl.constexpr,
     NJ: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr,
     INNER: tl.constexpr, LINEAR: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, TH: tl.constexpr,
