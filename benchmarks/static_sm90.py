@@ -243,7 +243,8 @@ def _ss_backward_input(a: Launch) -> list[int]:
         outer += na
         middle += na * ne
     per = a["NUM_P"] * a.grid[1]
-    return [per * outer, per * middle, per * middle * n_blocks]
+    # the n0 loop's constant trip count (N and BN constexprs) lets ptxas unroll it: then two loops
+    return {3: [per * outer, per * middle, per * middle * n_blocks], 2: [per * outer, per * middle]}
 
 
 def _pf_tiles(a: Launch) -> list[int]:

@@ -798,7 +798,8 @@ def _backward_finish_kernel(
 @triton.jit
 def _backward_input_kernel(
     dy_ptr, wt_ptr, x_ptr, mean_ptr, rstd_ptr, stat_ptr, dx_ptr,
-    M, L, LH, LW, C, H, W, N, NP, QC, QR, NUM_P,
+    M, L: tl.constexpr, LH: tl.constexpr, LW: tl.constexpr, C, H: tl.constexpr, W: tl.constexpr, N: tl.constexpr,
+    NP: tl.constexpr, QC, QR, NUM_P,
     sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     HAS_NORM: tl.constexpr, SCALED: tl.constexpr, EVEN: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr,
