@@ -47,8 +47,8 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
   ``dW = gamma * D + db beta^T``, ``dgamma = sum_n W * D``, ``dbeta = W^T db``. Where a channel's taps padded to
   powers of two fill one 64-row chunk (stage 1: 8 x 8), D's rows take the forward's tap-row order (pair loads,
   no table) and the finishing kernel maps them back to k. With ``CONTIG`` a program's chunk is one tap, so a
-  row's mask is two range checks of that tap (no tap bits); linear tiles that are all full (B*L a multiple of
-  the tile, T2T-ViT's later stages at B=64) load dy unmasked. In 16-bit the operand is ``x * rstd - mean *
+  row's mask is two range checks of that tap (no tap bits). When B*L is a multiple of the tile (T2T-ViT at
+  B=64), linear tiles load dy unmasked, and so does the sum of dy. In 16-bit the operand is ``x * rstd - mean *
   rstd``, one FMA per element.
 - backward, LayerNorm sums (with the norm, only when x needs a gradient): per token ``sum_k gamma g xhat`` and
   ``sum_k gamma g`` (``g = dy @ W``), taken from the forward's output as ``dy . (y - W beta - b)`` and
@@ -631,7 +631,8 @@ def _backward_weight_kernel(
     (NUM_INNER > 0) two loops, one per gather path: the interior tiles (rows R0..R1-1, columns C0..C1-1 of each
     image's TILES_H x TILES_W tiles: NUM_INNER in all), then the border ones (NUM_BORDER), so that no loop body
     holds both paths; else one loop over every tile, masked. Interior tiles load dy, mean and rstd unmasked
-    (every row a token; dy's columns too with EVEN_N). The dots are dy^T @ xhat (columns x q rows): dy's tile is
+    (every row a token; dy's columns too with EVEN_N); with EVEN_M (M a multiple of TH*TW) so do linear tiles
+    and the row blocks of the sum of dy. The dots are dy^T @ xhat (columns x q rows): dy's tile is
     an operand straight from shared memory, and xhat needs no transposed copy. Then dbp[program, n] = sum dy[t, n]
     over the row blocks of dy (M x N, TH*TW rows each) numbered g + kc*G modulo G*NKB: every block once in all."""
     g = tl.program_id(0) // NKB
@@ -704,10 +705,10 @@ def _backward_weight_kernel(
         if BIG:
             rows = rows.to(tl.int64)
         dyrow = dy_ptr + rows[:, None] * N
-        db0 = tl.dot(tl.trans(_dy_tile(dyrow, cols0, row_ok, N, True, EVEN_N).to(dt)), ones, db0,
+        db0 = tl.dot(tl.trans(_dy_tile(dyrow, cols0, row_ok, N, not EVEN_M, EVEN_N).to(dt)), ones, db0,
                      input_precision=PREC)
         if HAS_N1:
-            db1 = tl.dot(tl.trans(_dy_tile(dyrow, cols1, row_ok, N, True, EVEN_N).to(dt)), ones, db1,
+            db1 = tl.dot(tl.trans(_dy_tile(dyrow, cols1, row_ok, N, not EVEN_M, EVEN_N).to(dt)), ones, db1,
                          input_precision=PREC)
     first = tl.arange(0, 16)[None, :] == 0
     dbp = dbp_ptr + tl.program_id(0) * NP
@@ -1292,7 +1293,7 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
             x.stride(0), x.stride(1), x.stride(2), x.stride(3),
             HAS_NORM=has_norm, HAS_N1=geo.BN1 > 0, CONTIG=geo.contig, ROWS=geo.bwd_rows, NI=geo.row_tile[0],
             NJ=geo.row_tile[1], BIG=geo.big, PREC=geo.prec,
-            INNER=geo.bwd_tile_args[6] > 0, LINEAR=geo.bwd_linear, EVEN_M=M % tw == 0, EVEN_N=geo.NP == N, TH=th,
+            INNER=geo.bwd_tile_args[6] > 0, LINEAR=geo.bwd_linear, EVEN_M=M % (th * tw) == 0, EVEN_N=geo.NP == N, TH=th,
             TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk,
             num_warps=8, num_stages=2,
         )

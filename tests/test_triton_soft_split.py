@@ -421,15 +421,20 @@ def test_weight_gradient_sums_many_groups(poisoned, monkeypatch):
     _check_against_reference((2, 1, 0), leaves, torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_linear_tiles_all_full(dtype, poisoned):
-    """A token view whose B*L tokens fill every linear tile (as at T2T-ViT's later stages for B=64): the tiles'
-    rows and dy take no token mask, the padding taps keep theirs (in 16-bit, one range check per row)."""
-    leaves = _inputs(2, 32, 16, 16, 3, 40, True, True, True, True, dtype)
-    geo = kernel._plan(leaves[0], [3, 3], [2, 2], [1, 1], leaves[1])
-    assert geo.bwd_linear and geo.contig == (dtype != torch.float32)
-    assert all(geo.M % tile[1] == 0 for tile in (geo.stats_tile, geo.fwd_tile, geo.bwd_tile))
-    _check_against_reference((3, 2, 1), leaves, dtype)
+@pytest.mark.parametrize("tokens, C, H, k, s, p, dtype", [(True, 32, 16, 3, 2, 1, torch.float32),
+                                                         (True, 32, 16, 3, 2, 1, torch.bfloat16),
+                                                         (False, 3, 32, 7, 4, 2, torch.bfloat16)],
+                         ids=["tokens-fp32", "tokens-bf16", "nchw-tap-rows"])
+def test_every_token_block_full(tokens, C, H, k, s, p, dtype, poisoned):
+    """B*L a multiple of every kernel's token block (as at T2T-ViT's shapes for B=64): linear tiles' rows and
+    dy, and the weight kernel's sum of dy, take no token mask; the padding taps keep theirs (16-bit token views:
+    one range check per row)."""
+    leaves = _inputs(2, C, H, H, k, 40, tokens, True, True, True, dtype)
+    geo = kernel._plan(leaves[0], [k, k], [s, s], [p, p], leaves[1])
+    assert geo.bwd_linear == tokens and geo.contig == (tokens and dtype != torch.float32)
+    assert geo.stats_rows == (not tokens)
+    assert all(geo.M % (th * tw) == 0 for th, tw in (geo.stats_tile, geo.fwd_tile, geo.bwd_tile))
+    _check_against_reference((k, s, p), leaves, dtype)
 
 
 @pytest.mark.parametrize("sms", [5, 20])
