@@ -1236,8 +1236,8 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
                 x, *table, mean, rstd, d, *geo.tile_args(geo.stats_tile), geo.M, *geo.image_args(), geo.K,
                 geo.stats_chunks, max(1, geo.CP // geo.stats_bk), x.stride(0), x.stride(1), x.stride(2),
                 x.stride(3), float(eps), CONTIG=geo.contig, BIG=geo.big, LINEAR=geo.tap_major,
-                EVEN_M=geo.M % tw == 0, ROWS=geo.stats_rows, NJ=geo.row_tile[1], STORE_D=geo.shifted, TH=th, TW=tw,
-                BK=geo.stats_bk, num_warps=4,
+                EVEN_M=geo.M % (th * tw) == 0, ROWS=geo.stats_rows, NJ=geo.row_tile[1], STORE_D=geo.shifted, TH=th,
+                TW=tw, BK=geo.stats_bk, num_warps=4,
             )
         th, tw = geo.fwd_tile
         _launch(
@@ -1246,7 +1246,7 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
             *geo.tile_args(geo.fwd_tile), geo.M, *geo.image_args(), geo.N, geo.NP, geo.fwd_chunks,
             max(1, geo.CP // geo.fwd_bk), x.stride(0), x.stride(1), x.stride(2), x.stride(3),
             HAS_NORM=has_norm, SHIFTED=geo.shifted, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, LINEAR=geo.tap_major,
-            EVEN_M=geo.M % tw == 0, CONTIG=geo.contig, ROWS=geo.fwd_rows, NI=geo.row_tile[0], NJ=geo.row_tile[1],
+            EVEN_M=geo.M % (th * tw) == 0, CONTIG=geo.contig, ROWS=geo.fwd_rows, NI=geo.row_tile[0], NJ=geo.row_tile[1],
             BIG=geo.big, PREC=geo.prec,
             EVEN_N=geo.NP == geo.N, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.fwd_bk,
             num_warps=geo.fwd_warps, num_stages=geo.fwd_stages, maxnreg=geo.fwd_maxnreg,
