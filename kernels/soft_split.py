@@ -47,8 +47,8 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
   ``dW = gamma * D + db beta^T``, ``dgamma = sum_n W * D``, ``dbeta = W^T db``. Where a channel's taps padded to
   powers of two fill one 64-row chunk (stage 1: 8 x 8), D's rows take the forward's tap-row order (pair loads,
   no table) and the finishing kernel maps them back to k. With ``CONTIG`` a program's chunk is one tap, so a
-  row's mask is two range checks of that tap (no tap bits). When B*L is a multiple of the tile (T2T-ViT at
-  B=64), linear tiles load dy unmasked, and so does the sum of dy. In 16-bit the operand is ``x * rstd - mean *
+  row's mask is two range checks of that tap (no tap bits). When every row of every tile is a token (T2T-ViT
+  at B=64), dy's loads need no row mask, nor does the sum of dy. In 16-bit the operand is ``x * rstd - mean *
   rstd``, one FMA per element.
 - backward, LayerNorm sums (with the norm, only when x needs a gradient): per token ``sum_k gamma g xhat`` and
   ``sum_k gamma g`` (``g = dy @ W``), taken from the forward's output as ``dy . (y - W beta - b)`` and
@@ -185,8 +185,8 @@ def _tile_step(b, tr, tc, gb, gr, gc, TILES_H, TILES_W):
 
 
 @triton.jit
-def _tile_rows(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG: tl.constexpr, TH: tl.constexpr,
-               TW: tl.constexpr):
+def _tile_rows(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG: tl.constexpr, FULL: tl.constexpr,
+               TH: tl.constexpr, TW: tl.constexpr):
     """2-D tile (tr, tc) of image b -> (b, token row and column of each row, rows in range, token index (b*L + t),
     whether every patch of the tile lies inside the image and every row is a token)."""
     m = tl.arange(0, TH * TW)
@@ -196,7 +196,7 @@ def _tile_rows(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG: tl.const
         b = b.to(tl.int64)
     th = th0 + m // TW
     tw = tw0 + m % TW
-    row_ok = (th < LH) & (tw < LW)
+    row_ok = tl.full((TH * TW,), 1, tl.int1) if FULL else (th < LH) & (tw < LW)
     interior = (th0 * SH >= PH) & ((th0 + TH - 1) * SH - PH + KH <= H) & (tw0 * SW >= PW) \
         & ((tw0 + TW - 1) * SW - PW + KW <= W) & (th0 + TH <= LH) & (tw0 + TW <= LW)
     return b, th, tw, row_ok, b * L + th * LW + tw, interior
@@ -224,11 +224,11 @@ def _patches(b, th, tw, row_ok, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw, BIG
 
 @triton.jit
 def _tokens(tile, TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG: tl.constexpr, LINEAR: tl.constexpr,
-            EVEN_M: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+            FULL: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
     """Token tile -> (b, token row and column of each row, rows in range, token index (b*L + t), whether every patch
     of the tile lies inside the image and every row is a token). A tile is TH x TW tokens of one image
     (tile = b*TPI + tr*TILES_W + tc), or with LINEAR (TH = 1) TW consecutive tokens of all M = B*L, across rows and
-    images (never interior; EVEN_M: M a multiple of TW, every row a token)."""
+    images (never interior). FULL: every row of every tile is a token (``_Geometry.full``), no row mask."""
     if LINEAR:  # per row: divisions by the constexpr L and LW (multiplications)
         m = tl.arange(0, TW)
         if BIG:
@@ -236,7 +236,7 @@ def _tokens(tile, TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG:
         else:
             t = tile * TW + m
         b = t // L
-        row_ok = tl.full((TW,), 1, tl.int1) if EVEN_M else t < M
+        row_ok = tl.full((TW,), 1, tl.int1) if FULL else t < M
         r = (t - b * L).to(tl.int32)
         th = r // LW
         tw = r - th * LW
@@ -244,19 +244,19 @@ def _tokens(tile, TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG:
         interior = False
     else:
         b, tr, tc = _tile_index(tile, TPI, TILES_W)
-        b, th, tw, row_ok, token, interior = _tile_rows(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG, TH,
-                                                        TW)
+        b, th, tw, row_ok, token, interior = _tile_rows(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG,
+                                                        FULL, TH, TW)
     return b, th, tw, row_ok, token, interior
 
 
 @triton.jit
 def _tile(tile, TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw,
-          BIG: tl.constexpr, LINEAR: tl.constexpr, EVEN_M: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+          BIG: tl.constexpr, LINEAR: tl.constexpr, FULL: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
     """Token tile (``_tokens``) -> (rows in range, tap (0, 0) inside the image, its offset in x, token index
     (b*L + t), the taps of each row inside the image, whether every patch of the tile lies inside the image and
     every row is a token)."""
     b, th, tw, row_ok, token, interior = _tokens(tile, TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW,
-                                                 BIG, LINEAR, EVEN_M, TH, TW)
+                                                 BIG, LINEAR, FULL, TH, TW)
     s_ok, xrow, bits = _patches(b, th, tw, row_ok, H, W, KH, KW, SH, SW, PH, PW, sxb, sxh, sxw, BIG)
     return row_ok, s_ok, xrow, token, bits, interior
 
@@ -396,7 +396,7 @@ def _stats_kernel(
     SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, K, NUM_CHUNKS, CPB: tl.constexpr, sxb, sxc: tl.constexpr,
     sxh: tl.constexpr, sxw, eps,
-    CONTIG: tl.constexpr, BIG: tl.constexpr, LINEAR: tl.constexpr, EVEN_M: tl.constexpr, ROWS: tl.constexpr,
+    CONTIG: tl.constexpr, BIG: tl.constexpr, LINEAR: tl.constexpr, FULL: tl.constexpr, ROWS: tl.constexpr,
     NJ: tl.constexpr,
     STORE_D: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BK: tl.constexpr,
 ):
@@ -407,7 +407,7 @@ def _stats_kernel(
     NUM_CHUNKS of BK table rows, or with ROWS the taps of NUM_CHUNKS = C channels, one tap row (KW taps padded to
     NJ) after another."""
     row_ok, s_ok, xrow, yrow, bits, interior = _tile(tl.program_id(0), TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH,
-                                                 SW, PH, PW, sxb, sxh, sxw, BIG, LINEAR, EVEN_M, TH, TW)
+                                                 SW, PH, PW, sxb, sxh, sxw, BIG, LINEAR, FULL, TH, TW)
     shift = tl.load(x_ptr + xrow, mask=s_ok, other=0.0).to(tl.float32)
     if ROWS:
         s1 = tl.zeros((TH * TW, NJ), dtype=tl.float32)
@@ -489,7 +489,7 @@ def _forward_kernel(
     PH: tl.constexpr, PW: tl.constexpr, N, NP, NUM_CHUNKS, CPB: tl.constexpr, sxb, sxc: tl.constexpr,
     sxh: tl.constexpr, sxw,
     HAS_NORM: tl.constexpr, SHIFTED: tl.constexpr, HAS_CVEC: tl.constexpr, HAS_N1: tl.constexpr,
-    LINEAR: tl.constexpr, EVEN_M: tl.constexpr, CONTIG: tl.constexpr, ROWS: tl.constexpr, NI: tl.constexpr,
+    LINEAR: tl.constexpr, FULL: tl.constexpr, CONTIG: tl.constexpr, ROWS: tl.constexpr, NI: tl.constexpr,
     NJ: tl.constexpr,
     BIG: tl.constexpr, PREC: tl.constexpr, EVEN_N: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr, BK: tl.constexpr,
@@ -508,7 +508,7 @@ def _forward_kernel(
     their spread (1e-2 at mean 1000 with spread 1, below bf16's resolution there)."""
     BM: tl.constexpr = TH * TW
     row_ok, s_ok, xrow, yrow, bits, _ = _tile(tl.program_id(0), TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH,
-                                              PW, sxb, sxh, sxw, BIG, LINEAR, EVEN_M, TH, TW)
+                                              PW, sxb, sxh, sxw, BIG, LINEAR, FULL, TH, TW)
     col0 = tl.program_id(1) * (BN0 + BN1 * HAS_N1)
     acc0 = tl.zeros((BM, BN0), dtype=tl.float32)
     acc1 = tl.zeros((BM, BN1), dtype=tl.float32)
@@ -586,16 +586,17 @@ def _dy_tile(dyrow, cols, row_ok, N, MASKED: tl.constexpr, EVEN_N: tl.constexpr)
 def _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, tr, tc, kc, cols0, cols1,
                  dw0, dw1, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb, sxc, sxh, sxw,
                  HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, MASKED: tl.constexpr, CONTIG: tl.constexpr,
-                 LINEAR: tl.constexpr, EVEN_M: tl.constexpr, ROWS: tl.constexpr, NI: tl.constexpr,
+                 LINEAR: tl.constexpr, FULL: tl.constexpr, ROWS: tl.constexpr, NI: tl.constexpr,
                  NJ: tl.constexpr, BIG: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, TH: tl.constexpr,
                  TW: tl.constexpr, BK: tl.constexpr):
     """One tile (tr, tc) of image b into the weight kernel's accumulators, or with LINEAR the linear tile b (TH = 1:
-    TW consecutive tokens of all M, dy unmasked with EVEN_M; only wt's dtype is used: the dots' operand dtype)."""
+    TW consecutive tokens of all M; dy unmasked with FULL; only wt's dtype is used: the dots' operand dtype)."""
     if LINEAR:
-        b, th, tw, row_ok, yrow, _ = _tokens(b, 1, 1, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG, True, EVEN_M,
+        b, th, tw, row_ok, yrow, _ = _tokens(b, 1, 1, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG, True, FULL,
                                              1, TW)
     else:
-        b, th, tw, row_ok, yrow, _ = _tile_rows(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG, TH, TW)
+        b, th, tw, row_ok, yrow, _ = _tile_rows(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG, FULL, TH,
+                                                TW)
     if CONTIG:
         xrow, bits = _tap_rows(b, th, tw, row_ok, kc, H, W, KW, SH, SW, PH, PW, CPB, sxb, sxh, sxw, BIG, BK)
     else:
@@ -605,7 +606,7 @@ def _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, 
     dt = wt_ptr.dtype.element_ty
     dyrow = dy_ptr + yrow[:, None] * N
     ad = a.to(dt)
-    DY_MASKED: tl.constexpr = MASKED and not (LINEAR and EVEN_M)
+    DY_MASKED: tl.constexpr = MASKED and not FULL
     dw0 = tl.dot(tl.trans(_dy_tile(dyrow, cols0, row_ok, N, DY_MASKED, EVEN_N).to(dt)), ad, dw0,
                  input_precision=PREC)
     if HAS_N1:
@@ -623,7 +624,7 @@ def _backward_weight_kernel(
     N, NP, KP, NKB, G, CPB: tl.constexpr, sxb, sxc: tl.constexpr, sxh: tl.constexpr, sxw,
     HAS_NORM: tl.constexpr, HAS_N1: tl.constexpr, CONTIG: tl.constexpr, ROWS: tl.constexpr, NI: tl.constexpr,
     NJ: tl.constexpr, BIG: tl.constexpr, PREC: tl.constexpr,
-    INNER: tl.constexpr, LINEAR: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, TH: tl.constexpr,
+    INNER: tl.constexpr, LINEAR: tl.constexpr, FULL: tl.constexpr, EVEN_N: tl.constexpr, TH: tl.constexpr,
     TW: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr, BK: tl.constexpr,
 ):
     """Program (group g, chunk kc of BK q rows; column group on axis 1) over its share of the tiles (every G-th):
@@ -631,10 +632,11 @@ def _backward_weight_kernel(
     (NUM_INNER > 0) two loops, one per gather path: the interior tiles (rows R0..R1-1, columns C0..C1-1 of each
     image's TILES_H x TILES_W tiles: NUM_INNER in all), then the border ones (NUM_BORDER), so that no loop body
     holds both paths; else one loop over every tile, masked. Interior tiles load dy, mean and rstd unmasked
-    (every row a token; dy's columns too with EVEN_N); with EVEN_M (M a multiple of TH*TW) so do linear tiles
-    and the row blocks of the sum of dy. The dots are dy^T @ xhat (columns x q rows): dy's tile is
-    an operand straight from shared memory, and xhat needs no transposed copy. Then dbp[program, n] = sum dy[t, n]
-    over the row blocks of dy (M x N, TH*TW rows each) numbered g + kc*G modulo G*NKB: every block once in all."""
+    (every row a token; dy's columns too with EVEN_N); with FULL (every row of every tile a token) so do the
+    border and linear tiles and the row blocks of the sum of dy. The dots are dy^T @ xhat (columns x q rows):
+    dy's tile is an operand straight from shared memory, and xhat needs no transposed copy. Then
+    dbp[program, n] = sum dy[t, n] over the row blocks of dy (M x N, TH*TW rows each) numbered g + kc*G modulo
+    G*NKB: every block once in all."""
     g = tl.program_id(0) // NKB
     kc = tl.program_id(0) % NKB
     q = kc * BK + tl.arange(0, BK)
@@ -652,7 +654,7 @@ def _backward_weight_kernel(
         for i in range(g, NUM_INNER, G):
             dw0, dw1 = _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, R0 + r,
                                     C0 + c, kc, cols0, cols1, dw0, dw1, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW,
-                                    N, CPB, sxb, sxc, sxh, sxw, HAS_NORM, HAS_N1, False, CONTIG, False, EVEN_M, ROWS,
+                                    N, CPB, sxb, sxc, sxh, sxw, HAS_NORM, HAS_N1, False, CONTIG, False, FULL, ROWS,
                                     NI, NJ, BIG, EVEN_N, PREC, TH, TW, BK)
             b, r, c = _tile_step(b, r, c, gb, gr, gc, inner_h, inner_w)
         # border tiles of an image, numbered: the rows above R0, the rows from R1, then the sides of rows R0..R1-1
@@ -673,13 +675,13 @@ def _backward_weight_kernel(
             tc = tl.where(full_row | (tc < C0), tc, tc + inner_w)
             dw0, dw1 = _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, tr, tc, kc,
                                     cols0, cols1, dw0, dw1, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb,
-                                    sxc, sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, False, EVEN_M, ROWS, NI, NJ, BIG,
+                                    sxc, sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, False, FULL, ROWS, NI, NJ, BIG,
                                     EVEN_N, PREC, TH, TW, BK)
     elif LINEAR:  # no interior tiles, tap-major: TW consecutive tokens of all M per tile, masked
         for i in range(g, NUM_BORDER, G):
             dw0, dw1 = _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, i, 0, 0, kc, cols0,
                                     cols1, dw0, dw1, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb, sxc,
-                                    sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, True, EVEN_M, ROWS, NI, NJ, BIG, EVEN_N,
+                                    sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, True, FULL, ROWS, NI, NJ, BIG, EVEN_N,
                                     PREC, TH, TW, BK)
     else:  # no interior tiles, channel-major: every tile in order, masked
         b, tr, tc = _tile_index(g, TILES_H * TILES_W, TILES_W)
@@ -687,7 +689,7 @@ def _backward_weight_kernel(
         for i in range(g, NUM_BORDER, G):
             dw0, dw1 = _weight_step(x_ptr, dy_ptr, wt_ptr, koff_ptr, bits_ptr, mean_ptr, rstd_ptr, b, tr, tc, kc,
                                     cols0, cols1, dw0, dw1, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, N, CPB, sxb,
-                                    sxc, sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, False, EVEN_M, ROWS, NI, NJ, BIG,
+                                    sxc, sxh, sxw, HAS_NORM, HAS_N1, True, CONTIG, False, FULL, ROWS, NI, NJ, BIG,
                                     EVEN_N, PREC, TH, TW, BK)
             b, tr, tc = _tile_step(b, tr, tc, gb, gr, gc, TILES_H, TILES_W)
     part = part_ptr + (g * KP + q)[None, :] * NP
@@ -705,10 +707,10 @@ def _backward_weight_kernel(
         if BIG:
             rows = rows.to(tl.int64)
         dyrow = dy_ptr + rows[:, None] * N
-        db0 = tl.dot(tl.trans(_dy_tile(dyrow, cols0, row_ok, N, not EVEN_M, EVEN_N).to(dt)), ones, db0,
+        db0 = tl.dot(tl.trans(_dy_tile(dyrow, cols0, row_ok, N, not FULL, EVEN_N).to(dt)), ones, db0,
                      input_precision=PREC)
         if HAS_N1:
-            db1 = tl.dot(tl.trans(_dy_tile(dyrow, cols1, row_ok, N, not EVEN_M, EVEN_N).to(dt)), ones, db1,
+            db1 = tl.dot(tl.trans(_dy_tile(dyrow, cols1, row_ok, N, not FULL, EVEN_N).to(dt)), ones, db1,
                          input_precision=PREC)
     first = tl.arange(0, 16)[None, :] == 0
     dbp = dbp_ptr + tl.program_id(0) * NP
@@ -1109,6 +1111,13 @@ class _Geometry:
         2-D (``tiles``)."""
         return (1, bm) if self.tap_major else self.tiles(bm)
 
+    def full(self, tile: tuple[int, int], linear: bool) -> bool:
+        """Whether every row of every tile is a token: linear tiles (``LINEAR``: tile[1] consecutive tokens of all
+        B*L) when B*L is a multiple of their size, 2-D tiles when they divide the token grid (T2T-ViT at B=64:
+        all of them). The kernels then need no token mask (``FULL``)."""
+        th, tw = tile
+        return self.M % tw == 0 if linear else self.LH % th == 0 and self.LW % tw == 0
+
     def token_programs(self, tile: tuple[int, int]) -> int:
         """Programs over ``token_tile`` tiles: linear ones cover all B*L tokens, 2-D ones each image."""
         return cdiv(self.M, tile[1]) if self.tap_major else self.num_tiles(tile)
@@ -1236,8 +1245,8 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
                 x, *table, mean, rstd, d, *geo.tile_args(geo.stats_tile), geo.M, *geo.image_args(), geo.K,
                 geo.stats_chunks, max(1, geo.CP // geo.stats_bk), x.stride(0), x.stride(1), x.stride(2),
                 x.stride(3), float(eps), CONTIG=geo.contig, BIG=geo.big, LINEAR=geo.tap_major,
-                EVEN_M=geo.M % (th * tw) == 0, ROWS=geo.stats_rows, NJ=geo.row_tile[1], STORE_D=geo.shifted, TH=th,
-                TW=tw, BK=geo.stats_bk, num_warps=4,
+                FULL=geo.full(geo.stats_tile, geo.tap_major), ROWS=geo.stats_rows, NJ=geo.row_tile[1],
+                STORE_D=geo.shifted, TH=th, TW=tw, BK=geo.stats_bk, num_warps=4,
             )
         th, tw = geo.fwd_tile
         _launch(
@@ -1246,8 +1255,8 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
             *geo.tile_args(geo.fwd_tile), geo.M, *geo.image_args(), geo.N, geo.NP, geo.fwd_chunks,
             max(1, geo.CP // geo.fwd_bk), x.stride(0), x.stride(1), x.stride(2), x.stride(3),
             HAS_NORM=has_norm, SHIFTED=geo.shifted, HAS_CVEC=cvec is not None, HAS_N1=geo.BN1 > 0, LINEAR=geo.tap_major,
-            EVEN_M=geo.M % (th * tw) == 0, CONTIG=geo.contig, ROWS=geo.fwd_rows, NI=geo.row_tile[0], NJ=geo.row_tile[1],
-            BIG=geo.big, PREC=geo.prec,
+            FULL=geo.full(geo.fwd_tile, geo.tap_major), CONTIG=geo.contig, ROWS=geo.fwd_rows, NI=geo.row_tile[0],
+            NJ=geo.row_tile[1], BIG=geo.big, PREC=geo.prec,
             EVEN_N=geo.NP == geo.N, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.fwd_bk,
             num_warps=geo.fwd_warps, num_stages=geo.fwd_stages, maxnreg=geo.fwd_maxnreg,
         )
@@ -1293,8 +1302,8 @@ def backward(grad_y: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequ
             x.stride(0), x.stride(1), x.stride(2), x.stride(3),
             HAS_NORM=has_norm, HAS_N1=geo.BN1 > 0, CONTIG=geo.contig, ROWS=geo.bwd_rows, NI=geo.row_tile[0],
             NJ=geo.row_tile[1], BIG=geo.big, PREC=geo.prec,
-            INNER=geo.bwd_tile_args[6] > 0, LINEAR=geo.bwd_linear, EVEN_M=M % (th * tw) == 0, EVEN_N=geo.NP == N, TH=th,
-            TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk,
+            INNER=geo.bwd_tile_args[6] > 0, LINEAR=geo.bwd_linear, FULL=geo.full(geo.bwd_tile, geo.bwd_linear),
+            EVEN_N=geo.NP == N, TH=th, TW=tw, BN0=geo.BN0, BN1=max(geo.BN1, 16), BK=geo.bk,
             num_warps=8, num_stages=2,
         )
         grad_weight = empty((N, K), weight.dtype, x.device)

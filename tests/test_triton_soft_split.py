@@ -423,17 +423,19 @@ def test_weight_gradient_sums_many_groups(poisoned, monkeypatch):
 
 @pytest.mark.parametrize("tokens, C, H, k, s, p, dtype", [(True, 32, 16, 3, 2, 1, torch.float32),
                                                          (True, 32, 16, 3, 2, 1, torch.bfloat16),
-                                                         (False, 3, 32, 7, 4, 2, torch.bfloat16)],
-                         ids=["tokens-fp32", "tokens-bf16", "nchw-tap-rows"])
+                                                         (False, 3, 32, 7, 4, 2, torch.bfloat16),
+                                                         (False, 3, 96, 7, 4, 2, torch.bfloat16)],
+                         ids=["tokens-fp32", "tokens-bf16", "nchw-tap-rows", "nchw-tap-rows-interior"])
 def test_every_token_block_full(tokens, C, H, k, s, p, dtype, poisoned):
-    """B*L a multiple of every kernel's token block (as at T2T-ViT's shapes for B=64): linear tiles' rows and
-    dy, and the weight kernel's sum of dy, take no token mask; the padding taps keep theirs (16-bit token views:
-    one range check per row)."""
+    """Every row of every token tile a token (``FULL``, as at T2T-ViT's shapes for B=64: B*L a multiple of the
+    linear tiles, 2-D tiles that divide the token grid): rows, dy and the weight kernel's sum of dy take no token
+    mask; the padding taps keep theirs (16-bit token views: one range check per row)."""
     leaves = _inputs(2, C, H, H, k, 40, tokens, True, True, True, dtype)
     geo = kernel._plan(leaves[0], [k, k], [s, s], [p, p], leaves[1])
     assert geo.bwd_linear == tokens and geo.contig == (tokens and dtype != torch.float32)
     assert geo.stats_rows == (not tokens)
-    assert all(geo.M % (th * tw) == 0 for th, tw in (geo.stats_tile, geo.fwd_tile, geo.bwd_tile))
+    assert geo.full(geo.stats_tile, tokens) and geo.full(geo.fwd_tile, tokens) and geo.full(geo.bwd_tile, tokens)
+    assert (geo.bwd_tile_args[6] > 0) == (H == 96)  # interior tiles: the weight gradient's two loops
     _check_against_reference((k, s, p), leaves, dtype)
 
 
