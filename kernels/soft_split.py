@@ -187,8 +187,9 @@ def _tile_step(b, tr, tc, gb, gr, gc, TILES_H, TILES_W):
 @triton.jit
 def _tile_rows(b, tr, tc, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, BIG: tl.constexpr, FULL: tl.constexpr,
                TH: tl.constexpr, TW: tl.constexpr):
-    """2-D tile (tr, tc) of image b -> (b, token row and column of each row, rows in range, token index (b*L + t),
-    whether every patch of the tile lies inside the image and every row is a token)."""
+    """2-D tile (tr, tc) of image b -> (b, token row and column of each row, rows in range (all with FULL: the
+    tiles divide the token grid), token index (b*L + t), whether every patch of the tile lies inside the image and
+    every row is a token)."""
     m = tl.arange(0, TH * TW)
     th0 = tr * TH
     tw0 = tc * TW
