@@ -263,18 +263,24 @@ def _tile(tile, TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH, SW, PH, PW, sxb, s
 
 
 @triton.jit
+def _contig_tap(kc, KW, CPB, BK: tl.constexpr):
+    """CONTIG chunk kc -> its tap (i, j) and its first channel ((kc % CPB) * BK): CPB chunks of BK channels per
+    tap."""
+    r = kc // CPB
+    return r // KW, r % KW, (kc % CPB) * BK
+
+
+@triton.jit
 def _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG: tl.constexpr, BIG: tl.constexpr, BK: tl.constexpr):
     """Offsets in x of the columns of q chunk kc (BK wide) and their taps' bits, shaped to broadcast against the
     tokens: from the gather table, or with CONTIG (tap-major, channels x's unit-stride axis, no channel padding:
     one tap per chunk) computed, so that a token's columns are contiguous (16-byte loads) under one tap."""
     if CONTIG:
-        r = kc // CPB  # the tap; CPB chunks per tap
-        i = r // KW
-        j = r % KW
+        i, j, c0 = _contig_tap(kc, KW, CPB, BK)
         cb = tl.full((1, BK), 1 << i, tl.int32) | (1 << (16 + j))
         if BIG:
             i = i.to(tl.int64)
-        offs = (kc % CPB) * BK + i * sxh + j * sxw + tl.arange(0, BK)
+        offs = c0 + i * sxh + j * sxw + tl.arange(0, BK)
     else:
         q = kc * BK + tl.arange(0, BK)
         offs = tl.load(koff_ptr + q)
@@ -288,15 +294,15 @@ def _tap_rows(b, th, tw, row_ok, kc, H, W, KW, SH, SW, PH, PW, CPB, sxb, sxh, sx
     """Rows (b, th, tw) -> the offset in x of CONTIG chunk kc's first column (tap (i, j), channels
     (kc % CPB) * BK on) and, as 0/1, whether that tap lies inside the image and the row is a token: the weight
     gradient's programs keep one chunk, so a row's mask is two range checks, not the tap bits of every tap."""
-    r = kc // CPB
-    h = th * SH - PH + r // KW
-    w = tw * SW - PW + r % KW
+    i, j, c0 = _contig_tap(kc, KW, CPB, BK)
+    h = th * SH - PH + i
+    w = tw * SW - PW + j
     ok = row_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
     if BIG:
         xrow = b * sxb + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
     else:
         xrow = b * sxb + h * sxh + w * sxw
-    return xrow + (kc % CPB) * BK, ok.to(tl.int32)
+    return xrow + c0, ok.to(tl.int32)
 
 
 @triton.jit
@@ -374,7 +380,7 @@ def _stats_rows(x_ptr, xrow, bits, shift, C, s1, s2, sxc, sxh, KH: tl.constexpr,
     WORDS: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
     if WORDS:
         j = tl.arange(0, NJ // 2)
-        cb = 1 << (16 + 2 * j)
+        cb = _pair_bit(2 * j, NJ)
         ptrs = (x_ptr + tl.multiple_of(xrow, 2)).to(tl.pointer_type(tl.int32), bitcast=True)[:, None] + j[None, :]
         LIVE: tl.constexpr = (KW + 1) // 2  # the words that hold a tap
     else:
@@ -563,7 +569,7 @@ def _operand(x_ptr, xrow, bits, row_ok, kc, koff_ptr, bits_ptr, KW, CPB, sxc, sx
         offs = tl.arange(0, BK)
         cb = tl.full((1, BK), 1, tl.int32)
     else:
-        offs, cb = _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, CONTIG, BIG, BK)
+        offs, cb = _chunk(kc, koff_ptr, bits_ptr, KW, CPB, sxh, sxw, False, BIG, BK)
     if HAS_NORM:
         if MASKED:
             mu = tl.load(mean_ptr + yrow, mask=row_ok, other=0.0)
