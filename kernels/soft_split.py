@@ -24,7 +24,8 @@ Reduction rows beyond K (or channels beyond C) are padding; the weights there ar
   q. ``s`` is tap (0, 0) of channel 0, an element of the token's own patch (0 when that is padding), so the
   variance keeps its precision when the mean is large against the spread, and q-padding (whose table offset is
   0) gathers exactly ``s``. Writes mean, rstd and ``d = mean - s``. Channel-major images with even offsets along
-  W (stage 1) take (tokens, taps) tiles of one tap row instead, two taps per load, without the table.
+  W (stage 1) instead take one token per thread, a tap row at a time, two taps per load, without the table: a
+  token's sums never leave its thread.
 - forward: an implicit GEMM. A program owns one token tile and up to 256 output columns (192 in fp32) in two
   accumulators of BN0 + BN1 columns, so at T2T-ViT's 192 columns each patch is gathered once; wider outputs
   take equal column groups on grid axis 1 (384: two of 192, which hold two blocks per SM where one program of
@@ -371,39 +372,44 @@ def _stats_loop(x_ptr, koff_ptr, bits_ptr, xrow, bits, shift, NUM_CHUNKS, s1, s2
 
 
 @triton.jit
-def _stats_rows(x_ptr, xrow, bits, shift, C, s1, s2, sxc, sxh, KH: tl.constexpr, KW: tl.constexpr,
-                MASKED: tl.constexpr, NJ: tl.constexpr):
-    # (tokens, NJ) tiles, one tap row (channel c, tap row i) each: a token's KW taps are contiguous in x and read two
-    # at a time (x's offsets are even, see _Geometry.stats_rows); the masks are per pair, from its first tap's bit.
-    # Columns KW..NJ-1 gather whatever lies there (in bounds) and are dropped after the loop. bf16 loads each pair
-    # as one int32 (NJ / 2 words a row), whose taps' fp32 values are two bit operations, not a bf16 unpack of each.
+def _stats_rows(x_ptr, xrow, bits, shift, KH, s1, s2, sxc: tl.constexpr, sxh: tl.constexpr, C: tl.constexpr,
+                KW: tl.constexpr, MASKED: tl.constexpr):
+    # one token per thread (the tile's tokens over the block's threads): a token's KW taps of a tap row are
+    # contiguous in x, read a pair at a time (x's offsets are even, see _Geometry.stats_rows) under the pair's mask
+    # (its first tap's bit, as _pair_bit), and every sum stays in its thread: no reduction across lanes or warps, no
+    # tap padding. bf16 reads a pair as one int32 whose taps' fp32 values are one bit operation each (not a bf16
+    # unpack of each); other dtypes read tap by tap. Padding pixels read 0: x - s = -s, as the unfolded patch has it.
+    # A trip is tap row i of the C channels: a runtime KH (a constexpr one unrolls, and the masked loads of a
+    # channel's KH rows in flight spill), one row mask for the C rows, each row's pairs immediate offsets.
     WORDS: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
+    SXC: tl.constexpr = sxc // 2 if WORDS else sxc
+    SXH: tl.constexpr = sxh // 2 if WORDS else sxh
     if WORDS:
-        j = tl.arange(0, NJ // 2)
-        cb = _pair_bit(2 * j, NJ)
-        ptrs = (x_ptr + tl.multiple_of(xrow, 2)).to(tl.pointer_type(tl.int32), bitcast=True)[:, None] + j[None, :]
-        LIVE: tl.constexpr = (KW + 1) // 2  # the words that hold a tap
+        base = (x_ptr + tl.multiple_of(xrow, 2)).to(tl.pointer_type(tl.int32), bitcast=True)
     else:
-        j = tl.arange(0, NJ)
-        cb = _pair_bit(j, NJ)
-        ptrs = x_ptr + tl.multiple_of(xrow, 2)[:, None] + j[None, :]
-        LIVE: tl.constexpr = KW + KW % 2  # the columns of whole pairs that hold a tap
-    for c in range(C):
-        for i in tl.static_range(KH):
-            p = ptrs + (c * sxc + i * sxh) // (2 if WORDS else 1)
-            if MASKED:
-                a = tl.load(p, mask=(bits[:, None] & (cb | (1 << i))[None, :]) == (cb | (1 << i))[None, :],
-                            other=0)
-            elif NJ > KW + KW % 2:  # whole pairs past the patch's last tap could pass the end of x
-                a = tl.load(p, mask=(j < LIVE)[None, :], other=0)
-            else:
-                a = tl.load(p)
-            if WORDS:
-                a = tl.join((a << 16).to(tl.float32, bitcast=True),
-                            (a & -65536).to(tl.float32, bitcast=True)).reshape(a.shape[0], NJ)
-            a = a.to(tl.float32) - shift[:, None]
-            s1 += a
-            s2 += a * a
+        base = x_ptr + xrow
+    for i in range(KH):
+        row_in = ((bits >> i) & 1) != 0
+        p = base + i * SXH
+        for c in tl.static_range(C):
+            for pair in tl.static_range((KW + 1) // 2):
+                ok = row_in & ((bits & (1 << (16 + 2 * pair))) != 0)
+                for e in tl.static_range(2):
+                    if 2 * pair + e < KW:
+                        if WORDS:
+                            if e == 0:
+                                v = tl.load(p + c * SXC + pair, mask=ok, other=0) if MASKED else \
+                                    tl.load(p + c * SXC + pair)
+                                a = (v << 16).to(tl.float32, bitcast=True)
+                            else:
+                                a = (v & -65536).to(tl.float32, bitcast=True)
+                        elif MASKED:
+                            a = tl.load(p + c * SXC + 2 * pair + e, mask=ok, other=0.0).to(tl.float32)
+                        else:
+                            a = tl.load(p + c * SXC + 2 * pair + e).to(tl.float32)
+                        a -= shift
+                        s1 += a
+                        s2 += a * a
     return s1, s2
 
 
@@ -413,31 +419,26 @@ def _stats_kernel(
     TPI: tl.constexpr, TILES_W: tl.constexpr, M, L: tl.constexpr, LH, LW: tl.constexpr, H, W, KH: tl.constexpr,
     KW: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr,
-    PH: tl.constexpr, PW: tl.constexpr, K, NUM_CHUNKS, CPB: tl.constexpr, sxb, sxc: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, K, C: tl.constexpr, NUM_CHUNKS, CPB: tl.constexpr, sxb, sxc: tl.constexpr,
     sxh: tl.constexpr, sxw, eps,
     CONTIG: tl.constexpr, BIG: tl.constexpr, LINEAR: tl.constexpr, FULL: tl.constexpr, ROWS: tl.constexpr,
-    NJ: tl.constexpr,
     STORE_D: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BK: tl.constexpr,
 ):
     """Program (token tile): the LayerNorm's mean and rstd of each token's patch, from the sums of x - s and
     (x - s)^2 (s: tap (0, 0) of channel 0, an element of the patch, so the variance keeps its precision when the
     mean is large against the spread), elementwise over the chunks and reduced once; with STORE_D also
     d = mean - s, for the fp32 forward (mean - s from the rounded mean would lose the digits s saved). Chunks:
-    NUM_CHUNKS of BK table rows, or with ROWS the taps of NUM_CHUNKS = C channels, one tap row (KW taps padded to
-    NJ) after another."""
+    NUM_CHUNKS of BK table rows, or with ROWS NUM_CHUNKS = KH tap rows of the C channels (``_stats_rows``)."""
     row_ok, s_ok, xrow, yrow, bits, interior = _tile(tl.program_id(0), TPI, TILES_W, M, L, LH, LW, H, W, KH, KW, SH,
                                                  SW, PH, PW, sxb, sxh, sxw, BIG, LINEAR, FULL, TH, TW)
     shift = tl.load(x_ptr + xrow, mask=s_ok, other=0.0).to(tl.float32)
     if ROWS:
-        s1 = tl.zeros((TH * TW, NJ), dtype=tl.float32)
-        s2 = tl.zeros((TH * TW, NJ), dtype=tl.float32)
+        t1 = tl.zeros((TH * TW,), dtype=tl.float32)
+        t2 = tl.zeros((TH * TW,), dtype=tl.float32)
         if interior:
-            s1, s2 = _stats_rows(x_ptr, xrow, bits, shift, NUM_CHUNKS, s1, s2, sxc, sxh, KH, KW, False, NJ)
+            t1, t2 = _stats_rows(x_ptr, xrow, bits, shift, NUM_CHUNKS, t1, t2, sxc, sxh, C, KW, False)
         else:
-            s1, s2 = _stats_rows(x_ptr, xrow, bits, shift, NUM_CHUNKS, s1, s2, sxc, sxh, KH, KW, True, NJ)
-        tap = (tl.arange(0, NJ) < KW)[None, :]
-        t1 = tl.sum(tl.where(tap, s1, 0.0), axis=1)
-        t2 = tl.sum(tl.where(tap, s2, 0.0), axis=1)
+            t1, t2 = _stats_rows(x_ptr, xrow, bits, shift, NUM_CHUNKS, t1, t2, sxc, sxh, C, KW, True)
     else:
         s1 = tl.zeros((BK, TH * TW), dtype=tl.float32)
         s2 = tl.zeros((BK, TH * TW), dtype=tl.float32)
@@ -1065,9 +1066,8 @@ class _Geometry:
         self.stats_rows = not self.tap_major and strides[3] == 1 and all(
             v % 2 == 0 for v in (self.W, self.s[1], self.p[1], strides[0], strides[1], strides[2]))
         self.fwd_rows = self.stats_rows and self.half and 16 <= math.prod(self.row_tile) <= 64
-        # bf16 tap rows are read as int32 pairs (two bit operations to fp32, 48 registers uncapped): at 40, twelve
-        # blocks per SM instead of ten, no spills with triton 3.6 or 3.9 (stage 1: 11.3 -> 9.2 us predicted)
-        self.stats_maxnreg = 40 if self.stats_rows and dtype == torch.bfloat16 else None
+        # the statistics' warps: with tap rows one token per thread (their sums stay in it, see _stats_rows)
+        self.stats_warps = math.prod(self.stats_tile) // 32 if self.stats_rows else 4
         # q rows per forward chunk: 16-bit tap-major inputs gather a whole tap (up to 64 channels); others 16 when
         # capped (32 spill at 80) or in fp32 (the 3xTF32 operands' registers), else 32
         if self.fwd_rows:
@@ -1111,7 +1111,7 @@ class _Geometry:
         # registers: many blocks per SM, with triton 3.6 as with 3.9)
         self.stats_bk = min(self.fwd_bk, 32) if self.tap_major else 16
         if self.stats_rows:
-            self.stats_chunks = self.C
+            self.stats_chunks = self.k[0]  # tap rows (of all C channels each)
         else:
             self.stats_chunks = self.KP // self.stats_bk if self.tap_major else cdiv(self.K, 16)
         # preparation programs of 16 q rows x 64 (or 16) columns: small tiles, many programs (it is latency-bound);
@@ -1265,10 +1265,10 @@ def forward(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], paddin
             th, tw = geo.stats_tile
             _stats_kernel[geo.grids(1)["stats"]](
                 x, *table, mean, rstd, d, *geo.tile_args(geo.stats_tile), geo.M, *geo.image_args(), geo.K,
-                geo.stats_chunks, max(1, geo.CP // geo.stats_bk), x.stride(0), x.stride(1), x.stride(2),
+                geo.C, geo.stats_chunks, max(1, geo.CP // geo.stats_bk), x.stride(0), x.stride(1), x.stride(2),
                 x.stride(3), float(eps), CONTIG=geo.contig, BIG=geo.big, LINEAR=geo.tap_major,
-                FULL=geo.full(geo.stats_tile, geo.tap_major), ROWS=geo.stats_rows, NJ=geo.row_tile[1],
-                STORE_D=geo.shifted, TH=th, TW=tw, BK=geo.stats_bk, num_warps=4, maxnreg=geo.stats_maxnreg,
+                FULL=geo.full(geo.stats_tile, geo.tap_major), ROWS=geo.stats_rows,
+                STORE_D=geo.shifted, TH=th, TW=tw, BK=geo.stats_bk, num_warps=geo.stats_warps,
             )
         th, tw = geo.fwd_tile
         _launch(
