@@ -119,6 +119,18 @@ def test_large_mean_keeps_variance_accurate(tokens, padding, W, poisoned):
     _check_against_reference((3, 2, padding), leaves, torch.float32, tol=1e-3)
 
 
+def test_bf16_tap_pair_statistics_far_from_zero(poisoned):
+    """Stage 1's statistics path (bf16 tap pairs read as int32 words, one token per thread, border and interior
+    tiles) at x = 300 + 4*noise: mean and rstd as float64 computes them from the same bf16 values."""
+    leaves = _inputs(2, 3, 38, 40, 7, 16, False, True, True, True, torch.bfloat16, mean=300.0, spread=4.0)
+    assert kernel._plan(leaves[0], [7, 7], [4, 4], [2, 2], leaves[1]).stats_rows
+    _, mean, rstd = torch.ops.t2t_fast_triton.soft_split_forward(leaves[0].detach(), [7, 7], [4, 4], [2, 2],
+                                                                 *[t.detach() for t in leaves[1:]], 1e-5)
+    cols = torch.nn.functional.unfold(leaves[0].detach().double(), 7, padding=2, stride=4).transpose(1, 2)
+    _close(mean, cols.mean(-1).float(), 1e-6)
+    _close(rstd, (cols.var(-1, unbiased=False) + 1e-5).rsqrt().float(), 1e-5)
+
+
 @pytest.mark.parametrize("tokens", [False, True])
 def test_16bit_forward_far_from_zero(tokens, poisoned):
     """bf16 x = 100 + noise: the 16-bit forward's dots take x itself and subtract mean * (W @ gamma) after them."""
