@@ -372,18 +372,36 @@ def _stats_loop(x_ptr, koff_ptr, bits_ptr, xrow, bits, shift, NUM_CHUNKS, s1, s2
 
 
 @triton.jit
+def _tap_pair(p, ok, MASKED: tl.constexpr, WORDS: tl.constexpr):
+    """The two taps of the pair at p in fp32 (0 where not ok, with MASKED): with WORDS (bf16) one int32 word, each
+    tap's value one bit operation (not a bf16 unpack of each), else two elements."""
+    if WORDS:
+        v = tl.load(p, mask=ok, other=0) if MASKED else tl.load(p)
+        lo = (v << 16).to(tl.float32, bitcast=True)
+        hi = (v & -65536).to(tl.float32, bitcast=True)
+    elif MASKED:
+        lo = tl.load(p, mask=ok, other=0.0).to(tl.float32)
+        hi = tl.load(p + 1, mask=ok, other=0.0).to(tl.float32)
+    else:
+        lo = tl.load(p).to(tl.float32)
+        hi = tl.load(p + 1).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
 def _stats_rows(x_ptr, xrow, bits, shift, KH, s1, s2, sxc: tl.constexpr, sxh: tl.constexpr, C: tl.constexpr,
                 KW: tl.constexpr, MASKED: tl.constexpr):
     # one token per thread (the tile's tokens over the block's threads): a token's KW taps of a tap row are
     # contiguous in x, read a pair at a time (x's offsets are even, see _Geometry.stats_rows) under the pair's mask
     # (its first tap's bit, as _pair_bit), and every sum stays in its thread: no reduction across lanes or warps, no
-    # tap padding. bf16 reads a pair as one int32 whose taps' fp32 values are one bit operation each (not a bf16
-    # unpack of each); other dtypes read tap by tap. Padding pixels read 0: x - s = -s, as the unfolded patch has it.
-    # A trip is tap row i of the C channels: a runtime KH (a constexpr one unrolls, and the masked loads of a
-    # channel's KH rows in flight spill), one row mask for the C rows, each row's pairs immediate offsets.
+    # tap padding (an odd KW's last pair adds only its first tap). Padding pixels read 0: x - s = -s, as the
+    # unfolded patch has it. A trip is tap row i of the C channels: a runtime KH (a constexpr one unrolls, and the
+    # masked loads of a channel's KH rows in flight spill), one row mask for the C rows, each row's pairs immediate
+    # offsets.
     WORDS: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
-    SXC: tl.constexpr = sxc // 2 if WORDS else sxc
+    SXC: tl.constexpr = sxc // 2 if WORDS else sxc  # in pairs' units (int32 words) with WORDS
     SXH: tl.constexpr = sxh // 2 if WORDS else sxh
+    PAIR: tl.constexpr = 1 if WORDS else 2
     if WORDS:
         base = (x_ptr + tl.multiple_of(xrow, 2)).to(tl.pointer_type(tl.int32), bitcast=True)
     else:
@@ -393,23 +411,15 @@ def _stats_rows(x_ptr, xrow, bits, shift, KH, s1, s2, sxc: tl.constexpr, sxh: tl
         p = base + i * SXH
         for c in tl.static_range(C):
             for pair in tl.static_range((KW + 1) // 2):
-                ok = row_in & ((bits & (1 << (16 + 2 * pair))) != 0)
-                for e in tl.static_range(2):
-                    if 2 * pair + e < KW:
-                        if WORDS:
-                            if e == 0:
-                                v = tl.load(p + c * SXC + pair, mask=ok, other=0) if MASKED else \
-                                    tl.load(p + c * SXC + pair)
-                                a = (v << 16).to(tl.float32, bitcast=True)
-                            else:
-                                a = (v & -65536).to(tl.float32, bitcast=True)
-                        elif MASKED:
-                            a = tl.load(p + c * SXC + 2 * pair + e, mask=ok, other=0.0).to(tl.float32)
-                        else:
-                            a = tl.load(p + c * SXC + 2 * pair + e).to(tl.float32)
-                        a -= shift
-                        s1 += a
-                        s2 += a * a
+                lo, hi = _tap_pair(p + c * SXC + pair * PAIR, row_in & ((bits & (1 << (16 + 2 * pair))) != 0),
+                                   MASKED, WORDS)
+                lo -= shift
+                s1 += lo
+                s2 += lo * lo
+                if 2 * pair + 1 < KW:
+                    hi -= shift
+                    s1 += hi
+                    s2 += hi * hi
     return s1, s2
 
 
