@@ -341,19 +341,23 @@ def _gather(x_ptr, xrow, bits, offs, cb, sub, mul, MODE: tl.constexpr, MASKED: t
         ptrs = (x_ptr + xrow)[None, :] + offs[:, None]
         tok = bits[None, :]
         cb = tl.trans(cb)
+        sub = sub[None, :]
+        mul = mul[None, :]
     else:
         ptrs = (x_ptr + xrow)[:, None] + offs[None, :]
         tok = bits[:, None]
+        sub = sub[:, None]
+        mul = mul[:, None]
     if MASKED:
         a = tl.load(ptrs, mask=(tok & cb) == cb, other=0.0).to(tl.float32)
     else:
         a = tl.load(ptrs).to(tl.float32)
     if MODE == 1 or MODE == 2:
-        a = a - (sub[None, :] if TRANSPOSED else sub[:, None])
+        a = a - sub
     if MODE == 2:
-        a = a * (mul[None, :] if TRANSPOSED else mul[:, None])
+        a = a * mul
     if MODE == 3:  # a * mul + sub: one FMA per element
-        a = a * (mul[None, :] if TRANSPOSED else mul[:, None]) + (sub[None, :] if TRANSPOSED else sub[:, None])
+        a = a * mul + sub
     return a
 
 
@@ -691,15 +695,15 @@ def _backward_weight_kernel(
         border = TILES_H * TILES_W - inner
         top = R0 * TILES_W
         bottom = (TILES_H - R1) * TILES_W
-        side_w = TILES_W - inner_w
+        side = max(TILES_W - inner_w, 1)  # tiles per side row: a constant, as TILES_W (no division at run time)
         for i in range(g, NUM_BORDER, G):
             b = _udiv(i, border)
             j = i - b * border
             in_top = j < top
             full_row = j < top + bottom
             k = tl.where(in_top, j, tl.where(full_row, j - top, j - top - bottom))
-            width = tl.where(full_row, TILES_W, max(side_w, 1))
-            r = tl.where(full_row, k // TILES_W, k // max(side_w, 1))
+            width = tl.where(full_row, TILES_W, side)
+            r = tl.where(full_row, k // TILES_W, k // side)
             tr = tl.where(in_top, 0, tl.where(full_row, R1, R0)) + r
             tc = k - r * width
             tc = tl.where(full_row | (tc < C0), tc, tc + inner_w)
